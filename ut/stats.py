@@ -28,6 +28,22 @@ FORWARD_BUCKETS: tuple[float, ...] = (
 
 DIRECTIONS = ("up", "down")
 
+# Every reason a datagram can be lost, and the path it is lost on (docs/metrics.md):
+# "in"  = read from the role's UDP socket, lost before a lane carried it (dir = dir_in);
+# "out" = read from a lane, lost before it left the role's UDP socket (dir = dir_out).
+# A fixed vocabulary keeps ``ut_udp_drop_total{reason}`` bounded and lets
+# "UDP in = UDP out + drops + in flight" be checked per direction.
+DROP_PATH: dict[str, str] = {
+    "oldest": "in",  # session queue full (packets or bytes): the oldest datagram made room
+    "oversize": "in",  # datagram larger than one PDU can carry (logged as pdu_too_large)
+    "no_lane": "in",  # still queued when the session closed (idle, linger, shutdown)
+    "lane_closed": "in",  # handed to a lane that closed before writing it out
+    "no_session": "out",  # DATA frame read from a lane with no session to deliver it to
+    "no_peer": "out",  # client: no local WireGuard peer has sent yet, so no address to reply to
+    "udp_write_error": "out",  # the UDP send failed (ECONNREFUSED, ENOBUFS, EMSGSIZE, ...)
+}
+DROP_REASONS: tuple[str, ...] = tuple(DROP_PATH)
+
 
 class Histogram:
     """Cumulative-by-bucket histogram with fixed upper bounds (Prometheus ``le``)."""

@@ -1,0 +1,274 @@
+"""Loopback integration: real TLS, TCP and UDP sockets, both event loops.
+
+US-03 transparent datagrams, US-04 striping over 5 lanes, US-02 mTLS refusals,
+US-05 idle close and rebuild, server restart, US-08 drop-oldest backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+
+import pytest
+
+import ut
+from tests.certs import make_test_pki
+from tests.tunnelkit import (
+    LOOP_KINDS, UdpEcho, UdpPeer, capture_events, client_config, run_on, server_config,
+    tunnel, wait_for,
+)
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def loop_kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_datagrams_of_every_size_arrive_whole_both_ways(pki, loop_kind):
+    sizes = [0, 1, 2, 100, 1280, 1420, 1500, 9000, 16384, 32768, 65000, 65507]
+
+    async def main():
+        async with tunnel(pki) as t:
+            for size in sizes:
+                data = os.urandom(size)
+                t.peer.send(data)
+                assert await t.peer.recv() == data, size
+            st = t.client.stats()
+            assert st["udp_in_packets"] == len(sizes)
+            assert st["udp_out_packets"] == len(sizes)
+            assert st["dropped"] == 0
+
+    run_on(loop_kind, main())
+
+
+def test_ten_thousand_datagrams_no_loss_even_over_five_lanes(pki, loop_kind):
+    total, per_tick = 10_000, 50
+
+    async def main():
+        async with tunnel(pki, lanes=5) as t:
+            t.peer.send(b"warm-up")
+            assert await t.peer.recv() == b"warm-up"
+            await wait_for(lambda: t.client.stats()["lanes_ready"] == 5)
+            sent = 0
+            got: list[bytes] = []
+
+            async def reader():
+                got.extend(await t.peer.drain(total, timeout=30))
+
+            task = asyncio.ensure_future(reader())
+            while sent < total:  # about 10k datagrams/s: moderate, bounded
+                for _ in range(per_tick):
+                    t.peer.send(sent.to_bytes(4, "big") + b"x" * 1000)
+                    sent += 1
+                await asyncio.sleep(0.005)
+            await task
+            assert len(got) == total
+            assert sorted(int.from_bytes(g[:4], "big") for g in got) == list(range(total))
+            per_lane = t.client.stats()["lane_tx_frames"]
+            busy = [n for n in per_lane]
+            mean = sum(busy) / len(busy)
+            assert all(abs(n - mean) <= 0.2 * mean for n in busy), per_lane
+
+    run_on(loop_kind, main(), timeout=90)
+
+
+def test_stats_snapshot_and_implementation():
+    assert ut.IMPLEMENTATION in ("compiled", "pure")
+    if os.environ.get("UT_NO_EXTENSIONS", "") not in ("", "0"):
+        assert ut.IMPLEMENTATION == "pure"
+
+
+@pytest.mark.parametrize(
+    "case", ["other_ca", "expired", "not_yet_valid"],
+)
+def test_server_refuses_bad_client_certificates(tmp_path, loop_kind, case):
+    pki = make_test_pki(tmp_path)
+    bad = pki.client("intruder", **{case: True})
+
+    async def main():
+        with capture_events() as cap:
+            echo = UdpEcho().start()
+            async with ut.Server(server_config(pki, echo.address)) as server:
+                cfg = client_config(pki, server.address[:2], cert=bad, lanes=1)
+                async with ut.Client(cfg) as client:
+                    peer = await UdpPeer.open(client.udp_address[:2])
+                    peer.send(b"hello")
+                    assert await wait_for(lambda: cap.named("tls_handshake_fail"), 10)
+                    await asyncio.sleep(0.3)
+                    assert server.sessions == {}
+                    assert client.stats()["lanes_ready"] == 0
+                    peer.close()
+            echo.close()
+        server_fails = [e for e in cap.named("tls_handshake_fail") if e["role"] == "server"]
+        assert server_fails, cap.events
+        want = {"other_ca": "unknown_ca", "expired": "expired",
+                "not_yet_valid": "not_yet_valid"}[case]
+        assert server_fails[0]["reason"] == want, server_fails[0]
+
+    run_on(loop_kind, main())
+
+
+def test_server_refuses_a_client_without_certificate(tmp_path, loop_kind):
+    pki = make_test_pki(tmp_path)
+
+    async def main():
+        with capture_events() as cap:
+            echo = UdpEcho().start()
+            async with ut.Server(server_config(pki, echo.address)) as server:
+                ctx = ssl.create_default_context(cafile=str(pki.ca))
+                host, port = server.address[:2]
+                try:
+                    r, w = await asyncio.open_connection(
+                        host, port, ssl=ctx, server_hostname=pki.server_name)
+                    await asyncio.wait_for(r.read(1), 5)  # TLS 1.3: refusal comes after
+                    w.close()
+                except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+                    pass
+                assert await wait_for(lambda: cap.named("tls_handshake_fail"))
+                assert server.sessions == {}
+            echo.close()
+        assert cap.named("tls_handshake_fail")[0]["reason"] == "no_certificate"
+
+    run_on(loop_kind, main())
+
+
+def test_client_refuses_server_with_wrong_name(tmp_path, loop_kind):
+    pki = make_test_pki(tmp_path)
+
+    async def main():
+        with capture_events() as cap:
+            echo = UdpEcho().start()
+            async with ut.Server(server_config(pki, echo.address)) as server:
+                cfg = client_config(pki, server.address[:2], lanes=1,
+                                    _extra={"tls": {"server_name": "not-the-server.example"}})
+                async with ut.Client(cfg) as client:
+                    peer = await UdpPeer.open(client.udp_address[:2])
+                    peer.send(b"x")
+                    assert await wait_for(
+                        lambda: [e for e in cap.named("tls_handshake_fail")
+                                 if e["role"] == "client"])
+                    assert server.sessions == {}
+                    peer.close()
+            echo.close()
+        fails = [e for e in cap.named("tls_handshake_fail") if e["role"] == "client"]
+        assert fails[0]["reason"] == "wrong_name", fails[0]
+
+    run_on(loop_kind, main())
+
+
+def test_idle_close_and_rebuild(pki, loop_kind):
+    async def main():
+        with capture_events() as cap:
+            async with tunnel(pki, lanes=3, client_tcp={"idle_seconds": 1}) as t:
+                t.peer.send(b"one")
+                assert await t.peer.recv() == b"one"
+                assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 3)
+                # No payload for idle_seconds: every lane closes.
+                assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 0, 5)
+                assert cap.named("idle_close")
+                session_before = dict(t.server.sessions)
+                t.peer.send(b"two")  # the next datagram rebuilds the lanes
+                assert await t.peer.recv() == b"two"
+                assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 3)
+                # Same session (and so the same UDP port towards WireGuard).
+                assert list(t.server.sessions) == list(session_before)
+
+    run_on(loop_kind, main())
+
+
+def test_server_restart_client_rebuilds(pki, loop_kind):
+    async def main():
+        echo = UdpEcho().start()
+        server = ut.Server(server_config(pki, echo.address))
+        await server.start()
+        addr = server.address[:2]
+        client = ut.Client(client_config(pki, addr))
+        await client.start()
+        peer = await UdpPeer.open(client.udp_address[:2])
+        try:
+            peer.send(b"before")
+            assert await peer.recv() == b"before"
+            await server.close()
+            await asyncio.sleep(0.3)
+            server = ut.Server(server_config(pki, echo.address, listen_addr=f"{addr[0]}:{addr[1]}"))
+            await server.start()
+            # Keep sending: datagrams wait in the queue until lanes come back.
+            got = None
+            for i in range(100):
+                peer.send(b"after-%d" % i)
+                try:
+                    got = await peer.recv(timeout=0.1)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+            assert got is not None and got.startswith(b"after-")
+            assert client.stats()["lane_reconnects"] >= 1
+        finally:
+            peer.close()
+            await client.close()
+            await server.close()
+            echo.close()
+
+    run_on(loop_kind, main())
+
+
+def test_stalled_server_fills_queue_drops_oldest_exactly(pki, loop_kind):
+    """A server that accepts TCP but never answers: lanes never come up."""
+
+    async def main():
+        stalled: list = []
+
+        async def never_answer(reader, writer):
+            stalled.append(writer)
+
+        srv = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        addr = srv.sockets[0].getsockname()[:2]
+        cfg = client_config(pki, addr, lanes=2,
+                            _extra={"queue": {"max_packets": 100, "max_bytes": 1 << 20},
+                                    "tcp": {"connect_timeout_seconds": 30}})
+        with capture_events() as cap:
+            client = ut.Client(cfg)
+            await client.start()
+            peer = await UdpPeer.open(client.udp_address[:2])
+            sent = 1000
+            for i in range(sent):
+                peer.send(i.to_bytes(4, "big"))
+                if i % 100 == 99:
+                    await asyncio.sleep(0.01)
+            assert await wait_for(lambda: client.stats()["udp_in_packets"] == sent)
+            st = client.stats()
+            assert st["queue_len"] == 100
+            assert st["drops"] == {"oldest": sent - 100}
+            # The newest 100 are the ones kept.
+            kept = client.session.queue.pop_batch(1000)
+            assert [int.from_bytes(k, "big") for k in kept] == list(range(sent - 100, sent))
+            peer.close()
+            await client.close()
+        warnings = cap.named("queue_drop_oldest")
+        assert 1 <= len(warnings) <= 2, warnings  # debounced: one per 5 s window
+        assert sum(w["dropped"] for w in warnings) <= sent - 100
+        for w in stalled:
+            w.close()
+        srv.close()
+
+    run_on(loop_kind, main())
+
+
+def test_readme_embedding_example_runs(tmp_path):
+    """The README's embedding example, as written there, runs."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    m = re.search(r"```python\n(# embedding example.*?)```", readme, re.S)
+    assert m, "README has no embedding example block"
+    pki = make_test_pki(tmp_path)
+    cert, key = pki.client("home")
+    namespace = {"PKI": pki, "CLIENT_CERT": str(cert), "CLIENT_KEY": str(key)}
+    exec(compile(m.group(1), "README.md", "exec"), namespace)

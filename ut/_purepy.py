@@ -1,0 +1,596 @@
+"""Pure-Python twin of the compiled fast path ``ut._fastpath``.
+
+Same API, same docstrings, same results and same errors as ``ut/_fastpath.pyx``
+(``tests/test_differential.py`` holds the two to that). Use it through
+``ut.fastpath``, which picks the compiled module unless ``UT_NO_EXTENSIONS`` is set.
+
+Theory of operation
+-------------------
+PDU v1 (docs/protocol.md, SPEC "Wire format")::
+
+    "U" "T" | Ver(1)=0x01 | Type(1) | Flags(1) | Len(4, big-endian) | Payload(Len)
+
+* ``encode_frame``/``encode_data`` build frames; ``encode_data`` packs a whole batch of
+  datagrams into one ``bytes`` so a lane does one TLS write per batch.
+* ``Deframer`` is a sans-I/O streaming decoder. It keeps one ``bytearray``
+  (``_buf``) with a window ``[_start, _end)`` of bytes received but not yet returned as
+  frames. ``feed()`` parses straight from the caller's data and copies only the unfinished
+  tail; ``get_buffer``/``buffer_updated`` let an ``asyncio.BufferedProtocol`` receive into
+  ``_buf`` itself. ``_buf`` is never resized in place (a view handed out by ``get_buffer``
+  may still be alive); when it must grow a new one replaces it. Its size never exceeds
+  ``HEADER_LEN + max_payload + 64 KiB``: between calls at most one unfinished frame is held.
+  A header is judged as soon as its 9 bytes are in; a bad one poisons the deframer (the
+  lane must be closed, SPEC: "that lane is closed and the error counted").
+* ``RingQueue`` is the session's drop-oldest backpressure queue (SPEC "Backpressure").
+* ``LanePicker`` chooses the lane for each datagram: round-robin or flow hash.
+* ``recv_batch``/``send_batch`` move many UDP datagrams per call (the compiled module uses
+  ``recvmmsg``/``sendmmsg`` where the platform has them; this twin loops).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import deque
+from typing import Any
+
+from ut.errors import FrameError
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "TYPE_DATA",
+    "TYPE_CTRL",
+    "HEADER_LEN",
+    "MAX_PAYLOAD",
+    "HAVE_MMSG",
+    "encode_frame",
+    "encode_data",
+    "Deframer",
+    "RingQueue",
+    "LanePicker",
+    "flow_key",
+    "recv_batch",
+    "send_batch",
+]
+
+MAGIC = b"UT"
+VERSION = 1
+TYPE_DATA = 0x01
+TYPE_CTRL = 0x10
+HEADER_LEN = 9
+MAX_PAYLOAD = 65535
+#: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
+HAVE_MMSG = False
+
+# Receive window offered by get_buffer() when the caller gives no useful size hint, and the
+# slack the deframer's buffer may hold beyond one whole frame.
+_READ_CHUNK = 65536
+# Smallest buffer allocated once the deframer needs one at all.
+_MIN_BUFFER = 4096
+
+_HEADER = struct.Struct(">2sBBBI")  # magic, version, type, flags, length
+_HEADER_PACK = _HEADER.pack
+_HEADER_UNPACK_FROM = _HEADER.unpack_from
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def _check_type(ftype: int) -> None:
+    if ftype != TYPE_DATA and ftype != TYPE_CTRL:
+        raise ValueError(f"unknown frame type {ftype!r}")
+
+
+def encode_frame(ftype: int, payload: Any, flags: int = 0) -> bytes:
+    """Return one PDU v1 frame: the 9-byte header followed by ``payload``.
+
+    ``ftype`` is ``TYPE_DATA`` or ``TYPE_CTRL``; ``payload`` is any bytes-like object of at
+    most ``MAX_PAYLOAD`` bytes; ``flags`` is 0..255. Raises ``ValueError`` otherwise.
+
+    >>> encode_frame(TYPE_DATA, b"hello").hex()
+    '55540101000000000568656c6c6f'
+    """
+    _check_type(ftype)
+    if not 0 <= flags <= 0xFF:
+        raise ValueError(f"flags {flags!r} out of range 0..255")
+    with memoryview(payload) as view:
+        n = view.nbytes
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"payload of {n} bytes > MAX_PAYLOAD ({MAX_PAYLOAD})")
+        return _HEADER_PACK(MAGIC, VERSION, ftype, flags, n) + view.tobytes()
+
+
+def encode_data(datagrams: list) -> bytes:
+    """Return every datagram of ``datagrams`` as consecutive DATA frames in one ``bytes``.
+
+    One datagram is one DATA frame (SPEC: a datagram is never split). Items are bytes-like,
+    each at most ``MAX_PAYLOAD`` bytes, else ``ValueError`` and nothing is encoded.
+
+    >>> encode_data([b"a", b""]).hex()
+    '55540101000000000161555401010000000000'
+    """
+    parts = []
+    append = parts.append
+    for d in datagrams:
+        n = len(d) if type(d) is bytes else memoryview(d).nbytes
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"payload of {n} bytes > MAX_PAYLOAD ({MAX_PAYLOAD})")
+        append(_HEADER_PACK(MAGIC, VERSION, TYPE_DATA, 0, n))
+        append(d)
+    return b"".join(parts)
+
+
+def _header_error(head: Any, max_payload: int) -> FrameError | None:
+    """The error for a bad 9-byte header, or None. Checked in this order: magic, version,
+    type, length (so a header with several faults reports the first)."""
+    magic, version, ftype, _flags, length = _HEADER_UNPACK_FROM(head, 0)
+    if magic != MAGIC:
+        return FrameError("bad_magic", f"expected b'UT', got {magic!r}")
+    if version != VERSION:
+        return FrameError("bad_version", f"version {version}, expected {VERSION}")
+    if ftype != TYPE_DATA and ftype != TYPE_CTRL:
+        return FrameError("bad_type", f"type 0x{ftype:02x}")
+    if length > max_payload:
+        return FrameError("too_long", f"length {length} > {max_payload}")
+    return None
+
+
+class Deframer:
+    """Streaming PDU v1 decoder (sans-I/O): bytes in, whole frames out.
+
+    Each frame comes out as a tuple ``(type, flags, payload)``. A header is validated as soon
+    as its 9 bytes are in, in the order magic, version, type, length (``Len`` may not exceed
+    ``max_payload``). On a bad header the frames before it are still returned, ``error`` is
+    set to the ``FrameError`` and every later ``feed``/``buffer_updated``/``eof`` raises it;
+    buffered bytes are discarded. The lane must then be closed.
+
+    Two ways in, which may be mixed:
+
+    * ``feed(data)`` -- data from ``Protocol.data_received``;
+    * ``get_buffer(sizehint)`` then ``buffer_updated(nbytes)`` -- ``asyncio.BufferedProtocol``
+      receives straight into the deframer's own buffer.
+
+    Memory stays below ``HEADER_LEN + max_payload + 64 KiB`` per deframer.
+
+    >>> d = Deframer()
+    >>> d.feed(encode_frame(TYPE_DATA, b"hi")[:5])
+    []
+    >>> d.feed(encode_frame(TYPE_DATA, b"hi")[5:])
+    [(1, 0, b'hi')]
+    """
+
+    __slots__ = ("_buf", "_view", "_start", "_end", "_max_payload", "_limit", "error")
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        if not 0 <= max_payload <= MAX_PAYLOAD:
+            raise ValueError(f"max_payload {max_payload!r} out of range 0..{MAX_PAYLOAD}")
+        self._max_payload = max_payload
+        # Invariant: len(_buf) <= _limit. Between calls at most one unfinished frame
+        # (< HEADER_LEN + max_payload bytes) is held, and a read window is at most _READ_CHUNK.
+        self._limit = HEADER_LEN + max_payload + _READ_CHUNK
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet returned in a frame
+        self._end = 0  # one past the last byte received; _start <= _end <= len(_buf)
+        self.error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that are not yet part of a whole frame (0 after an error)."""
+        return self._end - self._start
+
+    def _reserve(self, want: int) -> None:
+        # Make at least `want` bytes free after _end: compact first, grow only if needed.
+        start = self._start
+        pending = self._end - start
+        if pending == 0:
+            self._start = self._end = start = 0
+        cap = len(self._buf)
+        if cap - self._end >= want:
+            return
+        if start > 0:
+            self._buf[0:pending] = self._view[start : start + pending]
+            self._start = 0
+            self._end = pending
+            if cap - pending >= want:
+                return
+        new_cap = max(pending + want, min(max(cap * 2, _MIN_BUFFER), self._limit))
+        buf = bytearray(new_cap)
+        buf[0:pending] = self._view[0:pending]
+        self._buf = buf
+        self._view = memoryview(buf)
+
+    def _parse(self, data: Any, pos: int, end: int, out: list) -> int:
+        # Append every whole frame of data[pos:end] to out; return the offset of the first
+        # byte not consumed. A bad header sets self.error and stops at that header.
+        max_payload = self._max_payload
+        while end - pos >= HEADER_LEN:
+            magic, version, ftype, flags, length = _HEADER_UNPACK_FROM(data, pos)
+            if (
+                magic != MAGIC
+                or version != VERSION
+                or (ftype != TYPE_DATA and ftype != TYPE_CTRL)
+                or length > max_payload
+            ):
+                self.error = _header_error(data[pos : pos + HEADER_LEN], max_payload)
+                return pos
+            stop = pos + HEADER_LEN + length
+            if stop > end:
+                break
+            out.append((ftype, flags, bytes(data[pos + HEADER_LEN : stop])))
+            pos = stop
+        return pos
+
+    def _fail(self) -> None:
+        self._start = self._end = 0
+
+    def feed(self, data: Any) -> list[tuple[int, int, bytes]]:
+        """Add received bytes; return ``[(type, flags, payload), ...]`` for every whole frame
+        now available (possibly none). Raises ``FrameError`` if the deframer already failed.
+        """
+        if self.error is not None:
+            raise self.error
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = view.nbytes
+        out: list[tuple[int, int, bytes]] = []
+        pos = 0
+        if self._end > self._start:
+            # Finish the frame already started in _buf, then parse the rest in place.
+            if self._end - self._start < HEADER_LEN:
+                take = min(HEADER_LEN - (self._end - self._start), n)
+                self._reserve(take)
+                self._buf[self._end : self._end + take] = view[0:take]
+                self._end += take
+                pos = take
+                if self._end - self._start < HEADER_LEN:
+                    return out
+                self.error = _header_error(self._view[self._start : self._end], self._max_payload)
+                if self.error is not None:
+                    self._fail()
+                    return out
+            start = self._start
+            total = HEADER_LEN + int.from_bytes(self._view[start + 5 : start + 9], "big")
+            take = min(total - (self._end - start), n - pos)
+            if take:
+                self._reserve(take)
+                start = self._start
+                self._buf[self._end : self._end + take] = view[pos : pos + take]
+                self._end += take
+                pos += take
+            if self._end - start < total:
+                return out
+            buf = self._view
+            out.append((buf[start + 3], buf[start + 4], bytes(buf[start + HEADER_LEN : self._end])))
+            self._start = self._end = 0
+        pos = self._parse(view, pos, n, out)
+        if self.error is not None:
+            self._fail()
+            return out
+        rest = n - pos
+        if rest:
+            self._reserve(rest)
+            self._buf[self._end : self._end + rest] = view[pos:n]
+            self._end += rest
+        return out
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Return a writable ``memoryview`` (at least 1 byte) to receive into; then call
+        ``buffer_updated(nbytes)``. A ``sizehint`` <= 0 means "as much as is convenient";
+        the view is never longer than needed to make the buffer ``HEADER_LEN + max_payload
+        + 64 KiB`` long. Only the latest view may be written to.
+        """
+        want = _READ_CHUNK if sizehint <= 0 else min(sizehint, _READ_CHUNK)
+        self._reserve(want)
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[tuple[int, int, bytes]]:
+        """Account for ``nbytes`` written into the view from ``get_buffer``; return the whole
+        frames now available, as ``feed`` does. Raises ``FrameError`` if the deframer already
+        failed, ``ValueError`` if ``nbytes`` does not fit the view.
+        """
+        if self.error is not None:
+            raise self.error
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise ValueError(f"nbytes {nbytes!r} does not fit the buffer from get_buffer()")
+        self._end += nbytes
+        out: list[tuple[int, int, bytes]] = []
+        self._start = self._parse(self._view, self._start, self._end, out)
+        if self.error is not None or self._start == self._end:
+            self._fail()
+        return out
+
+    def eof(self) -> None:
+        """The stream ended. Raises ``FrameError("truncated")`` if part of a frame is
+        buffered, or the earlier error if the deframer already failed."""
+        if self.error is not None:
+            raise self.error
+        held = self._end - self._start
+        if held:
+            raise FrameError("truncated", f"{held} bytes of an unfinished frame at end of stream")
+
+
+class RingQueue:
+    """FIFO of datagrams with drop-oldest backpressure (SPEC "Backpressure").
+
+    Holds at most ``max_packets`` datagrams and ``max_bytes`` bytes of payload; a ``push``
+    that would exceed either limit first drops the oldest datagrams. Each datagram carries a
+    ``stamp`` (e.g. its arrival time) so the caller can measure queueing delay.
+
+    >>> q = RingQueue(max_packets=2)
+    >>> q.push(b"a"), q.push(b"b"), q.push(b"c")
+    (0, 0, 1)
+    >>> q.pop_batch(10)
+    [b'b', b'c']
+    """
+
+    __slots__ = (
+        "_items",
+        "_stamps",
+        "_max_packets",
+        "_max_bytes",
+        "_nbytes",
+        "_dropped",
+        "_dropped_bytes",
+    )
+
+    def __init__(self, max_packets: int = 4096, max_bytes: int = 8388608) -> None:
+        if max_packets < 1:
+            raise ValueError(f"max_packets {max_packets!r} < 1")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes {max_bytes!r} < 1")
+        self._items: deque[bytes] = deque()
+        self._stamps: deque[float] = deque()
+        self._max_packets = max_packets
+        self._max_bytes = max_bytes
+        self._nbytes = 0
+        self._dropped = 0
+        self._dropped_bytes = 0
+
+    @property
+    def max_packets(self) -> int:
+        """Most datagrams held at once."""
+        return self._max_packets
+
+    @property
+    def max_bytes(self) -> int:
+        """Most payload bytes held at once."""
+        return self._max_bytes
+
+    def push(self, datagram: Any, stamp: float = 0.0) -> int:
+        """Append ``datagram`` (bytes-like; non-``bytes`` is copied); return how many
+        datagrams were dropped, oldest first, to keep within both limits. A datagram longer
+        than ``max_bytes`` on its own is refused: it is not stored and counts as 1 dropped.
+        Every drop adds to ``dropped`` and ``dropped_bytes``.
+        """
+        if type(datagram) is not bytes:
+            datagram = bytes(datagram)
+        n = len(datagram)
+        stamp = float(stamp)
+        if n > self._max_bytes:
+            self._dropped += 1
+            self._dropped_bytes += n
+            return 1
+        items = self._items
+        drops = 0
+        while len(items) >= self._max_packets or self._nbytes + n > self._max_bytes:
+            old = items.popleft()
+            self._stamps.popleft()
+            self._nbytes -= len(old)
+            self._dropped_bytes += len(old)
+            drops += 1
+        self._dropped += drops
+        items.append(datagram)
+        self._stamps.append(stamp)
+        self._nbytes += n
+        return drops
+
+    def pop(self) -> bytes:
+        """Remove and return the oldest datagram; ``IndexError`` when empty."""
+        if not self._items:
+            raise IndexError("pop from an empty RingQueue")
+        d = self._items.popleft()
+        self._stamps.popleft()
+        self._nbytes -= len(d)
+        return d
+
+    def pop_batch(self, max_count: int, max_bytes: int = 1 << 30) -> list[bytes]:
+        """Remove and return up to ``max_count`` datagrams, oldest first, totalling at most
+        ``max_bytes`` -- except that the first is always taken when the queue is not empty
+        and ``max_count`` >= 1, however long it is.
+        """
+        out: list[bytes] = []
+        items = self._items
+        stamps = self._stamps
+        total = 0
+        while items and len(out) < max_count:
+            n = len(items[0])
+            if out and total + n > max_bytes:
+                break
+            out.append(items.popleft())
+            stamps.popleft()
+            total += n
+        self._nbytes -= total
+        return out
+
+    def clear(self) -> int:
+        """Discard everything queued; return how many datagrams that was. These are not
+        added to ``dropped`` (the caller counts them under its own reason)."""
+        n = len(self._items)
+        self._items.clear()
+        self._stamps.clear()
+        self._nbytes = 0
+        return n
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes queued."""
+        return self._nbytes
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped (oldest, or refused as oversize) since creation."""
+        return self._dropped
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Payload bytes of the datagrams counted in ``dropped``."""
+        return self._dropped_bytes
+
+    @property
+    def head_stamp(self) -> float:
+        """Stamp of the oldest queued datagram; 0.0 when empty."""
+        return self._stamps[0] if self._stamps else 0.0
+
+
+class LanePicker:
+    """Chooses the lane for each datagram (SPEC "Lane picking": whole datagrams only).
+
+    ``strategy`` "rr": the next ready lane after the one picked last, cyclically, so load
+    spreads evenly. "hash": the ready lanes in id order, indexed by ``key % ready_count``,
+    so one flow (see ``flow_key``) stays on one lane while the ready set is stable.
+    Lanes start not ready.
+
+    >>> p = LanePicker(3)
+    >>> p.set_ready(0, True); p.set_ready(2, True)
+    >>> [p.pick() for _ in range(4)]
+    [0, 2, 0, 2]
+    """
+
+    __slots__ = ("_ready", "_ready_ids", "_last", "_hash")
+
+    def __init__(self, n_lanes: int, strategy: str = "rr") -> None:
+        if not 1 <= n_lanes <= 65536:
+            raise ValueError(f"n_lanes {n_lanes!r} out of range 1..65536")
+        if strategy not in ("rr", "hash"):
+            raise ValueError(f"unknown lane strategy {strategy!r} (expected 'rr' or 'hash')")
+        self._ready = [False] * n_lanes
+        self._ready_ids: list[int] = []  # ready lane ids, ascending
+        self._last = n_lanes - 1  # lane picked last; rr starts at lane 0
+        self._hash = strategy == "hash"
+
+    @property
+    def n_lanes(self) -> int:
+        """Number of lanes (ids 0 .. n_lanes-1)."""
+        return len(self._ready)
+
+    @property
+    def strategy(self) -> str:
+        """``"rr"`` or ``"hash"``."""
+        return "hash" if self._hash else "rr"
+
+    @property
+    def ready_count(self) -> int:
+        """Number of lanes that may be picked."""
+        return len(self._ready_ids)
+
+    def set_ready(self, lane_id: int, ready: bool) -> None:
+        """Mark a lane ready (open, not paused) or not. ``IndexError`` for a bad id."""
+        if not 0 <= lane_id < len(self._ready):
+            raise IndexError(f"lane_id {lane_id!r} out of range 0..{len(self._ready) - 1}")
+        ready = bool(ready)
+        if self._ready[lane_id] != ready:
+            self._ready[lane_id] = ready
+            self._ready_ids = [i for i, r in enumerate(self._ready) if r]
+
+    def is_ready(self, lane_id: int) -> bool:
+        """Whether the lane may be picked. ``IndexError`` for a bad id."""
+        if not 0 <= lane_id < len(self._ready):
+            raise IndexError(f"lane_id {lane_id!r} out of range 0..{len(self._ready) - 1}")
+        return self._ready[lane_id]
+
+    def pick(self, key: int = 0) -> int:
+        """Return the lane for the next datagram, or -1 when no lane is ready. ``key``
+        (a signed 64-bit int, e.g. ``flow_key(datagram)``) is used by "hash" only."""
+        if not _INT64_MIN <= key <= _INT64_MAX:
+            raise OverflowError("key does not fit in a signed 64-bit int")
+        ids = self._ready_ids
+        if not ids:
+            return -1
+        if self._hash:
+            return ids[key % len(ids)]
+        ready = self._ready
+        n = len(ready)
+        lane = self._last
+        while True:
+            lane += 1
+            if lane == n:
+                lane = 0
+            if ready[lane]:
+                self._last = lane
+                return lane
+
+
+def flow_key(datagram: Any) -> int:
+    """Return a deterministic unsigned 32-bit key naming the flow of ``datagram``.
+
+    WireGuard messages (type in the first byte) give their session index, read
+    little-endian: transport data (4, at least 16 bytes) and cookie reply (3) the receiver
+    index at bytes 4..8; handshake initiation (1) the sender index at 4..8; handshake
+    response (2) the receiver index at 8..12. Anything else (or too short for its field)
+    gives the 32-bit FNV-1a hash of its first 16 bytes at most.
+    """
+    view = memoryview(datagram)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    n = view.nbytes
+    if n:
+        kind = view[0]
+        if (kind == 4 and n >= 16) or ((kind == 1 or kind == 3) and n >= 8):
+            return int.from_bytes(view[4:8], "little")
+        if kind == 2 and n >= 12:
+            return int.from_bytes(view[8:12], "little")
+    h = _FNV_OFFSET
+    for b in view[:16].tobytes():
+        h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def recv_batch(sock: socket.socket, max_count: int, bufsize: int = 65535) -> list[tuple[bytes, Any]]:
+    """Receive up to ``max_count`` datagrams without blocking; return
+    ``[(data, address), ...]`` (``[]`` when none is waiting). Addresses are as
+    ``socket.recvfrom`` returns them; a datagram longer than ``bufsize`` is truncated.
+    Uses ``recvmmsg`` when ``HAVE_MMSG``, else a ``recvfrom`` loop.
+    """
+    out: list[tuple[bytes, Any]] = []
+    recvfrom = sock.recvfrom
+    for _ in range(max_count):
+        try:
+            out.append(recvfrom(bufsize, _DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            if out:
+                break
+            raise
+    return out
+
+
+def send_batch(sock: socket.socket, datagrams: list, addr: Any = None) -> int:
+    """Send ``datagrams`` in order without blocking; return how many were sent. Stops at
+    the first that would block (EAGAIN). Another error is raised if nothing was sent yet,
+    else the count so far is returned. ``addr`` None means the socket is connected.
+    Uses ``sendmmsg`` when ``HAVE_MMSG``, else a ``send``/``sendto`` loop.
+    """
+    sent = 0
+    for d in datagrams:
+        try:
+            if addr is None:
+                sock.send(d, _DONTWAIT)
+            else:
+                sock.sendto(d, _DONTWAIT, addr)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            if sent:
+                break
+            raise
+        sent += 1
+    return sent

@@ -1,0 +1,338 @@
+"""The client role: a local UDP port for WireGuard, N lanes dialled to the server.
+
+The first datagram dials all lanes at once; datagrams wait in the session
+queue until a lane has exchanged HELLO. Lanes lost while traffic flows are
+re-dialled at once, then with exponential backoff while dialling fails. After
+``idle_seconds`` without payload the lanes close; the next datagram rebuilds
+them. The session id is fixed for the life of a ``Client``, so the server keeps
+the same UDP port towards its WireGuard for us across lane rebuilds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import ssl
+from typing import Any
+
+from . import fastpath
+from ._version import __version__
+from .config import Config, parse_addr
+from .control import Hello
+from .lane import Lane, set_tcp_options
+from .logs import event
+from .session import Session
+from .stats import TunnelStats
+from .tls import client_context, failure_reason, own_cn
+from .udp import UdpPort, open_udp_socket
+
+GOODBYE_SHUTDOWN, GOODBYE_IDLE = 0, 1
+
+
+class ClientSession(Session):
+    role = "client"
+
+    def __init__(self, client: Client, **kw: Any) -> None:
+        super().__init__(client.loop, client._stats, **kw)
+        self.client = client
+        self.cfg = client.config
+        self.peer: Any = None  # last local UDP sender: replies go there
+        self.udp: UdpPort | None = None
+        self.target_lanes = self.n_lanes  # lowered if the server accepts fewer
+        self.idle = True  # no lanes wanted until the first datagram
+        self.active_lanes = 0
+        self._dialer: asyncio.Task | None = None
+        self._acks: dict[Lane, asyncio.Future] = {}
+        self._lost_slots: set[int] = set()
+
+    # -- UDP side -----------------------------------------------------------
+    def on_udp_batch(self, batch: list) -> None:
+        self.peer = batch[-1][1]
+        self.push_datagrams([d for d, _ in batch])
+
+    def send_udp(self, datagrams: list) -> None:
+        c = self.counters
+        if self.peer is None or self.udp is None:
+            c.drop("no_peer", len(datagrams))
+            return
+        sent, failed = self.udp.send_many(datagrams, self.peer)
+        c.udp_out_packets += sent
+        c.udp_out_bytes += sum(map(len, datagrams[:sent])) if failed else sum(map(len, datagrams))
+        if failed:
+            c.drop("udp_write_error", failed)
+
+    # -- dialling -----------------------------------------------------------
+    def wants_lanes(self) -> None:
+        self.idle = False
+        if self._dialer is None and not self.closed and self.active_lanes < self.target_lanes:
+            self._dialer = self.loop.create_task(self._dial_loop())
+
+    def _missing_slots(self) -> list[int]:
+        return [i for i in range(self.target_lanes) if self.lanes[i] is None]
+
+    async def _dial_loop(self) -> None:
+        tcp = self.cfg.tcp
+        backoff = tcp.dial_backoff_min_seconds
+        try:
+            while not self.closed and not self.idle:
+                slots = self._missing_slots()
+                if not slots:
+                    return
+                results = await asyncio.gather(
+                    *(self._dial_one(i) for i in slots), return_exceptions=True
+                )
+                if self.closed or self.idle:
+                    return
+                ok = sum(1 for r in results if r is True)
+                if ok == len(results):
+                    continue  # all up (a lane may have died meanwhile: loop checks)
+                if ok:
+                    backoff = tcp.dial_backoff_min_seconds
+                self.log("dial_backoff", logging.DEBUG, seconds=backoff, failed=len(results) - ok)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, tcp.dial_backoff_max_seconds)
+        finally:
+            self._dialer = None
+
+    async def _dial_one(self, lane_id: int) -> bool:
+        client = self.client
+        tcp = self.cfg.tcp
+        loop = self.loop
+        t0 = loop.time()
+        stage = "connect"
+        lane: Lane | None = None
+        try:
+            infos = await loop.getaddrinfo(*client.server_addr, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                # Buffer sizes must be set before connecting to shape the window.
+                set_tcp_options(sock, tcp.tcp_nodelay, tcp.tcp_buf)
+                await asyncio.wait_for(loop.sock_connect(sock, addr), tcp.connect_timeout_seconds)
+                stage = "tls"
+                lane = Lane(self, lane_id, peer=addr)
+                await loop.create_connection(
+                    lambda: lane, sock=sock, ssl=client.ssl_context,
+                    server_hostname=client.server_name,
+                    ssl_handshake_timeout=tcp.connect_timeout_seconds,
+                )
+            except BaseException:
+                if lane is None or lane.transport is None:
+                    sock.close()
+                raise
+            self.stats.handshake_seconds.observe(loop.time() - t0)
+            stage = "hello"
+            ack = loop.create_future()
+            self._acks[lane] = ack
+            lane.send_control(Hello(self.session_id, lane_id, self.n_lanes))
+            done, _ = await asyncio.wait(
+                {ack, lane.lost}, timeout=tcp.hello_timeout_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if ack not in done:
+                exc = lane.lost.result() if lane.lost in done else TimeoutError("no HELLO reply")
+                raise exc or ConnectionResetError("server closed the lane before HELLO")
+            return True
+        except asyncio.CancelledError:
+            if lane is not None:
+                lane.abort("cancelled")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure is logged and retried
+            if lane is not None:
+                lane.abort("dial_failed")
+            self._dial_failed(lane_id, stage, exc)
+            return False
+        finally:
+            if lane is not None:
+                self._acks.pop(lane, None)
+
+    def _dial_failed(self, lane_id: int, stage: str, exc: BaseException) -> None:
+        reason, text = failure_reason(exc)
+        tls_related = stage != "connect" and (
+            isinstance(exc, ssl.SSLError) or reason not in ("closed", "timeout", "other")
+        )
+        if tls_related:
+            self.stats.handshake_failed(reason)
+            self.log("tls_handshake_fail", logging.WARNING, lane_id=lane_id, stage=stage,
+                     reason=reason, err=text)
+        else:
+            self.log("lane_dial_fail", logging.WARNING, lane_id=lane_id, stage=stage,
+                     reason=reason, err=str(exc) or type(exc).__name__)
+
+    # -- control --------------------------------------------------------------
+    def on_control(self, lane: Lane, msg: Any) -> None:
+        ack = self._acks.get(lane)
+        if isinstance(msg, Hello) and ack is not None and not ack.done():
+            if msg.session_id != self.session_id or msg.lane_id != lane.lane_id:
+                self.lane_broken(lane, ValueError("server HELLO does not match ours"))
+                return
+            if msg.lane_count < self.target_lanes:
+                # The server accepts fewer lanes: stop dialling the rest.
+                self.target_lanes = max(1, msg.lane_count)
+            if lane.lane_id >= self.target_lanes:
+                lane.close(goodbye_reason=GOODBYE_SHUTDOWN, reason="over_server_limit")
+                ack.set_result(False)
+                return
+            ack.set_result(True)
+            if lane.lane_id in self._lost_slots:
+                self._lost_slots.discard(lane.lane_id)
+                self.counters.lane_reconnects += 1
+            self.active_lanes += 1
+            self.lane_up(lane)
+            return
+        super().on_control(lane, msg)
+
+    def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
+        self.active_lanes -= 1
+        if not self.closed and not self.idle:
+            self._lost_slots.add(lane.lane_id)
+            self.wants_lanes()
+
+    # -- idle -----------------------------------------------------------------
+    def go_idle(self) -> None:
+        self.idle = True
+        if self._dialer is not None:
+            self._dialer.cancel()
+        if self.active_lanes:
+            self.log("idle_close", lanes=self.active_lanes,
+                     idle_seconds=self.cfg.tcp.idle_seconds)
+        self.close_lanes(GOODBYE_IDLE, "idle")
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._dialer is not None:
+            self._dialer.cancel()
+        lanes = [lane for lane in self.lanes if lane is not None]
+        self.close_lanes(GOODBYE_SHUTDOWN, "shutdown")
+        if lanes:
+            await asyncio.wait([lane.lost for lane in lanes], timeout=2.0)
+        left = self.queue.clear()
+        if left:
+            self.counters.drop("shutdown", left)
+
+
+class Client:
+    """The client role, run inside the caller's asyncio loop.
+
+    Example::
+
+        cfg = ut.load_config("client.yaml")
+        async with ut.Client(cfg) as client:
+            print(client.udp_address)  # point WireGuard's Endpoint here
+            await asyncio.sleep(60)
+            print(client.stats()["udp_in_packets"])
+    """
+
+    def __init__(self, config: Config) -> None:
+        if config.role != "client":
+            raise ValueError(f"{config.source}: role: a Client needs role 'client'")
+        self.config = config
+        self._stats = TunnelStats(
+            role="client", max_lanes=config.tcp.lanes, implementation=fastpath.IMPLEMENTATION
+        )
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.session: ClientSession | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.server_addr: tuple[str, int] = parse_addr(config.tcp.server_addr)
+        self.server_name = config.tls.server_name or self.server_addr[0]
+        self.metrics: Any = None
+        self._idle_task: asyncio.Task | None = None
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind the UDP port, start metrics; lanes are dialled on the first datagram."""
+        cfg = self.config
+        self.loop = asyncio.get_running_loop()
+        self.ssl_context = client_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key)
+        client_cn = own_cn(cfg.tls.cert)
+        self.session = ClientSession(
+            self, client_cn=client_cn, session_id=secrets.randbits(64),
+            n_lanes=cfg.tcp.lanes, max_packets=cfg.queue.max_packets,
+            max_bytes=cfg.queue.max_bytes, lane_pick=cfg.tcp.lane_pick,
+        )
+        self._stats.sessions[self.session.session_id] = self.session
+        self.session.counters.sessions_active += 1
+        sock = open_udp_socket(bind=parse_addr(cfg.udp.listen_addr))
+        self.session.udp = UdpPort(self.loop, sock, self.session.on_udp_batch, self._udp_error)
+        self.session.udp.start()
+        if cfg.metrics.enabled:
+            from .metrics import start_metrics_server
+
+            self.metrics = await start_metrics_server(self._stats, cfg.metrics)
+        self._idle_task = self.loop.create_task(self._idle_watch())
+        event(
+            "start", role="client", version=__version__, implementation=fastpath.IMPLEMENTATION,
+            client_cn=client_cn, session_id=f"{self.session.session_id:016x}",
+            udp_listen=_addr_text(self.udp_address), config=cfg.summary(),
+        )
+
+    def _udp_error(self, exc: OSError) -> None:
+        event("udp_error", logging.DEBUG, role="client", err=str(exc))
+
+    async def _idle_watch(self) -> None:
+        idle = self.config.tcp.idle_seconds
+        tick = min(1.0, idle / 4)
+        c = self.session.counters  # type: ignore[union-attr]
+        seen = -1
+        last_active = self.loop.time()
+        while True:
+            await asyncio.sleep(tick)
+            now = self.loop.time()
+            activity = c.udp_in_packets + c.udp_out_packets
+            if activity != seen:
+                seen, last_active = activity, now
+            elif now - last_active >= idle and not self.session.idle:  # type: ignore[union-attr]
+                self.session.go_idle()  # type: ignore[union-attr]
+
+    @property
+    def udp_address(self) -> tuple:
+        """The local UDP address WireGuard should send to (after ``start``)."""
+        assert self.session is not None and self.session.udp is not None
+        return self.session.udp.address
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics else None
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of every counter (see ``ut.stats.TunnelStats.snapshot``)."""
+        snap = self._stats.snapshot()
+        if self.session is not None:
+            snap["lanes_ready"] = self.session.lanes_ready
+            snap["session_id"] = f"{self.session.session_id:016x}"
+        return snap
+
+    async def close(self) -> None:
+        """Say GOODBYE on every lane, close them and the UDP port. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        if self.session is not None:
+            await self.session.close()
+            if self.session.udp is not None:
+                self.session.udp.close()
+            self.session.counters.sessions_active -= 1
+            self._stats.sessions.pop(self.session.session_id, None)
+        if self.metrics is not None:
+            await self.metrics.close()
+        event("stop", role="client")
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _addr_text(addr: Any) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

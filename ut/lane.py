@@ -1,0 +1,150 @@
+"""One lane: a TCP+TLS connection carrying PDU frames (the asyncio protocol).
+
+The lane only moves bytes. Incoming bytes land straight in the deframer's own
+buffer (``BufferedProtocol``), whole frames go to the lane's *owner* in one
+list per read, and the owner hands the lane one pre-encoded buffer per batch
+to write. What the frames mean is the owner's business (``ut.session``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, Protocol
+
+from . import fastpath
+from .control import Goodbye, control_frame
+
+# Above this many bytes waiting in the TLS transport the lane reports itself
+# busy and the picker skips it, so a backlog builds in the session queue
+# (where drop-oldest applies), not in per-lane buffers.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class LaneOwner(Protocol):
+    def lane_frames(self, lane: Lane, frames: list) -> None: ...
+    def lane_writable(self, lane: Lane, writable: bool) -> None: ...
+    def lane_lost(self, lane: Lane, exc: BaseException | None) -> None: ...
+    def lane_broken(self, lane: Lane, err: Exception) -> None: ...
+
+
+def set_tcp_options(sock: socket.socket | None, nodelay: bool, buf_bytes: int) -> None:
+    """Apply ``tcp.tcp_nodelay`` and ``tcp.tcp_buf`` (0 keeps kernel autotuning)."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+        if buf_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buf_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buf_bytes)
+    except OSError:
+        pass  # not a TCP socket (tests may use socketpairs); nothing to tune
+
+
+class Lane(asyncio.BufferedProtocol):
+    """A TCP+TLS connection carrying framed datagrams for one session."""
+
+    def __init__(self, owner: LaneOwner, lane_id: int = -1, peer: Any = None) -> None:
+        self.owner = owner
+        self.lane_id = lane_id
+        self.peer = peer
+        self.client_cn = ""  # server side: the verified certificate CN
+        self.transport: asyncio.Transport | None = None
+        self.deframer = fastpath.Deframer()
+        self.ready = False  # HELLO exchanged: may carry DATA
+        self.writable = True  # transport below its high-water mark
+        self.closing = False
+        self.tx_frames = 0
+        self.tx_bytes = 0
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.rx_bytes_counted = 0  # part of rx_bytes already added to the session's counters
+        self.close_reason = ""
+        self.lost = asyncio.get_running_loop().create_future()
+
+    # -- wiring ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attach(transport)  # type: ignore[arg-type]
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Adopt ``transport`` (``start_tls`` does not call ``connection_made``)."""
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if self.peer is None:
+            self.peer = transport.get_extra_info("peername")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.deframer.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.rx_bytes += nbytes
+        try:
+            frames = self.deframer.buffer_updated(nbytes)
+        except fastpath.FrameError as err:
+            self.owner.lane_broken(self, err)
+            return
+        if frames:
+            self.rx_frames += len(frames)
+            self.owner.lane_frames(self, frames)
+        if self.deframer.error is not None:
+            self.owner.lane_broken(self, self.deframer.error)
+
+    def eof_received(self) -> bool:
+        try:
+            self.deframer.eof()
+        except fastpath.FrameError as err:
+            self.owner.lane_broken(self, err)
+        return False  # close the transport
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        self.owner.lane_writable(self, False)
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        self.owner.lane_writable(self, True)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.ready = False
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.owner.lane_lost(self, exc)
+
+    # -- writing --------------------------------------------------------
+    def write(self, data: bytes, frames: int) -> None:
+        """Write ``frames`` already-encoded frames in one TLS write."""
+        if self.transport is None or self.closing:
+            return
+        self.tx_frames += frames
+        self.tx_bytes += len(data)
+        self.transport.write(data)
+
+    def send_control(self, msg: Any) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(control_frame(msg))
+
+    def close(self, goodbye_reason: int | None = None, reason: str = "") -> None:
+        """Close gracefully: optional GOODBYE, flush what is buffered, TLS close."""
+        if self.closing:
+            return
+        self.closing = True
+        self.ready = False
+        self.close_reason = self.close_reason or reason
+        if self.transport is None:
+            return
+        if goodbye_reason is not None:
+            self.send_control(Goodbye(goodbye_reason))
+        self.transport.close()
+
+    def abort(self, reason: str = "") -> None:
+        """Drop the connection now (protocol error, hostile peer)."""
+        self.closing = True
+        self.ready = False
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport else 0

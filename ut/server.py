@@ -1,0 +1,346 @@
+"""The server role: accepts mTLS lanes, groups them into sessions, talks to WireGuard.
+
+A connection is accepted as plain TCP, then upgraded with ``loop.start_tls`` so
+that a refused handshake can be timed, classified and logged by us (with
+``create_server(ssl=...)`` the loop would swallow it). After TLS, the first
+frame must be a HELLO within ``hello_timeout_seconds``. Sessions are keyed by
+(certificate CN, session id): the CN comes from the verified certificate, so
+one client can never join another's session. Each session owns one connected
+UDP socket towards ``udp.wg_udp_addr``, opened once, so WireGuard sees one
+stable source port per session; the session lingers ``session_linger_seconds``
+after its last lane so a returning client keeps that port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import Any
+
+from . import fastpath
+from ._version import __version__
+from .config import Config, parse_addr
+from .control import Err, Hello, decode_control
+from .errors import ControlError
+from .lane import Lane, set_tcp_options
+from .logs import Debounced, event
+from .session import Session, _fmt_addr
+from .stats import TunnelStats
+from .tls import failure_reason, peer_cn, server_context
+from .udp import UdpPort, open_udp_socket
+
+GOODBYE_SHUTDOWN = 0
+ERR_BAD_HELLO, ERR_LANE_RANGE, ERR_PROTOCOL, ERR_HELLO_TIMEOUT = 1, 2, 3, 4
+LISTEN_BACKLOG = 512
+
+
+class ServerSession(Session):
+    role = "server"
+
+    def __init__(self, server: Server, **kw: Any) -> None:
+        super().__init__(server.loop, server._stats, **kw)
+        self.server = server
+        self.key = (self.client_cn, self.session_id)
+        self.active_lanes = 0
+        self._linger: asyncio.TimerHandle | None = None
+        self._udp_err_log = Debounced(5.0)
+        sock = open_udp_socket(connect=server.wg_addr)
+        self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error)
+        self.udp.start()
+        self.counters.sessions_active += 1
+        self.log("session_open", udp_local=_fmt_addr(self.udp.address))
+
+    def on_udp_batch(self, batch: list) -> None:
+        self.push_datagrams([d for d, _ in batch])
+
+    def send_udp(self, datagrams: list) -> None:
+        c = self.counters
+        sent, failed = self.udp.send_many(datagrams)
+        c.udp_out_packets += sent
+        c.udp_out_bytes += sum(map(len, datagrams[:sent])) if failed else sum(map(len, datagrams))
+        if failed:
+            c.drop("udp_write_error", failed)
+
+    def _udp_error(self, exc: OSError) -> None:
+        # ICMP unreachable from a closed WireGuard port lands here on a later read.
+        due = self._udp_err_log.hit()
+        if due:
+            self.log("udp_error", logging.WARNING, err=str(exc), count=due)
+
+    def admit(self, lane: Lane) -> None:
+        lane.owner = self
+        self.active_lanes += 1
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self.lane_up(lane)
+
+    def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
+        self.active_lanes -= 1
+        if self.active_lanes == 0 and not self.closed:
+            linger = self.server.config.tcp.session_linger_seconds
+            self._linger = self.loop.call_later(linger, self.server.end_session, self, "linger")
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+        self.close_lanes(GOODBYE_SHUTDOWN, reason)
+        self.udp.close()
+        left = self.queue.clear()
+        if left:
+            self.counters.drop("session_closed", left)
+        self.counters.sessions_active -= 1
+        self.log("session_close", reason=reason)
+
+
+class _Handshaking(asyncio.Protocol):
+    """A just-accepted TCP connection, paused until ``start_tls`` takes it over."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # the TLS layer must see the ClientHello, not us
+        self.server._accepted(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+
+class Server:
+    """The server role, run inside the caller's asyncio loop.
+
+    Example::
+
+        cfg = ut.load_config("server.yaml")
+        async with ut.Server(cfg) as server:
+            print(server.address)  # where clients dial
+            await server.wait_closed()
+    """
+
+    def __init__(self, config: Config) -> None:
+        if config.role != "server":
+            raise ValueError(f"{config.source}: role: a Server needs role 'server'")
+        self.config = config
+        self._stats = TunnelStats(
+            role="server", max_lanes=config.tcp.lanes, implementation=fastpath.IMPLEMENTATION
+        )
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.wg_addr = parse_addr(config.udp.wg_udp_addr)
+        self.sessions: dict[tuple[str, int], ServerSession] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+        self.metrics: Any = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._handshakes: set[asyncio.Task] = set()
+        self._pending: dict[Lane, asyncio.TimerHandle] = {}
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Listen for lanes and serve metrics."""
+        cfg = self.config
+        self.loop = asyncio.get_running_loop()
+        self.ssl_context = server_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key)
+        host, port = parse_addr(cfg.tcp.listen_addr)
+        infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                            flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit the buffer sizes, which must be set before
+            # the handshake to shape the TCP window.
+            set_tcp_options(sock, cfg.tcp.tcp_nodelay, cfg.tcp.tcp_buf)
+            sock.bind(addr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            self._listener = await self.loop.create_server(lambda: _Handshaking(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        if cfg.metrics.enabled:
+            from .metrics import start_metrics_server
+
+            self.metrics = await start_metrics_server(self._stats, cfg.metrics)
+        event(
+            "start", role="server", version=__version__, implementation=fastpath.IMPLEMENTATION,
+            tcp_listen=_fmt_addr(self.address), config=cfg.summary(),
+        )
+
+    @property
+    def address(self) -> tuple:
+        """The bound TCP address (useful with port 0)."""
+        assert self._listener is not None
+        return self._listener.sockets[0].getsockname()
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics else None
+
+    # -- accepting ------------------------------------------------------------
+    def _accepted(self, transport: asyncio.Transport) -> None:
+        set_tcp_options(transport.get_extra_info("socket"), self.config.tcp.tcp_nodelay, 0)
+        task = self.loop.create_task(self._handshake(transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        tcp = self.config.tcp
+        peer = raw.get_extra_info("peername")
+        lane = Lane(self, -1, peer=peer)
+        t0 = self.loop.time()
+        try:
+            transport = await self.loop.start_tls(
+                raw, lane, self.ssl_context, server_side=True,
+                ssl_handshake_timeout=tcp.connect_timeout_seconds,
+            )
+        except asyncio.CancelledError:
+            raw.abort()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a refused peer must never stop us
+            raw.abort()
+            reason, text = failure_reason(exc)
+            self._stats.handshake_failed(reason)
+            event("tls_handshake_fail", logging.WARNING, role="server",
+                  peer=_fmt_addr(peer), reason=reason, err=text)
+            return
+        self._stats.handshake_seconds.observe(self.loop.time() - t0)
+        lane.attach(transport)
+        try:
+            lane.client_cn = peer_cn(transport)
+        except Exception as exc:  # noqa: BLE001 - a cert with no CN cannot be keyed
+            self._reject(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
+            return
+        self._pending[lane] = self.loop.call_later(tcp.hello_timeout_seconds, self._no_hello, lane)
+
+    def _no_hello(self, lane: Lane) -> None:
+        if lane in self._pending:
+            self._reject(lane, ERR_HELLO_TIMEOUT, "hello_timeout", "no HELLO in time")
+
+    def _reject(self, lane: Lane, code: int, reason: str, text: str) -> None:
+        timer = self._pending.pop(lane, None)
+        if timer is not None:
+            timer.cancel()
+        self._stats.protocol_error(reason)
+        event("lane_refused", logging.WARNING, role="server", peer=_fmt_addr(lane.peer),
+              client_cn=getattr(lane, "client_cn", None), reason=reason, err=text)
+        lane.send_control(Err(code, text))
+        lane.close(reason=reason)
+        # A hostile peer may never read our close: do not wait on it.
+        self.loop.call_later(1.0, lane.abort, reason)
+
+    # -- LaneOwner for lanes that have not said HELLO yet ----------------------
+    def lane_frames(self, lane: Lane, frames: list) -> None:
+        if lane not in self._pending:
+            return  # already rejected; ignore what was in flight
+        ftype, _flags, payload = frames[0]
+        if ftype != fastpath.TYPE_CTRL:
+            self._reject(lane, ERR_PROTOCOL, "data_before_hello", "first frame must be HELLO")
+            return
+        try:
+            hello = decode_control(payload)
+        except ControlError as err:
+            self._reject(lane, ERR_BAD_HELLO, "bad_hello", str(err))
+            return
+        if not isinstance(hello, Hello):
+            self._reject(lane, ERR_BAD_HELLO, "bad_hello", "first frame must be HELLO")
+            return
+        n = self.config.tcp.lanes
+        if not 0 <= hello.lane_id < n:
+            self._reject(lane, ERR_LANE_RANGE, "lane_id_out_of_range",
+                         f"lane id {hello.lane_id} not below this server's {n} lanes")
+            return
+        self._pending.pop(lane).cancel()
+        key = (lane.client_cn, hello.session_id)
+        session = self.sessions.get(key)
+        if session is None:
+            try:
+                session = self._new_session(lane.client_cn, hello.session_id)
+            except OSError as exc:
+                lane.send_control(Err(5, "cannot open UDP towards WireGuard"))
+                lane.abort("udp_open_failed")
+                event("session_open_fail", logging.ERROR, role="server",
+                      client_cn=lane.client_cn, err=str(exc))
+                return
+        lane.lane_id = hello.lane_id
+        lane.send_control(Hello(hello.session_id, hello.lane_id, n))
+        session.admit(lane)
+        if len(frames) > 1:
+            session.lane_frames(lane, frames[1:])
+
+    def _new_session(self, client_cn: str, session_id: int) -> ServerSession:
+        cfg = self.config
+        session = ServerSession(
+            self, client_cn=client_cn, session_id=session_id, n_lanes=cfg.tcp.lanes,
+            max_packets=cfg.queue.max_packets, max_bytes=cfg.queue.max_bytes,
+            lane_pick=cfg.tcp.lane_pick,
+        )
+        self.sessions[session.key] = session
+        self._stats.sessions[session.key] = session
+        return session
+
+    def end_session(self, session: ServerSession, reason: str) -> None:
+        if self.sessions.get(session.key) is session:
+            del self.sessions[session.key]
+            self._stats.sessions.pop(session.key, None)
+        session.close(reason)
+
+    def lane_writable(self, lane: Lane, writable: bool) -> None:
+        pass
+
+    def lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
+        timer = self._pending.pop(lane, None)
+        if timer is not None:
+            timer.cancel()
+
+    def lane_broken(self, lane: Lane, err: Exception) -> None:
+        self._stats.protocol_error(getattr(err, "reason", "protocol_error"))
+        event("protocol_error", logging.WARNING, role="server", peer=_fmt_addr(lane.peer),
+              err=str(err))
+        self._pending.pop(lane, None)
+        lane.abort(reason="protocol_error")
+
+    # -- life cycle -------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of every counter (see ``ut.stats.TunnelStats.snapshot``)."""
+        snap = self._stats.snapshot()
+        snap["sessions"] = [
+            {"client_cn": s.client_cn, "session_id": f"{s.session_id:016x}",
+             "lanes": s.active_lanes, "udp_local": _fmt_addr(s.udp.address)}
+            for s in self.sessions.values()
+        ]
+        return snap
+
+    async def close(self) -> None:
+        """Stop accepting, say GOODBYE on every lane, close every session. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        for lane in list(self._pending):
+            lane.abort("shutdown")
+        lanes = [lane for s in self.sessions.values() for lane in s.lanes if lane is not None]
+        for session in list(self.sessions.values()):
+            self.end_session(session, "shutdown")
+        if lanes:
+            await asyncio.wait([lane.lost for lane in lanes], timeout=2.0)
+        if self.metrics is not None:
+            await self.metrics.close()
+        event("stop", role="server")
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

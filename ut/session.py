@@ -1,0 +1,264 @@
+"""A session: the lanes of one client, its queue, and the striping between them.
+
+Theory of operation (both roles share it; ``ut.client`` and ``ut.server`` add
+dialling and accepting):
+
+* Datagrams read from UDP go through ``push_datagrams`` into the session's
+  ``RingQueue`` (drop-oldest when full) and a flush is scheduled with
+  ``call_soon``, so everything read in one loop iteration leaves together.
+* ``_flush`` pops batches and gives each datagram to the lane the
+  ``LanePicker`` names (whole datagrams only, one DATA frame each), then writes
+  each lane's frames as one buffer. Lanes are "ready" once HELLO is exchanged
+  and "writable" while their TLS write buffer is below its high-water mark; the
+  picker only names lanes that are both. With no such lane, datagrams wait in
+  the queue.
+* Frames read from a lane come back through ``lane_frames``; DATA payloads go
+  out of the UDP port in one batch per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from . import fastpath
+from .control import Goodbye, Hello, decode_control
+from .errors import ControlError
+from .lane import Lane
+from .logs import Debounced, event
+from .stats import Counters, TunnelStats
+
+FLUSH_BATCH_PACKETS = 512  # datagrams per picker pass
+FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoot
+DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
+TYPE_DATA = fastpath.TYPE_DATA
+MAX_PAYLOAD = fastpath.MAX_PAYLOAD
+
+
+class Session:
+    """Queue + picker + lanes for one (client CN, session id)."""
+
+    role = "?"
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stats: TunnelStats,
+        *,
+        client_cn: str,
+        session_id: int,
+        n_lanes: int,
+        max_packets: int,
+        max_bytes: int,
+        lane_pick: str = "rr",
+    ) -> None:
+        self.loop = loop
+        self.stats = stats
+        self.client_cn = client_cn
+        self.session_id = session_id
+        self.counters: Counters = stats.counters(client_cn)
+        self.queue = fastpath.RingQueue(max_packets, max_bytes)
+        self.n_lanes = n_lanes
+        self.picker = fastpath.LanePicker(n_lanes, lane_pick)
+        self._hash = lane_pick == "hash"
+        self.lanes: list[Lane | None] = [None] * n_lanes
+        self._flush_pending = False
+        self._flush_t0 = 0.0
+        self._drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
+        self._oversize_log = Debounced(DROP_LOG_WINDOW_SECONDS)
+        self.closed = False
+
+    # -- log helper ---------------------------------------------------------
+    def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
+        event(
+            name, level, role=self.role, client_cn=self.client_cn,
+            session_id=f"{self.session_id:016x}", **fields,
+        )
+
+    @property
+    def lanes_ready(self) -> int:
+        return sum(1 for lane in self.lanes if lane is not None and lane.ready)
+
+    # -- UDP -> lanes -------------------------------------------------------
+    def push_datagrams(self, datagrams: list) -> None:
+        """Queue datagrams read from UDP and schedule a flush."""
+        c = self.counters
+        queue = self.queue
+        nbytes = dropped = oversize = 0
+        for d in datagrams:
+            n = len(d)
+            nbytes += n
+            if n > MAX_PAYLOAD:
+                oversize += 1
+                continue
+            dropped += queue.push(d)
+        c.udp_in_packets += len(datagrams)
+        c.udp_in_bytes += nbytes
+        if oversize:
+            self._count_oversize(oversize)
+        if dropped:
+            self._count_oldest(dropped)
+        if not self._flush_pending and len(queue):
+            self._flush_pending = True
+            self._flush_t0 = time.perf_counter()
+            self.loop.call_soon(self._flush)
+        self.wants_lanes()
+
+    def _count_oversize(self, n: int) -> None:
+        self.counters.drop("oversize", n)
+        due = self._oversize_log.hit(n)
+        if due:
+            self.log("pdu_too_large", logging.WARNING, dropped=due, limit=MAX_PAYLOAD)
+
+    def _count_oldest(self, n: int) -> None:
+        self.counters.drop("oldest", n)
+        due = self._drop_log.hit(n)
+        if due:
+            self.log(
+                "queue_drop_oldest", logging.WARNING, dropped=due,
+                queue_len=len(self.queue), queue_bytes=self.queue.nbytes,
+            )
+
+    def wants_lanes(self) -> None:
+        """Hook: the client dials here; a server cannot (it waits for lanes)."""
+
+    def schedule_flush(self) -> None:
+        if not self._flush_pending and len(self.queue):
+            self._flush_pending = True
+            self._flush_t0 = time.perf_counter()
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        queue, picker, lanes = self.queue, self.picker, self.lanes
+        sent = 0
+        while len(queue) and picker.ready_count:
+            batch = queue.pop_batch(FLUSH_BATCH_PACKETS, FLUSH_BATCH_BYTES)
+            if picker.ready_count == 1 or (not self._hash and len(batch) == 1):
+                lane_id = picker.pick(fastpath.flow_key(batch[0]) if self._hash else 0)
+                per_lane = {lane_id: batch}
+            else:
+                per_lane = {}
+                for d in batch:
+                    lane_id = picker.pick(fastpath.flow_key(d) if self._hash else 0)
+                    bucket = per_lane.get(lane_id)
+                    if bucket is None:
+                        per_lane[lane_id] = [d]
+                    else:
+                        bucket.append(d)
+            c = self.counters
+            for lane_id, datagrams in per_lane.items():
+                data = fastpath.encode_data(datagrams)
+                lanes[lane_id].write(data, len(datagrams))  # type: ignore[union-attr]
+                c.lane_tx_frames[lane_id] += len(datagrams)
+                c.lane_tx_bytes[lane_id] += len(data)
+            sent += len(batch)
+        if sent:
+            self.counters.forward_latency[self.stats.dir_in].observe(time.perf_counter() - self._flush_t0, sent)
+
+    # -- lanes -> UDP -------------------------------------------------------
+    def lane_frames(self, lane: Lane, frames: list) -> None:
+        c = self.counters
+        c.lane_rx_frames[lane.lane_id] += len(frames)
+        c.lane_rx_bytes[lane.lane_id] += lane.rx_bytes - lane.rx_bytes_counted
+        lane.rx_bytes_counted = lane.rx_bytes
+        out = []
+        for ftype, _flags, payload in frames:
+            if ftype == TYPE_DATA:
+                out.append(payload)
+            else:
+                self._control(lane, payload)
+        if out:
+            self.send_udp(out)
+
+    def send_udp(self, datagrams: list) -> None:
+        raise NotImplementedError
+
+    def _control(self, lane: Lane, payload: bytes) -> None:
+        try:
+            msg = decode_control(payload)
+        except ControlError as err:
+            # Unknown control kinds are ignored so later versions can add some;
+            # malformed known ones break the lane.
+            if err.reason == "unknown_kind":
+                self.stats.protocol_error("unknown_control")
+                return
+            self.lane_broken(lane, err)
+            return
+        self.on_control(lane, msg)
+
+    def on_control(self, lane: Lane, msg: Any) -> None:
+        if isinstance(msg, Goodbye):
+            # The peer is leaving: stop writing to this lane; it will close.
+            self._set_ready(lane, False)
+            lane.close_reason = f"peer_goodbye_{msg.reason}"
+        elif isinstance(msg, Hello):
+            self.stats.protocol_error("unexpected_hello")
+        else:  # Err
+            self.log("peer_error", logging.WARNING, lane_id=lane.lane_id, code=msg.code,
+                     err=msg.message)
+
+    # -- lane state ---------------------------------------------------------
+    def _set_ready(self, lane: Lane, ready: bool) -> None:
+        lane.ready = ready
+        if 0 <= lane.lane_id < self.n_lanes and self.lanes[lane.lane_id] is lane:
+            self.picker.set_ready(lane.lane_id, ready and lane.writable)
+        if ready:
+            self.schedule_flush()
+
+    def lane_writable(self, lane: Lane, writable: bool) -> None:
+        if self.lanes[lane.lane_id] is lane:
+            self.picker.set_ready(lane.lane_id, writable and lane.ready)
+            if writable:
+                self.schedule_flush()
+
+    def lane_up(self, lane: Lane) -> None:
+        """``lane`` has finished HELLO: register it and start using it."""
+        old = self.lanes[lane.lane_id]
+        if old is not None and old is not lane:
+            self.lanes[lane.lane_id] = None
+            old.close(goodbye_reason=2, reason="replaced")
+        self.lanes[lane.lane_id] = lane
+        self.counters.lanes_active += 1
+        self.log("lane_open", lane_id=lane.lane_id, peer=_fmt_addr(lane.peer))
+        self._set_ready(lane, True)
+
+    def lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
+        if 0 <= lane.lane_id < self.n_lanes and self.lanes[lane.lane_id] is lane:
+            self.lanes[lane.lane_id] = None
+            self.picker.set_ready(lane.lane_id, False)
+            self.counters.lanes_active -= 1
+            self.log(
+                "lane_close", lane_id=lane.lane_id,
+                reason=lane.close_reason or ("error" if exc else "peer_closed"),
+                err=repr(exc) if exc else None,
+                tx_frames=lane.tx_frames, rx_frames=lane.rx_frames,
+                tx_bytes=lane.tx_bytes, rx_bytes=lane.rx_bytes,
+            )
+            self.after_lane_lost(lane, exc)
+
+    def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
+        """Hook for the roles (client re-dials, server starts lingering)."""
+
+    def lane_broken(self, lane: Lane, err: Exception) -> None:
+        reason = getattr(err, "reason", "protocol_error")
+        self.stats.protocol_error(reason)
+        self.log("protocol_error", logging.WARNING, lane_id=lane.lane_id, err=str(err))
+        lane.abort(reason=f"protocol_error:{reason}")
+
+    def close_lanes(self, goodbye_reason: int, reason: str) -> None:
+        for lane in self.lanes:
+            if lane is not None:
+                lane.close(goodbye_reason=goodbye_reason, reason=reason)
+
+
+def _fmt_addr(addr: Any) -> str | None:
+    if not addr:
+        return None
+    try:
+        host, port = addr[0], addr[1]
+    except (TypeError, IndexError):
+        return str(addr)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

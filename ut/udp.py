@@ -1,0 +1,133 @@
+"""A non-blocking UDP socket driven by the event loop's reader callback.
+
+Why not ``asyncio.DatagramProtocol``: it costs one Python call per datagram and
+offers no batching. Here one wake-up drains up to ``BATCH_MAX`` datagrams with
+``fastpath.recv_batch`` (``recvmmsg`` on Linux) and hands them over as one
+list; sends go out with ``fastpath.send_batch`` (``sendmmsg``). The socket is
+created synchronously, so a server can open a session's port inside a
+callback without awaiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+
+from . import fastpath
+
+BATCH_MAX = 64  # datagrams read per wake-up: bounds latency added to other work
+SOCKET_BUF_BYTES = 4 << 20  # ask the kernel for roomy UDP buffers (it may cap lower)
+
+Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
+BatchHandler = Callable[[list], None]  # receives [(payload, addr), ...]
+
+
+def _family_for(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def open_udp_socket(
+    bind: tuple[str, int] | None = None, connect: tuple[str, int] | None = None
+) -> socket.socket:
+    """A non-blocking UDP socket, bound and/or connected."""
+    host = (bind or connect or ("0.0.0.0", 0))[0]
+    family = _family_for(host) if host else socket.AF_INET
+    if connect is not None and bind is None:
+        # Resolve the connect target so the socket family matches it.
+        family = socket.getaddrinfo(connect[0], connect[1], type=socket.SOCK_DGRAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF_BYTES)
+            except OSError:
+                pass
+        if bind is not None:
+            sock.bind(bind)
+        if connect is not None:
+            sock.connect(connect)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpPort:
+    """One UDP socket: batched reads into ``on_batch``, batched writes.
+
+    ``on_error(exc)`` is called for a read error (for example ICMP port
+    unreachable reported on a connected socket); the port keeps running.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_batch: BatchHandler,
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.on_batch = on_batch
+        self.on_error = on_error
+        self._fd = sock.fileno()
+        self._reading = False
+        self._recv_batch = fastpath.recv_batch
+        self._send_batch = fastpath.send_batch
+
+    @property
+    def address(self) -> Address:
+        return self.sock.getsockname()
+
+    def start(self) -> None:
+        if not self._reading:
+            self.loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def pause(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            batch = self._recv_batch(self.sock, BATCH_MAX)
+        except OSError as exc:
+            if self.on_error is not None:
+                self.on_error(exc)
+            return
+        if batch:
+            self.on_batch(batch)
+
+    def send_many(self, datagrams: list, addr: Address | None = None) -> tuple[int, int]:
+        """Send ``datagrams`` (to ``addr``, or the connected peer).
+
+        Returns ``(sent, failed)``. A full socket buffer or an error loses the
+        rest of the batch: UDP would lose them too, and the caller counts them.
+        """
+        total = len(datagrams)
+        done = sent = 0  # done = sent + skipped after an error
+        while done < total:
+            try:
+                n = self._send_batch(self.sock, datagrams[done:] if done else datagrams, addr)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                    break
+                if self.on_error is not None:
+                    self.on_error(exc)
+                done += 1  # the datagram at ``done`` failed: skip it, go on with the rest
+                continue
+            if n <= 0:
+                break
+            done += n
+            sent += n
+        return sent, total - sent
+
+    def close(self) -> None:
+        self.pause()
+        self.sock.close()
