@@ -729,7 +729,7 @@ async def run_probe(
     sock = socket.socket(fam, socket.SOCK_DGRAM)
     stop = stop or asyncio.Event()
     run_id = secrets.randbits(64)
-    stats = ProbeStats()
+    stats = ProbeStats()  # timeline origin set to the schedule start below
     counters = {"unreachable": 0, "send_errors": 0, "blocked": 0, "replies_since": 0}
     all_in = asyncio.Event()
     sending = True
@@ -776,7 +776,9 @@ async def run_probe(
         pads = {n: bytes(n - HEADER_SIZE) for n in (size_cycle or (size_out,))}  # type: ignore[union-attr]
         pack = HEADER.pack
         started_at = time.time()
-        start = time.perf_counter()
+        start_ns = time.perf_counter_ns()
+        start = start_ns / 1e9  # perf_counter() and perf_counter_ns() share one clock
+        stats.start = start
         ticker = None
         if progress is not None:
             ticker = asyncio.ensure_future(_probe_ticker(start, stats, progress))

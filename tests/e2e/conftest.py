@@ -1,0 +1,123 @@
+"""Fixtures for the real-WireGuard end-to-end tests (see docs/testing.md).
+
+Off CI, a machine without root, a tool, TUN, namespaces or the installed ``ut-tunnel``
+console script *skips* these tests with the reason. With ``UT_REQUIRE_E2E=1`` (CI) the
+same missing prerequisite is a *failure*.
+
+``UT_E2E_KEEP=1`` keeps the bed's work directory (configs, certificates, logs) after the
+run and prints where it is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import netbed  # noqa: E402
+
+REQUIRE = os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0")
+KEEP = os.environ.get("UT_E2E_KEEP", "") not in ("", "0")
+BIG_FILE_SIZE = 64 * 1024 * 1024
+
+
+def _missing(reasons: list[str]) -> None:
+    """Skip (default) or fail (UT_REQUIRE_E2E=1) when prerequisites are missing."""
+    if not reasons:
+        return
+    msg = "end-to-end prerequisites missing: " + "; ".join(reasons)
+    if REQUIRE:
+        pytest.fail(msg + " (UT_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(msg)
+
+
+def _tunnel_cli_problem() -> str | None:
+    try:
+        cmd = netbed.ut_tunnel_command()
+    except netbed.BedError as exc:
+        return str(exc)
+    try:
+        res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`ut-tunnel --version` did not run: {exc}"
+    if res.returncode != 0:
+        return f"`ut-tunnel --version` failed ({res.returncode}): {res.stderr.strip()[:500]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def e2e_ready() -> None:
+    """Root, tools, TUN, namespaces and the ut-tunnel console script are all there."""
+    reasons = netbed.missing_prerequisites()
+    if not reasons:
+        problem = _tunnel_cli_problem()
+        if problem:
+            reasons.append(problem)
+    _missing(reasons)
+
+
+@pytest.fixture(scope="module")
+def bed(e2e_ready, tmp_path_factory):
+    """One bed per test module: cloud + two homes, UDP dropped between them, WireGuard up,
+    certificates from ``ut-tunnel pki`` (server name ``ut-cloud``, clients ``home``, ``home2``)."""
+    workdir = tmp_path_factory.mktemp("netbed") if not KEEP else None
+    b = netbed.NetBed(homes=2, workdir=str(workdir) if workdir else None, keep_workdir=KEEP)
+    try:
+        b.up()
+        b.pki()
+        yield b
+    finally:
+        problems = b.teardown()
+        if KEEP:
+            print(f"\nnetbed work directory kept: {b.wd}")
+        assert not problems, f"bed teardown problems: {problems}"
+
+
+@pytest.fixture
+def tun(bed):
+    """Per test: stop every process the test started, then put the bed back as it was
+    (UDP dropped, WireGuard peers reset to the tunnel endpoint)."""
+    start = len(bed._tracked)
+    yield bed
+    for t in reversed(bed._tracked[start:]):
+        bed.stop(t.proc, timeout=5)
+    if not bed.drop_udp:
+        bed.set_drop_udp(True)
+    bed.use_tunnel()
+    bed.reset_wireguard()
+
+
+@pytest.fixture(scope="module")
+def big_file(bed):
+    """A 64 MiB random file served from the cloud's HTTP root: (path, sha256)."""
+    root = bed.wd / "www"
+    root.mkdir(exist_ok=True)
+    path = root / "big.bin"
+    return path, netbed.make_random_file(path, BIG_FILE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def http_url(bed, big_file):
+    """Base URL of the HTTP server on the cloud's WireGuard address (GET files, PUT uploads)."""
+    return bed.start_http_server(bed.wd / "www")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failed e2e test, attach the tails of the tunnel and WireGuard logs."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    b = item.funcargs.get("bed") or item.funcargs.get("tun")
+    if not isinstance(b, netbed.NetBed):
+        return
+    for t in b._tracked:
+        if t.log and t.log.exists() and (t.name.startswith("ut-") or "wireguard" in t.name):
+            tail = "\n".join(t.log.read_text(errors="replace").splitlines()[-40:])
+            report.sections.append((f"log {t.log.name} (pid {t.proc.pid})", tail))

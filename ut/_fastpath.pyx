@@ -1,0 +1,61 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled fast path of ut-tunnel: PDU framing, the drop-oldest ring queue, lane picking
+and batched UDP system calls.
+
+Same API, same docstrings, same results and same errors as the pure-Python twin
+``ut/_purepy.py`` (``tests/test_differential.py`` holds the two to that); read that module's
+"theory of operation" first. Use it through ``ut.fastpath``.
+
+One extension module, one source file per concern (as uvloop and msgpack do):
+
+* ``_fp_framing.pxi`` -- ``encode_frame``, ``encode_data``, ``Deframer``
+* ``_fp_ring.pxi``    -- ``RingQueue``
+* ``_fp_picker.pxi``  -- ``LanePicker``, ``flow_key``
+* ``_fp_mmsg.pxi``    -- ``recv_batch``, ``send_batch``, ``HAVE_MMSG``
+
+C-level declarations live in ``_fastpath.pxd`` for other Cython code to ``cimport``.
+Hot loops touch no Python object per frame beyond the returned tuple and payload bytes.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+import socket as _socket
+
+from ut.errors import FrameError
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "TYPE_DATA",
+    "TYPE_CTRL",
+    "HEADER_LEN",
+    "MAX_PAYLOAD",
+    "HAVE_MMSG",
+    "encode_frame",
+    "encode_data",
+    "Deframer",
+    "RingQueue",
+    "LanePicker",
+    "flow_key",
+    "recv_batch",
+    "send_batch",
+]
+
+MAGIC = b"UT"
+VERSION = UT_VERSION
+TYPE_DATA = UT_TYPE_DATA
+TYPE_CTRL = UT_TYPE_CTRL
+HEADER_LEN = UT_HEADER_LEN
+MAX_PAYLOAD = UT_MAX_PAYLOAD
+
+include "_fp_framing.pxi"
+include "_fp_ring.pxi"
+include "_fp_picker.pxi"
+include "_fp_mmsg.pxi"
