@@ -112,6 +112,10 @@ cdef class RingQueue:
     cdef unsigned long long _dropped_bytes
 
     cdef int _grow(self) except -1
+    # Unlink the oldest datagram and hand its reference to the caller (_count > 0).
+    cdef PyObject* _take_head(self) noexcept
+    # Drop every queued reference (no counters change).
+    cdef void _discard_all(self) noexcept
     # push() for a bytes object: the C-level entry point. Returns datagrams dropped.
     cdef Py_ssize_t push_bytes(self, bytes datagram, double stamp) except -1
     # pop() without the empty check: the caller guarantees _count > 0.
@@ -131,5 +135,7 @@ cdef class LanePicker:
     # True for the "hash" strategy.
     cdef bint _hash
 
+    # IndexError unless 0 <= lane_id < _n.
+    cdef int _check_id(self, Py_ssize_t lane_id) except -1
     # pick() at C level: lane id or -1.
     cdef int pick_c(self, int64_t key) noexcept

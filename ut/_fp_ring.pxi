@@ -2,7 +2,8 @@
 # A real ring: a C array of owned references plus a C array of stamps; a push costs one
 # INCREF and two stores (the arrays grow x2 on demand, up to max_packets slots).
 
-DEF _RING_MIN_CAP = 16
+cdef enum:
+    _RING_MIN_CAP = 16  # first allocation, in slots
 
 
 cdef class RingQueue:
@@ -72,7 +73,7 @@ cdef class RingQueue:
         self._head = 0
         return 0
 
-    cdef inline PyObject* _take_head(self) noexcept:
+    cdef PyObject* _take_head(self) noexcept:
         # Unlink the oldest datagram and return its (now the caller's) reference.
         cdef PyObject* d = self._items[self._head]
         self._items[self._head] = NULL
@@ -139,7 +140,7 @@ cdef class RingQueue:
         Every drop adds to ``dropped`` and ``dropped_bytes``.
         """
         if type(datagram) is not bytes:
-            datagram = bytes(datagram)
+            datagram = bytes(memoryview(datagram))
         return self.push_bytes(<bytes>datagram, stamp)
 
     def pop(self):

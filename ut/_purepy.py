@@ -368,7 +368,7 @@ class RingQueue:
         Every drop adds to ``dropped`` and ``dropped_bytes``.
         """
         if type(datagram) is not bytes:
-            datagram = bytes(datagram)
+            datagram = bytes(memoryview(datagram))
         n = len(datagram)
         stamp = float(stamp)
         if n > self._max_bytes:

@@ -50,6 +50,7 @@ class Lane(asyncio.BufferedProtocol):
         self.lane_id = lane_id
         self.peer = peer
         self.client_cn = ""  # server side: the verified certificate CN
+        self.early_frames: list | None = None  # server side: frames before start_tls returned
         self.transport: asyncio.Transport | None = None
         self.deframer = fastpath.Deframer()
         self.ready = False  # HELLO exchanged: may carry DATA

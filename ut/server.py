@@ -192,6 +192,10 @@ class Server:
         tcp = self.config.tcp
         peer = raw.get_extra_info("peername")
         lane = Lane(self, -1, peer=peer)
+        # The client sends HELLO right after its handshake; the TLS layer may hand
+        # it to the lane before start_tls() returns here, so the lane is pending
+        # (and keeps early frames) from the start.
+        self._pending[lane] = None
         t0 = self.loop.time()
         try:
             transport = await self.loop.start_tls(
@@ -199,9 +203,11 @@ class Server:
                 ssl_handshake_timeout=tcp.connect_timeout_seconds,
             )
         except asyncio.CancelledError:
+            self._pending.pop(lane, None)
             raw.abort()
             raise
         except BaseException as exc:  # noqa: BLE001 - a refused peer must never stop us
+            self._pending.pop(lane, None)
             raw.abort()
             reason, text = failure_reason(exc)
             self._stats.handshake_failed(reason)
@@ -210,12 +216,18 @@ class Server:
             return
         self._stats.handshake_seconds.observe(self.loop.time() - t0)
         lane.attach(transport)
+        if lane.closing or lane not in self._pending:  # broken before we got here
+            transport.abort()
+            return
         try:
             lane.client_cn = peer_cn(transport)
         except Exception as exc:  # noqa: BLE001 - a cert with no CN cannot be keyed
             self._reject(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
             return
         self._pending[lane] = self.loop.call_later(tcp.hello_timeout_seconds, self._no_hello, lane)
+        early, lane.early_frames = lane.early_frames, None
+        if early:
+            self.lane_frames(lane, early)
 
     def _no_hello(self, lane: Lane) -> None:
         if lane in self._pending:
@@ -237,6 +249,9 @@ class Server:
     def lane_frames(self, lane: Lane, frames: list) -> None:
         if lane not in self._pending:
             return  # already rejected; ignore what was in flight
+        if lane.transport is None:  # TLS finished but start_tls() has not returned yet
+            lane.early_frames = (lane.early_frames or []) + frames
+            return
         ftype, _flags, payload = frames[0]
         if ftype != fastpath.TYPE_CTRL:
             self._reject(lane, ERR_PROTOCOL, "data_before_hello", "first frame must be HELLO")

@@ -186,185 +186,256 @@ def own_cn(cert_path: Any) -> str:
 
 # ------------------------------------------------------------------ reasons
 
-# X509_V_ERR_* codes as OpenSSL 3 reports them in SSLCertVerificationError.verify_code.
-_V_UNABLE_TO_GET_ISSUER_CERT = 2
-_V_CERT_SIGNATURE_FAILURE = 7
-_V_CERT_NOT_YET_VALID = 9
-_V_CERT_HAS_EXPIRED = 10
-_V_DEPTH_ZERO_SELF_SIGNED_CERT = 18
-_V_SELF_SIGNED_CERT_IN_CHAIN = 19
-_V_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
-_V_UNABLE_TO_VERIFY_LEAF_SIGNATURE = 21
-_V_INVALID_PURPOSE = 26
-_V_HOSTNAME_MISMATCH = 62
-_V_IP_ADDRESS_MISMATCH = 64
-
+# X509_V_ERR_* codes, as OpenSSL 3 reports them in
+# ``SSLCertVerificationError.verify_code`` (see openssl/x509_vfy.h).
 _VERIFY_CODES: dict[int, str] = {
-    _V_UNABLE_TO_GET_ISSUER_CERT: "unknown_ca",
-    _V_CERT_SIGNATURE_FAILURE: "unknown_ca",
-    _V_DEPTH_ZERO_SELF_SIGNED_CERT: "unknown_ca",
-    _V_SELF_SIGNED_CERT_IN_CHAIN: "unknown_ca",
-    _V_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "unknown_ca",
-    _V_UNABLE_TO_VERIFY_LEAF_SIGNATURE: "unknown_ca",
-    _V_CERT_NOT_YET_VALID: "not_yet_valid",
-    _V_CERT_HAS_EXPIRED: "expired",
-    _V_HOSTNAME_MISMATCH: "wrong_name",
-    _V_IP_ADDRESS_MISMATCH: "wrong_name",
-    _V_INVALID_PURPOSE: "bad_certificate",
+    2: "unknown_ca",       # UNABLE_TO_GET_ISSUER_CERT
+    7: "unknown_ca",       # CERT_SIGNATURE_FAILURE
+    9: "not_yet_valid",    # CERT_NOT_YET_VALID
+    10: "expired",         # CERT_HAS_EXPIRED
+    18: "unknown_ca",      # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "unknown_ca",      # SELF_SIGNED_CERT_IN_CHAIN
+    20: "unknown_ca",      # UNABLE_TO_GET_ISSUER_CERT_LOCALLY (the usual "other CA")
+    21: "unknown_ca",      # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    26: "bad_certificate",  # INVALID_PURPOSE (client cert used as server cert or vice versa)
+    62: "wrong_name",      # HOSTNAME_MISMATCH
+    64: "wrong_name",      # IP_ADDRESS_MISMATCH
 }
 
-# Lower-case fragments of OpenSSL reason strings (``SSLError.reason`` is the
-# upper-case form, the message the lower-case one), first match wins. The
-# "alert" forms are what the *other* side sends: a client refused by the server
-# reads them after its own handshake finished (TLS 1.3) or during it (TLS 1.2).
-_REASON_FRAGMENTS: tuple[tuple[str, str], ...] = (
-    ("certificate required", "no_certificate"),          # tlsv13 alert certificate required
-    ("peer did not return a certificate", "no_certificate"),
+# Lower-case fragments of OpenSSL 3 reason texts, first match wins. Fragments
+# with "alert" are alerts the *peer* sent about *our* certificate: a client
+# refused by a server that flushes its alert reads them during the handshake
+# (TLS 1.2) or on its first read after it (TLS 1.3).
+_ALERTS: tuple[tuple[str, str], ...] = (
+    ("alert certificate required", "no_certificate"),  # tlsv13 alert certificate required
+    ("alert unknown ca", "unknown_ca"),                # tlsv1 / sslv3 alert unknown ca
+    ("alert certificate expired", "expired"),          # sslv3 alert certificate expired
+    ("alert bad certificate", "bad_certificate"),      # sslv3 alert bad certificate (also: not yet valid)
+    ("alert unsupported certificate", "bad_certificate"),  # wrong purpose
+    ("alert certificate unknown", "bad_certificate"),
+    ("alert certificate revoked", "bad_certificate"),
+    ("alert decrypt error", "bad_certificate"),
+    ("alert protocol version", "protocol_version"),
+)
+_LOCAL: tuple[tuple[str, str], ...] = (
+    ("peer did not return a certificate", "no_certificate"),  # server: client sent none
     ("no certificate returned", "no_certificate"),
-    ("no certificates returned", "no_certificate"),
-    ("unknown ca", "unknown_ca"),                        # sslv3/tlsv1 alert unknown ca
-    ("certificate expired", "expired"),                  # sslv3 alert certificate expired
+    ("unable to get local issuer certificate", "unknown_ca"),
+    ("self-signed certificate", "unknown_ca"),
+    ("self signed certificate", "unknown_ca"),
     ("certificate has expired", "expired"),
     ("certificate is not yet valid", "not_yet_valid"),
-    ("bad certificate", "bad_certificate"),              # sslv3 alert bad certificate
-    ("unsupported certificate", "bad_certificate"),
-    ("certificate unknown", "bad_certificate"),
-    ("certificate revoked", "bad_certificate"),
-    ("decrypt error", "bad_certificate"),
-    ("protocol version", "protocol_version"),            # tlsv1 alert protocol version
-    ("unsupported protocol", "protocol_version"),
+    ("hostname mismatch", "wrong_name"),
+    ("ip address mismatch", "wrong_name"),
+    ("unsuitable certificate purpose", "bad_certificate"),
+    ("unsupported protocol", "protocol_version"),        # peer offered TLS <= 1.1
     ("no protocols available", "protocol_version"),
-    ("version too low", "protocol_version"),
-    ("wrong version number", "not_tls"),                 # plain TCP where TLS expected
-    ("http request", "not_tls"),
-    ("https proxy request", "not_tls"),
+    ("wrong version number", "not_tls"),                 # plain TCP bytes where TLS expected
+    ("http request", "not_tls"),                         # "GET / HTTP/1.1" to the TLS port
+    ("https proxy request", "not_tls"),                  # "CONNECT ..." to the TLS port
     ("record layer failure", "not_tls"),
     ("packet length too long", "not_tls"),
     ("record length mismatch", "not_tls"),
     ("unexpected eof", "closed"),                        # peer closed mid-handshake
     ("eof occurred in violation of protocol", "closed"),
-    ("handshake is taking longer", "timeout"),           # asyncio / uvloop handshake timeout
+    ("handshake is taking longer than", "timeout"),      # asyncio's and uvloop's handshake timeout
     ("timed out", "timeout"),
 )
 
-_HUMAN: dict[str, str] = {
-    "unknown_ca": (
-        "the peer's certificate is not signed by the CA in tls.ca_cert: issue client "
-        "certificates with `ut-tunnel pki client` from the same PKI directory as the server's, "
-        "and give both sides that directory's ca.pem"
-    ),
-    "expired": (
-        "a certificate has expired: issue a new one with `ut-tunnel pki client` "
-        "(or `pki init` for the server) and restart"
-    ),
-    "not_yet_valid": (
-        "a certificate is not valid yet: check the clocks on both hosts (NTP), "
-        "or wait until its start date"
-    ),
-    "no_certificate": (
-        "the client sent no certificate: set tls.cert and tls.key on the client to a "
-        "certificate issued with `ut-tunnel pki client`"
-    ),
-    "wrong_name": (
-        "the server's certificate does not match the name the client dialled: set tls.server_name "
-        "on the client to a name in the certificate, or re-run `ut-tunnel pki init` with the right "
-        "--server-name/--ip"
-    ),
-    "bad_certificate": (
-        "a certificate was refused (wrong purpose, bad signature or unusable): issue it again "
-        "with `ut-tunnel pki` (server: `pki init`, clients: `pki client`)"
-    ),
-    "timeout": (
-        "the TCP+TLS handshake did not finish in time (tcp.connect_timeout_seconds): check the "
-        "network path and that the peer is a ut-tunnel endpoint"
-    ),
-    "not_tls": (
-        "the peer does not speak TLS (plain TCP, HTTP or a port scanner): check that the client's "
-        "tcp.server_addr points at the ut-tunnel server's tcp.listen_addr"
-    ),
-    "closed": (
-        "the peer closed or reset the connection during the handshake: the other side's log says "
-        "why (often it refused our certificate), or a firewall/proxy is in the way"
-    ),
-    "protocol_version": (
-        "no common TLS version: ut-tunnel needs TLS 1.2 or 1.3 on both sides"
-    ),
-    "other": "the TLS handshake failed",
-}
 
-
-def _short(exc: BaseException) -> str:
-    """One-line text of an exception (``SSLError`` strings can carry file/line noise)."""
-    text = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or ""
-    full = str(exc)
-    if isinstance(exc, ssl.SSLError) and exc.args and isinstance(exc.args[-1], str):
-        full = exc.args[-1]
-    return full or str(text) or type(exc).__name__
-
-
-def failure_reason(exc: BaseException) -> tuple[str, str]:
+def failure_reason(exc: BaseException, *, side: str | None = None) -> tuple[str, str]:
     """Classify a TLS handshake failure: ``(reason, human_text)``.
 
-    ``reason`` is one of ``REASONS``. Works on the server's exception (client
-    sent no certificate, one from another CA, an expired one; plain TCP or
-    HTTP instead of TLS) and on the client's (server certificate for the wrong
-    name, from an unknown CA, expired; and, in TLS 1.3, the alert the client
-    reads on its first read after the server refused its certificate).
-    Timeouts (``TimeoutError``, ``asyncio.TimeoutError`` and asyncio's
-    "handshake is taking longer than" abort) give ``timeout``; a peer that
-    closes or resets mid-handshake gives ``closed``.
+    ``reason`` is one of ``REASONS`` (safe as a metric label and log field).
+    ``human_text`` says what went wrong and what to do, and ends with the
+    library's own words in parentheses. ``side`` (``"server"``, ``"client"``
+    or ``None``) only sharpens the wording ("client certificate ..." rather
+    than "peer certificate ...").
+
+    Handles, on the server: a client with no certificate, one from another CA,
+    an expired or not-yet-valid one, one with the wrong purpose, plain TCP or
+    HTTP instead of TLS, TLS <= 1.1. On the client: a server certificate for
+    another name, from an unknown CA, expired; the alerts a server sends about
+    the client's certificate (in TLS 1.3 they arrive on the first read after
+    the handshake, e.g. ``tlsv13 alert certificate required``). asyncio's and
+    uvloop's "SSL handshake is taking longer than N seconds" abort,
+    ``TimeoutError`` and ``asyncio.TimeoutError`` give ``timeout``; a reset or
+    EOF mid-handshake gives ``closed``.
 
     >>> failure_reason(TimeoutError())[0]
     'timeout'
     """
-    reason = _classify(exc)
-    human = _HUMAN[reason]
-    detail = _short(exc)
-    if reason == "wrong_name" and getattr(exc, "verify_message", None):
-        detail = exc.verify_message  # type: ignore[attr-defined]
-    return reason, f"{human} ({detail})" if detail else human
+    reason, ours = _classify(exc)
+    return reason, f"{_human(reason, ours, side, exc)} ({_short(exc)})"
 
 
-def _classify(exc: BaseException) -> str:
-    # Unwrap exceptions raised "from" a handshake error.
-    seen = 0
-    while exc.__cause__ is not None and not isinstance(exc, ssl.SSLError) and seen < 5:
-        exc = exc.__cause__
-        seen += 1
+def _short(exc: BaseException) -> str:
+    """The library's words, without OpenSSL's ``[SSL: CODE]`` and ``(_ssl.c:N)`` noise."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and getattr(exc, "verify_message", None):
+        return str(exc.verify_message)
+    text = str(exc)
+    if isinstance(exc, ssl.SSLError) and len(exc.args) > 1 and isinstance(exc.args[1], str):
+        text = exc.args[1]
+        if text.startswith("[") and "] " in text:
+            text = text.split("] ", 1)[1]
+        if text.endswith(")") and " (_ssl.c:" in text:
+            text = text[: text.rindex(" (_ssl.c:")]
+    return text or type(exc).__name__
+
+
+def _classify(exc: BaseException) -> tuple[str, bool]:
+    """``(reason, ours)``: ``ours`` is True when the peer judged *our* certificate."""
+    reason, ours = _classify_one(exc)
+    if reason == "other":
+        # Look through "raise X from handshake_error" wrappers.
+        inner = exc.__cause__ or exc.__context__
+        depth = 0
+        while inner is not None and depth < 4 and not isinstance(inner, asyncio.CancelledError):
+            inner_reason, inner_ours = _classify_one(inner)
+            if inner_reason != "other":
+                return inner_reason, inner_ours
+            inner = inner.__cause__ or inner.__context__
+            depth += 1
+    return reason, ours
+
+
+def _classify_one(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        by_code = _VERIFY_CODES.get(getattr(exc, "verify_code", 0) or 0)
-        if by_code:
-            return by_code
-        return _by_text((exc.verify_message or "") + " " + str(exc)) or "bad_certificate"
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timeout"
+        code = getattr(exc, "verify_code", None)
+        if code in _VERIFY_CODES:
+            return _VERIFY_CODES[code], False
+        return _match(_LOCAL, f"{getattr(exc, 'verify_message', '')} {exc}") or "bad_certificate", False
     if isinstance(exc, ssl.SSLError):
-        # Order: the library reason code (e.g. WRONG_VERSION_NUMBER), then the text.
-        code = (getattr(exc, "reason", None) or "").replace("_", " ")
-        found = _by_text(code) or _by_text(str(exc))
-        if found:
-            return found
+        # exc.reason is OpenSSL's code (WRONG_VERSION_NUMBER, TLSV1_ALERT_UNKNOWN_CA...);
+        # the text carries the same words in lower case.
+        text = f"{(getattr(exc, 'reason', None) or '').replace('_', ' ')} {exc}"
+        alert = _match(_ALERTS, text)
+        if alert:
+            return alert, True
+        local = _match(_LOCAL, text)
+        if local:
+            return local, False
         if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            return "closed"
-        return "other"
+            return "closed", False
+        return "other", False
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout", False
+    if isinstance(exc, ConnectionRefusedError):
+        return "other", False
     if isinstance(exc, ConnectionAbortedError):
-        return _by_text(str(exc)) or "closed"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError, asyncio.IncompleteReadError)):
-        return "closed"
-    if isinstance(exc, ConnectionError):
-        return "closed"
+        return _match(_LOCAL, str(exc)) or "closed", False
+    if isinstance(exc, (ConnectionError, EOFError)):  # reset, broken pipe, IncompleteReadError
+        return "closed", False
     if isinstance(exc, OSError):
         if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
-            return "closed"
+            return "closed", False
         if exc.errno == errno.ETIMEDOUT:
-            return "timeout"
-        return _by_text(str(exc)) or "other"
-    return _by_text(str(exc)) or "other"
+            return "timeout", False
+    return _match(_LOCAL, str(exc)) or "other", False
 
 
-def _by_text(text: str) -> str | None:
+def _match(table: tuple[tuple[str, str], ...], text: str) -> str | None:
     low = text.lower()
-    for fragment, reason in _REASON_FRAGMENTS:
+    for fragment, reason in table:
         if fragment in low:
             return reason
     return None
+
+
+def _human(reason: str, ours: bool, side: str | None, exc: BaseException) -> str:
+    # Whose certificate failed, in words: the peer's (we checked it) or ours (the
+    # peer sent an alert about it).
+    peer = {"server": "client", "client": "server"}.get(side or "", "peer")
+    mine = {"server": "server", "client": "client"}.get(side or "", "our")
+    if ours:
+        return {
+            "no_certificate": (
+                "the server requires a client certificate and got none: set tls.cert and tls.key "
+                "to a certificate made with `ut-tunnel pki client`"
+            ),
+            "unknown_ca": (
+                f"the {peer} does not trust the {mine} certificate (not signed by its CA): issue "
+                "it with `ut-tunnel pki` from the same PKI directory as the peer's, and give both "
+                "sides that directory's ca.pem"
+            ),
+            "expired": (
+                f"the {peer} says the {mine} certificate has expired: issue a new one with "
+                "`ut-tunnel pki client` (clients) or `ut-tunnel pki init` (server) and restart"
+            ),
+            "bad_certificate": (
+                f"the {peer} refused the {mine} certificate (wrong purpose, not yet valid or "
+                "otherwise unusable; its log names the reason): check the clocks and re-issue it "
+                "with `ut-tunnel pki`"
+            ),
+            "protocol_version": "the peer refused our TLS version: both sides need TLS 1.2 or 1.3",
+        }.get(reason, "the peer refused the handshake")
+    if reason == "unknown_ca":
+        if side == "server":
+            return (
+                "client certificate not signed by this server's CA (tls.ca_cert): issue it with "
+                "`ut-tunnel pki client` from the same PKI directory as the server's certificate"
+            )
+        if side == "client":
+            return (
+                "server certificate not signed by the CA in tls.ca_cert: give the client the "
+                "ca.pem of the PKI directory that issued the server's certificate"
+            )
+        return (
+            "peer certificate not signed by the CA in tls.ca_cert: both sides need certificates "
+            "and ca.pem from the same `ut-tunnel pki` directory"
+        )
+    if reason == "expired":
+        fix = "`ut-tunnel pki client`" if peer == "client" else "`ut-tunnel pki` (server: `pki init`)"
+        return f"{peer} certificate has expired: issue a new one with {fix} and restart the {peer}"
+    if reason == "not_yet_valid":
+        return (
+            f"{peer} certificate is not valid yet: the clocks of the two hosts disagree (check NTP), "
+            "or the certificate was issued with a future start date"
+        )
+    if reason == "no_certificate":
+        return (
+            "the client sent no certificate: set tls.cert and tls.key on the client to a "
+            "certificate made with `ut-tunnel pki client`"
+        )
+    if reason == "wrong_name":
+        return (
+            "server certificate does not match the name the client dialled: set tls.server_name "
+            "to a name the certificate holds, or re-issue it with `ut-tunnel pki init "
+            "--server-name NAME [--ip IP]`"
+        )
+    if reason == "bad_certificate":
+        return (
+            f"{peer} certificate refused (wrong purpose, e.g. a client certificate on the server, "
+            "or otherwise unusable): re-issue it with `ut-tunnel pki` (server: `pki init`, "
+            "clients: `pki client`)"
+        )
+    if reason == "timeout":
+        return (
+            "the TCP+TLS handshake did not finish in time (tcp.connect_timeout_seconds): check the "
+            "network path, and that the address is a ut-tunnel endpoint"
+        )
+    if reason == "not_tls":
+        return (
+            "the peer does not speak TLS (plain TCP, HTTP or a scanner): check that the client's "
+            "tcp.server_addr points at the ut-tunnel server's tcp.listen_addr"
+        )
+    if reason == "closed":
+        if side == "client":
+            return (
+                "the server closed the connection during or right after the handshake: it most "
+                "likely refused this client's certificate; the server's log (tls_handshake_fail) "
+                "says why"
+            )
+        return (
+            "the peer closed or reset the connection during the handshake: it most likely refused "
+            "our certificate (its log says why), or something in the path cut the connection"
+        )
+    if reason == "protocol_version":
+        return "no common TLS version: ut-tunnel needs TLS 1.2 or 1.3 on both sides"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens there; check tcp.server_addr and that the server runs"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "no route to the server: check tcp.server_addr and the network"
+    if type(exc).__name__ == "gaierror":
+        return "cannot resolve the server's host name: check tcp.server_addr and DNS"
+    return "the TLS handshake failed"

@@ -180,10 +180,18 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000.0, 4)
 
 
+# Linux SO_RCVBUFFORCE / SO_SNDBUFFORCE (not in the socket module): root may exceed
+# net.core.rmem_max / wmem_max, so bursts at high rates do not overflow our own socket.
+_FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform.startswith("linux") else {}
+
+
 def _set_bufs(sock: socket.socket) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+            # Linux reports twice the size set; less than asked means capped by *mem_max
+            if opt in _FORCE and sock.getsockopt(socket.SOL_SOCKET, opt) < _SOCK_BUF:
+                sock.setsockopt(socket.SOL_SOCKET, _FORCE[opt], _SOCK_BUF)
         except OSError:
             pass
 
@@ -191,7 +199,10 @@ def _set_bufs(sock: socket.socket) -> None:
 async def _resolve(host: str, port: int, family: int = 0, passive: bool = False) -> tuple[int, tuple[Any, ...]]:
     loop = asyncio.get_running_loop()
     flags = socket.AI_PASSIVE if passive else 0
-    infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM, flags=flags)
+    try:
+        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM, flags=flags)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host!r}: {e.strerror or e}") from None
     if not infos:
         raise OSError(f"cannot resolve {host!r}")
     fam, _, _, _, sockaddr = infos[0]
@@ -452,7 +463,8 @@ class ProbeResult:
         else:
             lines.append("  rtt ms    (no replies)")
         if self.send_errors or self.unreachable:
-            lines.append(f"  errors    send {self.send_errors}  icmp unreachable {self.unreachable}")
+            hint = "  (nothing listening at the target?)" if self.unreachable and not s.received else ""
+            lines.append(f"  errors    send {self.send_errors}  icmp unreachable {self.unreachable}{hint}")
         tl = s.timeline()
         if tl:
             lines.append("  timeline (by send second)")
@@ -541,6 +553,7 @@ class UdpEcho:
         self._mv = memoryview(self._buf)
         self._peers: set[Any] = set()
         self._t0 = 0.0
+        self._stop = asyncio.Event()
 
     async def start(self) -> tuple[str, int]:
         fam, sockaddr = await _resolve(self.host, self.port, passive=True)
@@ -590,7 +603,9 @@ class UdpEcho:
 
     async def run(self, duration: float | None = None, stop: asyncio.Event | None = None) -> EchoStats:
         """Echo until ``duration`` seconds pass or ``stop`` is set; report each second."""
-        stop = stop or asyncio.Event()
+        if stop is not None:
+            self._stop = stop
+        stop = self._stop
         end = self._t0 + duration if duration is not None else math.inf
         last = (0, 0, 0, 0, 0)
         t = 0
@@ -618,6 +633,10 @@ class UdpEcho:
         finally:
             self.close()
         return self.stats
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (it closes the socket)."""
+        self._stop.set()
 
     def close(self) -> EchoStats:
         if self._sock is not None:
@@ -730,14 +749,15 @@ async def run_probe(
     stop = stop or asyncio.Event()
     run_id = secrets.randbits(64)
     stats = ProbeStats()  # timeline origin set to the schedule start below
-    counters = {"unreachable": 0, "send_errors": 0, "blocked": 0, "replies_since": 0}
+    counters = {"unreachable": 0, "send_errors": 0, "blocked": 0}
     all_in = asyncio.Event()
     sending = True
+    ticker: asyncio.Future[None] | None = None
     try:
         sock.setblocking(False)
         _set_bufs(sock)
         if bind_addr is not None:
-            bfam, baddr = await _resolve(bind_addr[0], bind_addr[1], family=fam, passive=True)
+            _, baddr = await _resolve(bind_addr[0], bind_addr[1], family=fam, passive=True)
             sock.bind(baddr)
         sock.connect(sockaddr)
 
@@ -779,7 +799,6 @@ async def run_probe(
         start_ns = time.perf_counter_ns()
         start = start_ns / 1e9  # perf_counter() and perf_counter_ns() share one clock
         stats.start = start
-        ticker = None
         if progress is not None:
             ticker = asyncio.ensure_future(_probe_ticker(start, stats, progress))
         interval = 1.0 / rate
@@ -791,6 +810,7 @@ async def run_probe(
         send_end = start
         try:
             while seq < n_max and slot < total_slots and not stop.is_set():
+                blocked = False
                 now = time.perf_counter()
                 due = min(math.floor((now - start) * rate) + 1, total_slots)
                 if due - slot > max_lag:
@@ -803,7 +823,8 @@ async def run_probe(
                     try:
                         sock.send(data)
                     except (BlockingIOError, InterruptedError):
-                        counters["blocked"] += 1
+                        counters["blocked"] += 1  # kernel buffer full: retry next tick
+                        blocked = True
                         break
                     except ConnectionRefusedError:
                         # an earlier datagram drew an ICMP port-unreachable; retry once
@@ -823,7 +844,17 @@ async def run_probe(
                 if slot >= total_slots or seq >= n_max:
                     break
                 delay = start + slot * interval - send_end
-                await asyncio.sleep(max(delay, _TICK))
+                if delay > 0.05:  # slow rates: stay responsive to `stop`
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+                elif delay > 0 or blocked:
+                    await asyncio.sleep(max(delay, _TICK))
+                else:
+                    # Behind schedule (sending a tick's worth took longer than a tick):
+                    # only yield, so replies get read, and carry on.
+                    await asyncio.sleep(0)
         finally:
             sending = False
         stopped_early = stop.is_set()
@@ -840,9 +871,9 @@ async def run_probe(
         if linger > 0:
             await asyncio.sleep(linger)
         on_readable()  # anything already queued
+    finally:
         if ticker is not None:
             ticker.cancel()
-    finally:
         try:
             loop.remove_reader(sock)
         except Exception:
@@ -899,6 +930,13 @@ def _pos_float(text: str) -> float:
     return v
 
 
+def _count_arg(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return v
+
+
 def _bitrate_arg(text: str) -> float:
     try:
         return parse_bitrate(text)
@@ -948,10 +986,10 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
                    help=f"UDP payload bytes per datagram, {HEADER_SIZE}..{MAX_SIZE} (default 64)")
     s.add_argument("--sizes", type=_sizes_arg, default=None, metavar="MIX",
                    help="'imix' (7:4:1 of 36, 548, 1472-byte payloads) or a comma list to cycle")
-    q.add_argument("--duration", type=_nonneg_float, default=5.0, metavar="S",
-                   help="seconds of sending (default 5)")
-    q.add_argument("--count", type=int, default=None, metavar="N",
-                   help="stop after N datagrams (also bounded by --duration)")
+    q.add_argument("--duration", type=_nonneg_float, default=None, metavar="S",
+                   help="seconds of sending (default 5, or unbounded when --count is given)")
+    q.add_argument("--count", type=_count_arg, default=None, metavar="N",
+                   help="stop after N datagrams (and after --duration if also given)")
     q.add_argument("--wait", type=_nonneg_float, default=1.0, metavar="S",
                    help="grace period for late replies after the last send (default 1)")
     q.add_argument("--max-loss", type=_nonneg_float, default=None, metavar="PCT",
@@ -1027,7 +1065,7 @@ async def _probe_main(args: argparse.Namespace) -> int:
             bitrate=args.bitrate,
             size=args.size,
             sizes=args.sizes,
-            duration=args.duration,
+            duration=args.duration if (args.duration is not None or args.count is not None) else 5.0,
             count=args.count,
             wait=args.wait,
             bind=args.bind,

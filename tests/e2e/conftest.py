@@ -51,25 +51,25 @@ def _tunnel_cli_problem() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def e2e_ready() -> None:
-    """Root, tools, TUN, namespaces and the ut-tunnel console script are all there."""
-    reasons = netbed.missing_prerequisites()
-    if not reasons:
-        problem = _tunnel_cli_problem()
-        if problem:
-            reasons.append(problem)
-    _missing(reasons)
+def bed_ready() -> None:
+    """Root, tools, TUN and network namespaces are there (enough for the bed itself)."""
+    _missing(netbed.missing_prerequisites())
+
+
+@pytest.fixture(scope="session")
+def tunnel_ready(bed_ready) -> None:
+    """The ``ut-tunnel`` console script is installed and answers ``--version``."""
+    problem = _tunnel_cli_problem()
+    _missing([problem] if problem else [])
 
 
 @pytest.fixture(scope="module")
-def bed(e2e_ready, tmp_path_factory):
-    """One bed per test module: cloud + two homes, UDP dropped between them, WireGuard up,
-    certificates from ``ut-tunnel pki`` (server name ``ut-cloud``, clients ``home``, ``home2``)."""
+def bed(bed_ready, tmp_path_factory):
+    """One bed per test module: cloud + two homes, UDP dropped between them, WireGuard up."""
     workdir = tmp_path_factory.mktemp("netbed") if not KEEP else None
     b = netbed.NetBed(homes=2, workdir=str(workdir) if workdir else None, keep_workdir=KEEP)
     try:
         b.up()
-        b.pki()
         yield b
     finally:
         problems = b.teardown()
@@ -78,18 +78,37 @@ def bed(e2e_ready, tmp_path_factory):
         assert not problems, f"bed teardown problems: {problems}"
 
 
-@pytest.fixture
-def tun(bed):
-    """Per test: stop every process the test started, then put the bed back as it was
-    (UDP dropped, WireGuard peers reset to the tunnel endpoint)."""
-    start = len(bed._tracked)
-    yield bed
+def _reset(bed: netbed.NetBed, start: int) -> None:
+    """Stop every process started since ``start`` and put the bed back as it was
+    (UDP dropped, WireGuard peers pointed at the tunnel client, sessions forgotten)."""
     for t in reversed(bed._tracked[start:]):
         bed.stop(t.proc, timeout=5)
     if not bed.drop_udp:
         bed.set_drop_udp(True)
     bed.use_tunnel()
     bed.reset_wireguard()
+
+
+@pytest.fixture
+def plain_bed(bed):
+    """The bed without the tunnel (for tests of the bed itself)."""
+    start = len(bed._tracked)
+    yield bed
+    _reset(bed, start)
+
+
+@pytest.fixture(scope="module")
+def pki(bed, tunnel_ready):
+    """Certificates from ``ut-tunnel pki``: server name ``ut-cloud``, clients ``home``, ``home2``."""
+    return bed.pki()
+
+
+@pytest.fixture
+def tun(bed, pki):
+    """The bed, ready for the tunnel; whatever the test starts is stopped after it."""
+    start = len(bed._tracked)
+    yield bed
+    _reset(bed, start)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +133,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
-    b = item.funcargs.get("bed") or item.funcargs.get("tun")
+    b = item.funcargs.get("bed")
     if not isinstance(b, netbed.NetBed):
         return
     for t in b._tracked:

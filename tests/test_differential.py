@@ -1,0 +1,435 @@
+"""Differential tests: the compiled ``ut._fastpath`` and the pure ``ut._purepy`` must agree.
+
+Hypothesis feeds the same random input to both implementations (yarl's approach) and
+demands identical results and identical errors. Also: the two export the same API with
+the same docstrings, and the batched UDP calls (stage 2) work over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ut.errors import FrameError
+
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def outcome(fn, *args):
+    """("ok", result) or ("raise", exception type name, message, reason)."""
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:  # noqa: BLE001 - comparing whatever either side raises
+        return ("raise", type(exc).__name__, str(exc), getattr(exc, "reason", None))
+
+
+# -- API surface ----------------------------------------------------------------------
+
+PUBLIC = [
+    "MAGIC", "VERSION", "TYPE_DATA", "TYPE_CTRL", "HEADER_LEN", "MAX_PAYLOAD", "HAVE_MMSG",
+    "encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
+    "recv_batch", "send_batch",
+]
+
+
+def test_same_public_api(fp_compiled, fp_pure):
+    assert sorted(fp_compiled.__all__) == sorted(fp_pure.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        if name == "HAVE_MMSG":
+            continue
+        assert getattr(fp_compiled, name) == getattr(fp_pure, name) or callable(
+            getattr(fp_pure, name)
+        ), name
+
+
+def _members(obj):
+    return {
+        name
+        for name in dir(obj)
+        if not name.startswith("_") and (inspect.getdoc(getattr(obj, name, None)) is not None)
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
+     "recv_batch", "send_batch"],
+)
+def test_same_docstrings(fp_compiled, fp_pure, name):
+    c, p = getattr(fp_compiled, name), getattr(fp_pure, name)
+    assert c.__doc__ == p.__doc__
+    if inspect.isclass(p):
+        for member in sorted(_members(p)):
+            assert getattr(c, member).__doc__ == getattr(p, member).__doc__, member
+            assert getattr(p, member).__doc__, f"{name}.{member} has no docstring"
+
+
+def test_same_errors_module(fp_compiled, fp_pure):
+    for fp in (fp_compiled, fp_pure):
+        d = fp.Deframer()
+        d.feed(b"NOPE-NOPE")
+        assert type(d.error) is FrameError
+
+
+def test_have_mmsg(fp_compiled, fp_pure):
+    assert fp_pure.HAVE_MMSG is False
+    assert isinstance(fp_compiled.HAVE_MMSG, bool)
+
+
+# -- framing --------------------------------------------------------------------------
+
+
+@st.composite
+def frame_streams(draw):
+    """A byte stream of mostly valid frames with the odd corruption or garbage."""
+    parts = []
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(["frame"] * 8 + ["big", "garbage", "flip"]))
+        if kind == "garbage":
+            parts.append(draw(st.binary(max_size=20)))
+            continue
+        payload = draw(st.binary(max_size=3000 if kind == "big" else 60))
+        frame = bytearray(
+            b"UT\x01"
+            + bytes([draw(st.sampled_from([0x01, 0x10])), draw(st.integers(0, 255))])
+            + len(payload).to_bytes(4, "big")
+            + payload
+        )
+        if kind == "flip":
+            i = draw(st.integers(0, 8))
+            frame[i] ^= 1 << draw(st.integers(0, 7))
+        parts.append(bytes(frame))
+    return b"".join(parts)
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["feed", "buffer", "short-buffer"]), st.integers(1, 5000),
+              st.sampled_from([-1, 0, 1, 7, 100, 4096, 70000])),
+    min_size=1,
+    max_size=60,
+)
+
+
+def run_deframer(fp, max_payload, stream, ops):
+    log = []
+    d_or_err = outcome(fp.Deframer, max_payload)
+    if d_or_err[0] != "ok":
+        return [d_or_err]
+    d = d_or_err[1]
+    pos = 0
+    for op, size, hint in ops:
+        if pos >= len(stream):
+            break
+        if op == "feed":
+            chunk = stream[pos : pos + size]
+            pos += len(chunk)
+            log.append(outcome(d.feed, chunk))
+        else:
+            view = d.get_buffer(hint)
+            log.append(("view", len(view), d.buffered))
+            n = min(len(view), size, len(stream) - pos)
+            if op == "short-buffer":
+                n = min(n, 3)
+            view[:n] = stream[pos : pos + n]
+            pos += n
+            log.append(outcome(d.buffer_updated, n))
+        err = d.error
+        log.append((d.buffered, None if err is None else (err.reason, str(err))))
+    log.append(outcome(d.eof))
+    return log
+
+
+@SETTINGS
+@given(stream=frame_streams(), ops=operations, max_payload=st.sampled_from([65535, 3000, 40, 0]))
+def test_deframer_agrees(fp_compiled, fp_pure, stream, ops, max_payload):
+    assert run_deframer(fp_compiled, max_payload, stream, ops) == run_deframer(
+        fp_pure, max_payload, stream, ops
+    )
+
+
+@SETTINGS
+@given(stream=st.binary(max_size=200), cut=st.integers(0, 200))
+def test_deframer_agrees_on_raw_bytes(fp_compiled, fp_pure, stream, cut):
+    ops = [("feed", cut or 1, -1), ("feed", 1000, -1)]
+    assert run_deframer(fp_compiled, 65535, stream, ops) == run_deframer(
+        fp_pure, 65535, stream, ops
+    )
+
+
+@SETTINGS
+@given(
+    ftype=st.integers(-(2**31), 2**31 - 1) | st.sampled_from([1, 16]),
+    flags=st.integers(-(2**31), 2**31 - 1) | st.integers(0, 255),
+    payload=st.binary(max_size=100) | st.sampled_from([bytes(65535), bytes(65536)]),
+)
+def test_encode_frame_agrees(fp_compiled, fp_pure, ftype, flags, payload):
+    assert outcome(fp_compiled.encode_frame, ftype, payload, flags) == outcome(
+        fp_pure.encode_frame, ftype, payload, flags
+    )
+
+
+@SETTINGS
+@given(grams=st.lists(st.binary(max_size=100) | st.sampled_from([bytes(65535), bytes(65536)]),
+                      max_size=20))
+def test_encode_data_agrees(fp_compiled, fp_pure, grams):
+    assert outcome(fp_compiled.encode_data, grams) == outcome(fp_pure.encode_data, grams)
+    mixed = [bytearray(g) if i % 2 else memoryview(g) for i, g in enumerate(grams)]
+    assert outcome(fp_compiled.encode_data, mixed) == outcome(fp_pure.encode_data, grams)
+
+
+# -- ring queue -----------------------------------------------------------------------
+
+queue_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(0, 300), st.floats(0, 1e6)),
+        st.tuples(st.just("pop")),
+        st.tuples(st.just("pop_batch"), st.integers(-1, 20), st.integers(0, 2000)),
+        st.tuples(st.just("clear")),
+    ),
+    max_size=200,
+)
+
+
+def run_queue(fp, max_packets, max_bytes, ops):
+    q = fp.RingQueue(max_packets, max_bytes)
+    log = []
+    counter = 0
+    for op in ops:
+        if op[0] == "push":
+            counter += 1
+            data = counter.to_bytes(4, "big") * (op[1] // 4) + bytes(op[1] % 4)
+            log.append(outcome(q.push, data, op[2]))
+        elif op[0] == "pop":
+            log.append(outcome(q.pop))
+        elif op[0] == "pop_batch":
+            log.append(outcome(q.pop_batch, op[1], op[2]))
+        else:
+            log.append(outcome(q.clear))
+        log.append((len(q), q.nbytes, q.dropped, q.dropped_bytes, q.head_stamp))
+    return log
+
+
+@SETTINGS
+@given(max_packets=st.integers(1, 40), max_bytes=st.integers(1, 3000), ops=queue_ops)
+def test_ring_queue_agrees(fp_compiled, fp_pure, max_packets, max_bytes, ops):
+    assert run_queue(fp_compiled, max_packets, max_bytes, ops) == run_queue(
+        fp_pure, max_packets, max_bytes, ops
+    )
+
+
+# -- lane picker ----------------------------------------------------------------------
+
+picker_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), st.integers(-1, 9), st.booleans()),
+        st.tuples(st.just("pick"), st.integers(-(2**63), 2**63 - 1) | st.integers(0, 100)),
+        st.tuples(st.just("is_ready"), st.integers(-1, 9)),
+    ),
+    max_size=200,
+)
+
+
+def run_picker(fp, n, strategy, ops):
+    p = fp.LanePicker(n, strategy)
+    log = []
+    for op in ops:
+        if op[0] == "set":
+            log.append(outcome(p.set_ready, op[1], op[2]))
+        elif op[0] == "pick":
+            log.append(outcome(p.pick, op[1]))
+        else:
+            log.append(outcome(p.is_ready, op[1]))
+        log.append(p.ready_count)
+    return log
+
+
+@SETTINGS
+@given(n=st.integers(1, 8), strategy=st.sampled_from(["rr", "hash"]), ops=picker_ops)
+def test_lane_picker_agrees(fp_compiled, fp_pure, n, strategy, ops):
+    assert run_picker(fp_compiled, n, strategy, ops) == run_picker(fp_pure, n, strategy, ops)
+
+
+@SETTINGS
+@given(
+    data=st.binary(max_size=40)
+    | st.tuples(st.sampled_from([1, 2, 3, 4]), st.binary(max_size=40)).map(
+        lambda t: bytes([t[0]]) + t[1]
+    )
+)
+def test_flow_key_agrees(fp_compiled, fp_pure, data):
+    assert fp_compiled.flow_key(data) == fp_pure.flow_key(data)
+    assert fp_compiled.flow_key(bytearray(data)) == fp_pure.flow_key(memoryview(data))
+
+
+@pytest.mark.parametrize("args", [(0,), (65537,), (3, "random"), (3, "RR")])
+def test_constructor_errors_agree(fp_compiled, fp_pure, args):
+    assert outcome(fp_compiled.LanePicker, *args)[:2] == outcome(fp_pure.LanePicker, *args)[:2]
+
+
+# -- batched UDP (stage 2): real loopback sockets, both implementations ---------------
+
+
+def _udp_pair(family: int, host: str):
+    rx = socket.socket(family, socket.SOCK_DGRAM)
+    tx = socket.socket(family, socket.SOCK_DGRAM)
+    for s in (rx, tx):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.bind((host, 0))
+        s.setblocking(False)
+    return rx, tx
+
+
+def _has_ipv6() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+FAMILIES = [
+    pytest.param(socket.AF_INET, "127.0.0.1", id="ipv4"),
+    pytest.param(
+        socket.AF_INET6, "::1", id="ipv6",
+        marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback here"),
+    ),
+]
+
+
+def _recv_all(fp, sock, want: int, max_count: int = 64, bufsize: int = 65535):
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < want and time.monotonic() < deadline:
+        batch = fp.recv_batch(sock, max_count, bufsize)
+        assert len(batch) <= max_count
+        got += batch
+        if not batch:
+            time.sleep(0.001)
+    return got
+
+
+@pytest.mark.parametrize("family, host", FAMILIES)
+def test_recv_batch_empty_returns_nothing(fp, family, host):
+    rx, tx = _udp_pair(family, host)
+    with rx, tx:
+        assert fp.recv_batch(rx, 32) == []
+        rx.setblocking(True)  # never blocks, even on a blocking socket
+        assert fp.recv_batch(rx, 32) == []
+        assert fp.recv_batch(rx, 0) == []
+
+
+@pytest.mark.parametrize("family, host", FAMILIES)
+@pytest.mark.parametrize("sender", ["compiled", "pure"])
+def test_send_batch_to_address_and_recv_batch(fp, fp_compiled, fp_pure, family, host, sender):
+    tx_fp = fp_compiled if sender == "compiled" else fp_pure
+    rx, tx = _udp_pair(family, host)
+    with rx, tx:
+        grams = [bytes([i % 256]) * (i * 37 % 1500) for i in range(200)]
+        grams += [b"", bytes(9000), bytes(65507 if family == socket.AF_INET else 65487)]
+        sent = 0
+        while sent < len(grams):
+            n = tx_fp.send_batch(tx, grams[sent:], rx.getsockname())
+            sent += n
+            got = _recv_all(fp, rx, n) if n else []
+            assert [d for d, _ in got] == grams[sent - n : sent]
+            # Addresses look exactly like socket.recvfrom's.
+            assert {a for _, a in got} <= {tx.getsockname()}
+
+
+@pytest.mark.parametrize("family, host", FAMILIES)
+def test_send_batch_connected(fp, family, host):
+    rx, tx = _udp_pair(family, host)
+    with rx, tx:
+        tx.connect(rx.getsockname())
+        grams = [b"%d" % i for i in range(150)]
+        assert fp.send_batch(tx, grams) == 150
+        got = _recv_all(fp, rx, 150, max_count=1000)
+        assert [d for d, _ in got] == grams
+        assert all(a == tx.getsockname() for _, a in got)
+        assert fp.send_batch(tx, []) == 0
+        assert fp.send_batch(tx, (bytearray(b"ba"), memoryview(b"mv"))) == 2
+        assert [d for d, _ in _recv_all(fp, rx, 2)] == [b"ba", b"mv"]
+
+
+def test_recv_batch_matches_recvfrom_addresses(fp):
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, tx, other:
+        other.bind(("127.0.0.1", 0))
+        for i in range(10):
+            (tx if i % 3 else other).sendto(b"%d" % i, rx.getsockname())
+        got = _recv_all(fp, rx, 10)
+        assert [d for d, _ in got] == [b"%d" % i for i in range(10)]
+        assert [a for _, a in got] == [
+            (other if i % 3 == 0 else tx).getsockname() for i in range(10)
+        ]
+
+
+def test_recv_batch_truncates_to_bufsize(fp):
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    with rx, tx:
+        tx.sendto(b"0123456789", rx.getsockname())
+        tx.sendto(b"ab", rx.getsockname())
+        got = _recv_all(fp, rx, 2, bufsize=4)
+        assert [d for d, _ in got] == [b"0123", b"ab"]
+
+
+def test_recv_batch_respects_max_count(fp):
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    with rx, tx:
+        for i in range(100):
+            tx.sendto(b"%d" % i, rx.getsockname())
+        time.sleep(0.05)
+        first = fp.recv_batch(rx, 30)
+        assert len(first) == 30
+        rest = _recv_all(fp, rx, 70, max_count=500)
+        assert [d for d, _ in first + rest] == [b"%d" % i for i in range(100)]
+
+
+def test_send_batch_stops_at_eagain(fp):
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    with rx, tx:
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tx.connect(rx.getsockname())
+        # Loopback UDP rarely blocks; whatever happens the count must be a prefix.
+        grams = [bytes(8000)] * 300
+        n = fp.send_batch(tx, grams)
+        assert 0 < n <= 300
+
+
+def test_send_batch_errors(fp):
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    with rx, tx:
+        with pytest.raises(OSError):
+            fp.send_batch(tx, [b"x"])  # not connected, no address
+        with pytest.raises(OSError):
+            fp.send_batch(tx, [bytes(70000)], rx.getsockname())  # EMSGSIZE
+        with pytest.raises((TypeError, OverflowError)):
+            fp.send_batch(tx, [b"x"], ("127.0.0.1", 70000))
+        with pytest.raises(TypeError):
+            fp.send_batch(tx, [5], rx.getsockname())
+        assert fp.send_batch(tx, [b"by", b"name"], ("localhost", rx.getsockname()[1])) == 2
+        assert [d for d, _ in _recv_all(fp, rx, 2)] == [b"by", b"name"]
+
+
+def test_closed_socket_raises(fp):
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    tx.close()
+    rx.close()
+    with pytest.raises(OSError):
+        fp.recv_batch(rx, 8)
+    with pytest.raises(OSError):
+        fp.send_batch(tx, [b"x"], ("127.0.0.1", 9))

@@ -1,0 +1,655 @@
+"""Metrics: names, types, labels and values over real HTTP; the endpoint's limits;
+promtool on the scrape, the alert rules and the dashboard queries.
+
+Stats are built by hand with known numbers here; traffic-driven checks (each
+counter moves by exactly what was sent or dropped) live with the tunnel tests.
+Every endpoint test runs under the stock asyncio loop and under uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ut._version import __version__
+from ut.metrics import (
+    METRIC_NAMES,
+    MetricsServer,
+    TunnelCollector,
+    families,
+    render,
+    start_metrics_server,
+)
+from ut.stats import DROP_PATH, DROP_REASONS, FORWARD_BUCKETS, HANDSHAKE_BUCKETS, TunnelStats
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "ut-tunnel.json"
+DOC = ROOT / "docs" / "metrics.md"
+
+# SPEC.md "Metrics": these names are part of the contract, exactly as exposed.
+SPEC_NAMES = {
+    "ut_sessions_active": "gauge",
+    "ut_lanes_active_total": "gauge",
+    "ut_udp_in_bytes_total": "counter",
+    "ut_udp_in_packets_total": "counter",
+    "ut_udp_out_bytes_total": "counter",
+    "ut_udp_out_packets_total": "counter",
+    "ut_udp_drop_total": "counter",
+    "ut_tls_handshake_seconds": "histogram",
+    "ut_lane_reconnect_total": "counter",
+    "ut_queue_len": "gauge",
+}
+# promtool lint findings we keep on purpose (docs/metrics.md explains each).
+ALLOWED_PROMTOOL = {
+    'ut_lanes_active_total non-counter metrics should not have "_total" suffix',
+}
+
+
+# -- loops --------------------------------------------------------------------
+
+LOOP_FACTORIES: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+try:
+    import uvloop
+
+    LOOP_FACTORIES["uvloop"] = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+    pass
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Any:
+    """``run(coro)`` on a fresh loop of the parametrised kind."""
+    if request.param not in LOOP_FACTORIES:
+        pytest.skip("uvloop is not installed")
+    factory = LOOP_FACTORIES[request.param]
+
+    def _run(coro: Any) -> Any:
+        loop = factory()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(coro, 60))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    return _run
+
+
+# -- fixtures: stats with known numbers ------------------------------------------
+
+@dataclass
+class MetricsCfg:
+    enabled: bool = True
+    listen_addr: str = "127.0.0.1:0"
+    path: str = "/metrics"
+    per_client_cn: bool = True
+    per_lane_id: bool = False
+
+
+class FakeSession:
+    def __init__(self, counters: Any, queued: int) -> None:
+        self.counters = counters
+        self.queue = [b"x"] * queued
+
+
+def make_stats(role: str = "server") -> TunnelStats:
+    st = TunnelStats(role=role, max_lanes=3, implementation="pure")
+    a = st.counters("alice")
+    a.sessions_active, a.lanes_active = 2, 5
+    a.udp_in_packets, a.udp_in_bytes = 10, 1000
+    a.udp_out_packets, a.udp_out_bytes = 7, 700
+    a.drop("oldest", 2)
+    a.drop("udp_write_error", 1)
+    a.lane_tx_frames[:] = [3, 4, 1]
+    a.lane_tx_bytes[:] = [30, 40, 10]
+    a.lane_rx_frames[:] = [2, 2, 3]
+    a.lane_rx_bytes[:] = [20, 20, 30]
+    a.lane_reconnects = 4
+    a.forward_latency["up"].observe(0.0003, 4)
+    a.forward_latency["down"].observe(0.02, 1)
+    b = st.counters("bob")
+    b.sessions_active, b.lanes_active = 1, 3
+    b.udp_in_packets, b.udp_in_bytes = 5, 50
+    b.udp_out_packets, b.udp_out_bytes = 6, 66
+    b.drop("oldest", 1)
+    b.drop("oversize", 3)
+    b.lane_tx_frames[:] = [1, 0, 0]
+    b.lane_tx_bytes[:] = [11, 0, 0]
+    b.lane_rx_frames[:] = [0, 5, 0]
+    b.lane_rx_bytes[:] = [0, 55, 0]
+    b.lane_reconnects = 1
+    b.forward_latency["up"].observe(0.0003, 1)
+    b.forward_latency["up"].observe(0.003, 2)
+    st.handshake_seconds.observe(0.004)
+    st.handshake_seconds.observe(3.0)
+    st.handshake_failed("unknown_ca")
+    st.handshake_failed("unknown_ca")
+    st.handshake_failed("expired")
+    st.protocol_error("bad_magic")
+    st.sessions["a1"] = FakeSession(a, 5)
+    st.sessions["a2"] = FakeSession(a, 1)
+    st.sessions["b1"] = FakeSession(b, 2)
+    return st
+
+
+# -- helpers --------------------------------------------------------------------
+
+def http(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, method=method, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read()
+
+
+async def scrape(server: MetricsServer) -> str:
+    status, headers, body = await asyncio.to_thread(http, server.url)
+    assert status == 200
+    assert headers["Content-Type"] == CONTENT_TYPE_LATEST
+    assert headers["Connection"] == "close"
+    assert int(headers["Content-Length"]) == len(body)
+    return body.decode()
+
+
+def serve_and_scrape(run: Any, stats: TunnelStats, cfg: MetricsCfg) -> str:
+    async def go() -> str:
+        server = await start_metrics_server(stats, cfg)
+        assert server is not None
+        try:
+            return await scrape(server)
+        finally:
+            await server.close()
+
+    return run(go())
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = s.value
+    return out
+
+
+def exposed_types(text: str) -> dict[str, str]:
+    """``# TYPE`` lines: the family names exactly as a scraper sees them."""
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M))
+
+
+def value(text_samples: dict, name: str, **labels: str) -> float:
+    return text_samples[(name, tuple(sorted(labels.items())))]
+
+
+def series_of(text_samples: dict, name: str) -> list[dict[str, str]]:
+    return [dict(labels) for (n, labels) in text_samples if n == name]
+
+
+def cumulative(bounds: tuple[float, ...], observations: dict[float, int]) -> list[tuple[str, int]]:
+    out = []
+    for b in bounds:
+        out.append((repr(float(b)), sum(n for v, n in observations.items() if v <= b)))
+    out.append(("+Inf", sum(observations.values())))
+    return out
+
+
+def check_histogram(s: dict, name: str, bounds: tuple[float, ...], obs: dict[float, int],
+                    **labels: str) -> None:
+    for le, n in cumulative(bounds, obs):
+        assert value(s, name + "_bucket", le=le, **labels) == n, (name, labels, le)
+    assert value(s, name + "_count", **labels) == sum(obs.values())
+    assert value(s, name + "_sum", **labels) == pytest.approx(sum(v * n for v, n in obs.items()))
+
+
+def promtool() -> str | None:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("UT_REQUIRE_E2E") == "1":
+            pytest.fail("promtool is required (UT_REQUIRE_E2E=1): apt-get install prometheus")
+        pytest.skip("promtool not installed (Debian package 'prometheus')")
+    return path
+
+
+# -- names, types, labels, values ----------------------------------------------------
+
+def test_every_metric_per_client_cn(run: Any) -> None:
+    text = serve_and_scrape(run, make_stats("server"), MetricsCfg())
+    types = exposed_types(text)
+    assert types == METRIC_NAMES
+    for name, typ in SPEC_NAMES.items():
+        assert types[name] == typ, name
+    # The parser agrees on the types (it strips _total from counter family names).
+    for fam in text_string_to_metric_families(text):
+        exposed = fam.name + "_total" if fam.type == "counter" else fam.name
+        assert METRIC_NAMES[exposed] == fam.type
+    s = samples(text)
+
+    assert value(s, "ut_build_info", version=__version__,
+                 implementation="pure", role="server") == 1
+    assert value(s, "ut_lanes_configured") == 3
+    for cn, sessions, lanes, queued, reconnects in (("alice", 2, 5, 6, 4), ("bob", 1, 3, 2, 1)):
+        assert value(s, "ut_sessions_active", client_cn=cn) == sessions
+        assert value(s, "ut_lanes_active_total", client_cn=cn) == lanes
+        assert value(s, "ut_queue_len", client_cn=cn) == queued
+        assert value(s, "ut_lane_reconnect_total", client_cn=cn) == reconnects
+    # Server: reads "down" from UDP, writes "up".
+    assert value(s, "ut_udp_in_packets_total", client_cn="alice", dir="down") == 10
+    assert value(s, "ut_udp_in_bytes_total", client_cn="alice", dir="down") == 1000
+    assert value(s, "ut_udp_out_packets_total", client_cn="alice", dir="up") == 7
+    assert value(s, "ut_udp_out_bytes_total", client_cn="alice", dir="up") == 700
+    assert value(s, "ut_udp_in_packets_total", client_cn="bob", dir="down") == 5
+    assert value(s, "ut_udp_out_bytes_total", client_cn="bob", dir="up") == 66
+    assert len(series_of(s, "ut_udp_in_packets_total")) == 2
+
+    # Every reason is exported for every CN (zeros too, so rate() sees the first drop).
+    drops = {"alice": {"oldest": 2, "udp_write_error": 1}, "bob": {"oldest": 1, "oversize": 3}}
+    for cn, got in drops.items():
+        for reason in DROP_REASONS:
+            d = "down" if DROP_PATH[reason] == "in" else "up"
+            assert value(s, "ut_udp_drop_total", client_cn=cn, dir=d, reason=reason) == \
+                got.get(reason, 0)
+    assert len(series_of(s, "ut_udp_drop_total")) == 2 * len(DROP_REASONS)
+
+    # Lanes summed over lane ids (per_lane_id off): tx frames go "down" on a server.
+    assert value(s, "ut_lane_frames_total", client_cn="alice", dir="down") == 8
+    assert value(s, "ut_lane_frames_total", client_cn="alice", dir="up") == 7
+    assert value(s, "ut_lane_bytes_total", client_cn="alice", dir="down") == 80
+    assert value(s, "ut_lane_bytes_total", client_cn="bob", dir="up") == 55
+    assert all("lane_id" not in labels for labels in series_of(s, "ut_lane_frames_total"))
+
+    check_histogram(s, "ut_forward_latency_seconds", FORWARD_BUCKETS, {0.0003: 4},
+                    client_cn="alice", dir="up")
+    check_histogram(s, "ut_forward_latency_seconds", FORWARD_BUCKETS, {0.02: 1},
+                    client_cn="alice", dir="down")
+    check_histogram(s, "ut_forward_latency_seconds", FORWARD_BUCKETS, {0.0003: 1, 0.003: 2},
+                    client_cn="bob", dir="up")
+    check_histogram(s, "ut_forward_latency_seconds", FORWARD_BUCKETS, {},
+                    client_cn="bob", dir="down")
+    check_histogram(s, "ut_tls_handshake_seconds", HANDSHAKE_BUCKETS, {0.004: 1, 3.0: 1})
+    assert value(s, "ut_tls_handshake_failures_total", reason="unknown_ca") == 2
+    assert value(s, "ut_tls_handshake_failures_total", reason="expired") == 1
+    assert value(s, "ut_protocol_errors_total", reason="bad_magic") == 1
+
+    # client_cn on every per-client family, and only there.
+    per_cn = set(METRIC_NAMES) - {
+        "ut_build_info", "ut_lanes_configured", "ut_tls_handshake_seconds",
+        "ut_tls_handshake_failures_total", "ut_protocol_errors_total"}
+    for (name, labels) in s:
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert ("client_cn" in dict(labels)) == (family in per_cn), name
+
+
+def test_aggregate_without_client_cn(run: Any) -> None:
+    text = serve_and_scrape(run, make_stats("client"), MetricsCfg(per_client_cn=False))
+    s = samples(text)
+    assert not any("client_cn" in dict(labels) for (_, labels) in s)
+    assert exposed_types(text) == METRIC_NAMES
+    assert value(s, "ut_sessions_active") == 3
+    assert value(s, "ut_lanes_active_total") == 8
+    assert value(s, "ut_queue_len") == 8
+    assert value(s, "ut_lane_reconnect_total") == 5
+    # Client: reads "up" from UDP, writes "down".
+    assert value(s, "ut_udp_in_packets_total", dir="up") == 15
+    assert value(s, "ut_udp_in_bytes_total", dir="up") == 1050
+    assert value(s, "ut_udp_out_packets_total", dir="down") == 13
+    assert value(s, "ut_udp_out_bytes_total", dir="down") == 766
+    assert value(s, "ut_udp_drop_total", dir="up", reason="oldest") == 3
+    assert value(s, "ut_udp_drop_total", dir="up", reason="oversize") == 3
+    assert value(s, "ut_udp_drop_total", dir="down", reason="udp_write_error") == 1
+    assert value(s, "ut_udp_drop_total", dir="up", reason="no_lane") == 0
+    assert value(s, "ut_lane_frames_total", dir="up") == 9  # tx on a client is "up"
+    assert value(s, "ut_lane_frames_total", dir="down") == 12
+    assert value(s, "ut_lane_bytes_total", dir="up") == 91
+    check_histogram(s, "ut_forward_latency_seconds", FORWARD_BUCKETS,
+                    {0.0003: 5, 0.003: 2}, dir="up")
+    check_histogram(s, "ut_forward_latency_seconds", FORWARD_BUCKETS, {0.02: 1}, dir="down")
+
+
+@pytest.mark.parametrize("per_cn", [True, False])
+def test_per_lane_id(run: Any, per_cn: bool) -> None:
+    text = serve_and_scrape(run, make_stats("server"),
+                            MetricsCfg(per_client_cn=per_cn, per_lane_id=True))
+    s = samples(text)
+    if per_cn:
+        assert value(s, "ut_lane_frames_total", client_cn="alice", dir="down", lane_id="1") == 4
+        assert value(s, "ut_lane_bytes_total", client_cn="bob", dir="up", lane_id="1") == 55
+        assert value(s, "ut_lane_frames_total", client_cn="bob", dir="down", lane_id="2") == 0
+        assert len(series_of(s, "ut_lane_frames_total")) == 2 * 2 * 3  # cn x dir x lane
+    else:
+        assert [value(s, "ut_lane_frames_total", dir="down", lane_id=str(i))
+                for i in range(3)] == [4, 4, 1]
+        assert [value(s, "ut_lane_bytes_total", dir="up", lane_id=str(i))
+                for i in range(3)] == [20, 75, 30]
+        assert len(series_of(s, "ut_lane_frames_total")) == 2 * 3
+    # lane_id appears on the per-lane families only.
+    for (name, labels) in s:
+        assert ("lane_id" in dict(labels)) == name.startswith(("ut_lane_frames", "ut_lane_bytes"))
+
+
+def test_empty_stats_aggregate_has_zero_series() -> None:
+    """Before any client shows up, aggregate mode still exports zeros (rate() works)."""
+    reg = CollectorRegistry()
+    reg.register(TunnelCollector(TunnelStats(role="client", max_lanes=5), per_client_cn=False))
+    s = samples(generate_latest(reg).decode())
+    assert value(s, "ut_sessions_active") == 0
+    assert value(s, "ut_udp_in_packets_total", dir="up") == 0
+    assert value(s, "ut_udp_drop_total", dir="up", reason="oldest") == 0
+    assert value(s, "ut_forward_latency_seconds_count", dir="down") == 0
+
+
+def test_unknown_drop_reason_still_exported() -> None:
+    st = make_stats("client")
+    st.counters("alice").drop("surprise", 2)
+    reg = CollectorRegistry()
+    reg.register(TunnelCollector(st))
+    s = samples(generate_latest(reg).decode())
+    assert value(s, "ut_udp_drop_total", client_cn="alice", dir="up", reason="surprise") == 2
+
+
+@pytest.mark.parametrize("per_cn", [True, False])
+@pytest.mark.parametrize("per_lane", [True, False])
+def test_render_matches_generate_latest(per_cn: bool, per_lane: bool) -> None:
+    """The served text (render) and prometheus_client's (TunnelCollector) agree."""
+    st = make_stats("client")
+    odd = st.counters('quote" back\\slash\nnew line, ünïcode')
+    odd.udp_in_packets = 1
+    odd.forward_latency["down"].observe(1e9)  # lands in +Inf
+    st.handshake_failed("weird reason")
+    reg = CollectorRegistry()
+    reg.register(TunnelCollector(st, per_client_cn=per_cn, per_lane_id=per_lane))
+    reference = generate_latest(reg).decode()
+    ours = render(families(st, per_client_cn=per_cn, per_lane_id=per_lane)).decode()
+    assert samples(ours) == samples(reference)
+    assert exposed_types(ours) == exposed_types(reference) == METRIC_NAMES
+    assert re.findall(r"^# HELP .*$", ours, re.M) == re.findall(r"^# HELP .*$", reference, re.M)
+    if per_cn:
+        assert value(samples(ours), "ut_udp_in_packets_total", dir="up",
+                     client_cn='quote" back\\slash\nnew line, ünïcode') == 1
+
+
+def test_describe_detects_clashes() -> None:
+    reg = CollectorRegistry()
+    reg.register(TunnelCollector(make_stats()))
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        reg.register(TunnelCollector(make_stats()))
+
+
+def test_drop_reasons_used_in_code_are_in_the_vocabulary() -> None:
+    """``.drop("reason", ...)`` in the package only uses DROP_REASONS words."""
+    used = {}
+    for path in (ROOT / "ut").glob("*.py"):
+        for m in re.finditer(r"""\.drop\(\s*["']([^"']+)["']""", path.read_text()):
+            used.setdefault(m.group(1), path.name)
+    unknown = {r: f for r, f in used.items() if r not in DROP_REASONS}
+    assert not unknown, f"drop reasons missing from ut.stats.DROP_PATH: {unknown}"
+
+
+# -- server lifecycle ------------------------------------------------------------------
+
+def test_disabled_returns_none(run: Any) -> None:
+    async def go() -> None:
+        assert await start_metrics_server(make_stats(), MetricsCfg(enabled=False)) is None
+        assert await start_metrics_server(make_stats(), None) is None
+
+    run(go())
+
+
+def test_two_servers_in_one_process(run: Any) -> None:
+    async def go() -> None:
+        one, two = make_stats("client"), make_stats("server")
+        two.counters("carol").udp_in_packets = 99
+        a = await start_metrics_server(one, MetricsCfg())
+        b = await start_metrics_server(two, MetricsCfg(per_client_cn=False))
+        assert a is not None and b is not None and a.port != b.port
+        try:
+            sa, sb = samples(await scrape(a)), samples(await scrape(b))
+            assert value(sa, "ut_udp_in_packets_total", client_cn="alice", dir="up") == 10
+            assert ("ut_udp_in_packets_total", (("client_cn", "carol"), ("dir", "down"))) not in sa
+            assert value(sb, "ut_udp_in_packets_total", dir="down") == 114
+            assert a.scrapes == 1 and b.scrapes == 1
+        finally:
+            await a.close()
+            await b.close()
+
+    run(go())
+
+
+def test_extra_registry_is_served_after_the_tunnel(run: Any) -> None:
+    async def go() -> None:
+        reg = CollectorRegistry()
+        Counter("app_requests", "An embedding program's own metric.", registry=reg).inc(3)
+        server = await start_metrics_server(make_stats(), MetricsCfg(path="stats"), registry=reg)
+        assert server is not None and server.registry is reg
+        assert server.url.endswith("/stats")
+        # The tunnel's names are reserved: a second copy of them is refused.
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            reg.register(TunnelCollector(make_stats()))
+        s = samples(await scrape(server))
+        assert value(s, "app_requests_total") == 3
+        assert value(s, "ut_sessions_active", client_cn="alice") == 2
+        await server.close()
+        await server.close()  # idempotent
+        reg.register(TunnelCollector(make_stats()))  # names released on close
+
+    run(go())
+
+
+def test_bad_listen_addr(run: Any) -> None:
+    async def go() -> None:
+        with pytest.raises(ValueError, match="host:port"):
+            await start_metrics_server(make_stats(), MetricsCfg(listen_addr="localhost"))
+
+    run(go())
+
+
+# -- HTTP behaviour ---------------------------------------------------------------------
+
+def test_http_statuses(run: Any) -> None:
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg())
+        assert server is not None
+        try:
+            base = server.url.rsplit("/", 1)[0]
+            status, headers, body = await asyncio.to_thread(http, base + "/other")
+            assert status == 404 and headers["Connection"] == "close"
+            status, headers, body = await asyncio.to_thread(
+                http, server.url, "POST", b"x" * 5000)
+            assert status == 405 and headers["Allow"] == "GET, HEAD"
+            status, _, _ = await asyncio.to_thread(http, server.url, "PUT", b"")
+            assert status == 405
+            # A query string does not change the path.
+            status, _, body = await asyncio.to_thread(http, server.url + "?x=1")
+            assert status == 200 and b"ut_sessions_active" in body
+            # HEAD: same headers as GET, no body.
+            _, get_headers, get_body = await asyncio.to_thread(http, server.url)
+            status, headers, body = await asyncio.to_thread(http, server.url, "HEAD")
+            assert status == 200 and body == b""
+            assert headers["Content-Length"] == str(len(get_body))
+            assert headers["Content-Type"] == CONTENT_TYPE_LATEST
+            # Garbage and an oversize request head.
+            assert (await raw(server, b"HELLO\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+            big = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+            assert (await raw(server, big)).startswith(b"HTTP/1.1 431 ")
+            many = b"GET /metrics HTTP/1.1\r\n" + b"X-Many: aaaaaaaaaa\r\n" * 1000 + b"\r\n"
+            assert (await raw(server, many)).startswith(b"HTTP/1.1 431 ")
+            # A bare-LF request from netcat is understood.
+            assert (await raw(server, b"GET /metrics HTTP/1.0\n\n")).startswith(b"HTTP/1.1 200 ")
+        finally:
+            await server.close()
+
+    run(go())
+
+
+async def raw(server: MetricsServer, request: bytes, timeout: float = 10.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def test_slowloris_does_not_block_a_scrape(run: Any) -> None:
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg(), read_timeout=1.5)
+        assert server is not None
+        try:
+            # One client sends half a request line and stops; another trickles a
+            # byte every 50 ms and never finishes its head.
+            r1, w1 = await asyncio.open_connection("127.0.0.1", server.port)
+            w1.write(b"GET /metr")
+            r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)
+            w2.write(b"GET /metrics HTTP/1.1\r\n")
+
+            async def trickle() -> None:
+                try:
+                    while True:
+                        w2.write(b"X")
+                        await w2.drain()
+                        await asyncio.sleep(0.05)
+                except (ConnectionError, OSError):
+                    pass
+
+            trickler = asyncio.ensure_future(trickle())
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            assert "ut_sessions_active" in await scrape(server)
+            assert time.monotonic() - t0 < 1.0
+            # Both slow clients are cut at the read deadline, however they trickle.
+            t0 = time.monotonic()
+            got1 = await asyncio.wait_for(r1.read(), 5)
+            got2 = await asyncio.wait_for(r2.read(), 5)
+            assert got1.startswith(b"HTTP/1.1 408 ")
+            assert got2 == b"" or got2.startswith(b"HTTP/1.1 408 ")
+            assert time.monotonic() - t0 < 1.5 + 1.5  # deadline + linger
+            trickler.cancel()
+            w1.close()
+            w2.close()
+        finally:
+            await server.close()
+
+    run(go())
+
+
+def test_connection_limit_and_close_with_idle_clients(run: Any) -> None:
+    async def go() -> None:
+        server = await start_metrics_server(
+            make_stats(), MetricsCfg(), max_connections=2, read_timeout=30)
+        assert server is not None
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        # A connection over the limit is closed at once, unanswered.
+        try:
+            assert await raw(server, b"GET /metrics HTTP/1.1\r\n\r\n") == b""
+        except ConnectionResetError:
+            pass
+        assert len(server._conns) == 2
+        # Closing the server does not wait for idle clients' 30 s deadline.
+        t0 = time.monotonic()
+        await server.close()
+        assert time.monotonic() - t0 < 2
+        for reader, writer in idle:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+
+    run(go())
+
+
+# -- promtool -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [MetricsCfg(), MetricsCfg(per_client_cn=False, per_lane_id=True)])
+def test_promtool_check_metrics(run: Any, cfg: MetricsCfg) -> None:
+    tool = promtool()
+    text = serve_and_scrape(run, make_stats(), cfg)
+    proc = subprocess.run([tool, "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=60)
+    problems = {line.strip() for line in (proc.stdout + proc.stderr).decode().splitlines()
+                if line.strip()}
+    assert problems <= ALLOWED_PROMTOOL, problems
+    assert proc.returncode in (0, 3 if problems else 0), proc
+
+
+def test_promtool_rules() -> None:
+    tool = promtool()
+    check = subprocess.run([tool, "check", "rules", str(ALERTS)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 8 rules found" in check.stdout
+    test = subprocess.run([tool, "test", "rules", str(ALERTS_TEST)], capture_output=True,
+                          text=True, timeout=60)
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+def _dashboard_exprs() -> list[str]:
+    exprs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                exprs.append(node["expr"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return exprs
+
+
+def test_dashboard_panels_and_queries(tmp_path: Path) -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    titles = {p["title"] for p in dash["panels"]}
+    for wanted in ("Throughput by direction", "Drops by reason", "Lanes and sessions",
+                   "Queue length", "TLS handshake latency",
+                   "Forwarding latency p95 (in process)", "Lane reconnects"):
+        assert wanted in titles
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 10
+    # Every ut_ metric the dashboard and the alerts name exists.
+    known = set(METRIC_NAMES) | {
+        n + s for n, t in METRIC_NAMES.items() if t == "histogram"
+        for s in ("_bucket", "_sum", "_count")}
+    text = " ".join(exprs) + ALERTS.read_text()
+    for name in re.findall(r"\but_[a-z_]+", text):
+        assert name in known, name
+    # The queries parse: promtool checks them as recording rules.
+    tool = promtool()
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:q{i}", "expr": e.replace("$__rate_interval", "5m")
+         .replace("$instance", ".*").replace("$client_cn", ".*")}
+        for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    proc = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_doc_lists_every_metric_and_reason() -> None:
+    doc = DOC.read_text()
+    for name in METRIC_NAMES:
+        assert f"`{name}`" in doc, name
+    for reason in DROP_REASONS:
+        assert f"`{reason}`" in doc, reason

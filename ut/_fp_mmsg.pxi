@@ -1,0 +1,369 @@
+# Batched UDP system calls: recv_batch, send_batch, HAVE_MMSG. Included by _fastpath.pyx.
+#
+# recvmmsg/sendmmsg exist on Linux only. The verbatim C block below gives the rest of the
+# module one interface either way: ut_recvmmsg/ut_sendmmsg are the real calls on Linux,
+# and elsewhere (macOS) or when built with UT_NO_MMSG=1 (so Linux CI proves that path)
+# they are the same contract done with one recvmsg/sendmsg per message. This replaces
+# Cython's deprecated compile-time IF; the C preprocessor decides.
+
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint16_t
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/types.h>
+    #include <sys/socket.h>
+    #include <sys/uio.h>
+    #include <netinet/in.h>
+    #include <arpa/inet.h>
+    #if defined(__linux__) && !defined(UT_NO_MMSG)
+    #define UT_HAVE_MMSG 1
+    typedef struct mmsghdr ut_mmsghdr;
+    static int ut_recvmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+        return recvmmsg(fd, v, n, flags, NULL);
+    }
+    static int ut_sendmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+        return sendmmsg(fd, v, n, flags);
+    }
+    #else
+    #define UT_HAVE_MMSG 0
+    typedef struct { struct msghdr msg_hdr; unsigned int msg_len; } ut_mmsghdr;
+    /* The recvmmsg/sendmmsg contract: the count done, or -1 and errno if none was. */
+    static int ut_recvmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+        unsigned int i;
+        for (i = 0; i < n; i++) {
+            ssize_t r = recvmsg(fd, &v[i].msg_hdr, flags);
+            if (r < 0) { if (i) break; return -1; }
+            v[i].msg_len = (unsigned int)r;
+        }
+        return (int)i;
+    }
+    static int ut_sendmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+        unsigned int i;
+        for (i = 0; i < n; i++) {
+            ssize_t r = sendmsg(fd, &v[i].msg_hdr, flags);
+            if (r < 0) { if (i) break; return -1; }
+            v[i].msg_len = (unsigned int)r;
+        }
+        return (int)i;
+    }
+    #endif
+    """
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+
+    cdef struct iovec:
+        void* iov_base
+        size_t iov_len
+
+    cdef struct msghdr:
+        void* msg_name
+        socklen_t msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    ctypedef struct ut_mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    cdef struct sockaddr_storage:
+        sa_family_t ss_family
+
+    cdef struct in_addr:
+        uint32_t s_addr
+
+    cdef struct in6_addr:
+        pass
+
+    cdef struct sockaddr_in:
+        sa_family_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+
+    cdef struct sockaddr_in6:
+        sa_family_t sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
+    int AF_INET
+    int AF_INET6
+    int MSG_DONTWAIT
+    int EWOULDBLOCK
+    int UT_HAVE_MMSG
+
+    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
+    int inet_pton(int af, const char* src, void* dst)
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+    int ut_recvmmsg(int fd, ut_mmsghdr* v, unsigned int n, int flags)
+    int ut_sendmmsg(int fd, ut_mmsghdr* v, unsigned int n, int flags)
+
+
+#: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
+HAVE_MMSG = bool(UT_HAVE_MMSG)
+
+cdef enum:
+    _VLEN = 64                    # messages per system call (headers live on the C stack)
+    _RX_SCRATCH_MAX = 4194304     # receive scratch per call: 64 x 64 KiB
+
+# Receive scratch shared by recv_batch calls (the GIL is held throughout). If a call
+# re-enters while it is in use (a finaliser, a signal handler) it gets a private one.
+cdef char* _rx_scratch = NULL
+cdef Py_ssize_t _rx_scratch_len = 0
+cdef bint _rx_scratch_busy = False
+
+
+cdef object _sockaddr_to_py(sockaddr_storage* ss):
+    # The address tuple socket.recvfrom() would return (CPython uses inet_ntop too).
+    cdef char host[64]
+    cdef sockaddr_in* sin
+    cdef sockaddr_in6* sin6
+    if ss.ss_family == AF_INET:
+        sin = <sockaddr_in*>ss
+        inet_ntop(AF_INET, &sin.sin_addr, host, sizeof(host))
+        return ((<char*>host).decode("ascii"), ntohs(sin.sin_port))
+    if ss.ss_family == AF_INET6:
+        sin6 = <sockaddr_in6*>ss
+        inet_ntop(AF_INET6, &sin6.sin6_addr, host, sizeof(host))
+        return ((<char*>host).decode("ascii"), ntohs(sin6.sin6_port),
+                ntohl(sin6.sin6_flowinfo), sin6.sin6_scope_id)
+    return None
+
+
+cdef socklen_t _py_to_sockaddr(int family, object addr, sockaddr_storage* ss) except 0:
+    # Parse an (host, port[, flowinfo[, scope_id]]) tuple as socket.sendto() does:
+    # numeric hosts directly, names through socket.getaddrinfo (blocking, like sendto).
+    cdef sockaddr_in* sin = <sockaddr_in*>ss
+    cdef sockaddr_in6* sin6 = <sockaddr_in6*>ss
+    cdef bytes hostb
+    cdef long port
+    cdef unsigned long flowinfo = 0, scope_id = 0
+    cdef void* dst
+    name = "AF_INET" if family == AF_INET else "AF_INET6"
+    if type(addr) is not tuple:
+        raise TypeError(f"{name} address must be tuple, not {type(addr).__name__}")
+    if (family == AF_INET and len(addr) != 2) or not 2 <= len(addr) <= 4:
+        raise TypeError(f"{name} address must be a tuple (host, port...)")
+    host = addr[0]
+    port = addr[1]
+    if family == AF_INET6 and len(addr) > 2:
+        flowinfo = addr[2]
+        if len(addr) > 3:
+            scope_id = addr[3]
+    if port < 0 or port > 0xFFFF:
+        raise OverflowError("port must be 0-65535.")
+    if flowinfo > 0xFFFFF:
+        raise OverflowError("flowinfo must be 0-1048575.")
+    if host == "":
+        host = "0.0.0.0" if family == AF_INET else "::"
+    elif host == "<broadcast>" and family == AF_INET:
+        host = "255.255.255.255"
+    memset(ss, 0, sizeof(sockaddr_storage))
+    dst = <void*>&sin.sin_addr if family == AF_INET else <void*>&sin6.sin6_addr
+    hostb = host.encode("idna") if isinstance(host, str) else bytes(host)
+    if inet_pton(family, hostb, dst) != 1:
+        resolved = _socket.getaddrinfo(host, port, family, _socket.SOCK_DGRAM)[0][4][0]
+        if inet_pton(family, resolved.encode("ascii"), dst) != 1:
+            raise OSError(f"cannot parse resolved address {resolved!r}")
+    if family == AF_INET:
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(<uint16_t>port)
+        return sizeof(sockaddr_in)
+    sin6.sin6_family = AF_INET6
+    sin6.sin6_port = htons(<uint16_t>port)
+    sin6.sin6_flowinfo = htonl(<uint32_t>flowinfo)
+    sin6.sin6_scope_id = <uint32_t>scope_id
+    return sizeof(sockaddr_in6)
+
+
+def _recv_loop(sock, Py_ssize_t max_count, Py_ssize_t bufsize):
+    # Socket families other than IPv4/IPv6: the twin's recvfrom loop.
+    out = []
+    for _ in range(max_count):
+        try:
+            out.append(sock.recvfrom(bufsize, MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            if out:
+                break
+            raise
+    return out
+
+
+def _send_loop(sock, list items, addr):
+    # Socket families other than IPv4/IPv6: the twin's sendto loop.
+    cdef Py_ssize_t sent = 0
+    for d in items:
+        try:
+            sock.sendto(d, MSG_DONTWAIT, addr)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            if sent:
+                break
+            raise
+        sent += 1
+    return sent
+
+
+cdef int _raise_errno(int err) except -1:
+    global errno
+    errno = err
+    PyErr_SetFromErrno(OSError)
+    return -1
+
+
+def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
+    """Receive up to ``max_count`` datagrams without blocking; return
+    ``[(data, address), ...]`` (``[]`` when none is waiting). Addresses are as
+    ``socket.recvfrom`` returns them; a datagram longer than ``bufsize`` is truncated.
+    Uses ``recvmmsg`` when ``HAVE_MMSG``, else a ``recvfrom`` loop.
+    """
+    global _rx_scratch, _rx_scratch_len, _rx_scratch_busy
+    cdef ut_mmsghdr hdrs[_VLEN]
+    cdef iovec iovs[_VLEN]
+    cdef sockaddr_storage addrs[_VLEN]
+    cdef int fd, family, r, err, i, prev
+    cdef Py_ssize_t n, per_call, need, got = 0
+    cdef char* data = NULL
+    cdef bint own = False
+    cdef size_t mlen
+    cdef list out = []
+    if bufsize < 0:
+        raise ValueError("negative buffersize in recvfrom")
+    family = sock.family
+    if family != AF_INET and family != AF_INET6:
+        return _recv_loop(sock, max_count, bufsize)
+    if max_count <= 0:
+        return out
+    fd = sock.fileno()
+    per_call = _VLEN
+    if bufsize and per_call * bufsize > _RX_SCRATCH_MAX:
+        per_call = _RX_SCRATCH_MAX // bufsize
+        if per_call < 1:
+            per_call = 1
+    need = per_call * bufsize + 1
+    if _rx_scratch_busy:
+        own = True
+        data = <char*>PyMem_Malloc(need)
+        if data == NULL:
+            raise MemoryError()
+    else:
+        if _rx_scratch_len < need:
+            data = <char*>PyMem_Realloc(_rx_scratch, need)
+            if data == NULL:
+                raise MemoryError()
+            _rx_scratch = data
+            _rx_scratch_len = need
+        data = _rx_scratch
+        _rx_scratch_busy = True
+    try:
+        while got < max_count:
+            n = max_count - got
+            if n > per_call:
+                n = per_call
+            memset(hdrs, 0, n * sizeof(ut_mmsghdr))
+            for i in range(n):
+                iovs[i].iov_base = data + i * bufsize
+                iovs[i].iov_len = bufsize
+                hdrs[i].msg_hdr.msg_name = &addrs[i]
+                hdrs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+                hdrs[i].msg_hdr.msg_iov = &iovs[i]
+                hdrs[i].msg_hdr.msg_iovlen = 1
+            r = ut_recvmmsg(fd, hdrs, <unsigned int>n, MSG_DONTWAIT)
+            if r < 0:
+                err = errno
+                if err == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK or got:
+                    break
+                _raise_errno(err)
+            prev = -1
+            for i in range(r):
+                mlen = hdrs[i].msg_len
+                if mlen > <size_t>bufsize:
+                    mlen = bufsize
+                # Consecutive datagrams mostly come from one peer: reuse its tuple.
+                if (prev < 0 or hdrs[i].msg_hdr.msg_namelen != hdrs[prev].msg_hdr.msg_namelen
+                        or memcmp(&addrs[i], &addrs[prev], hdrs[i].msg_hdr.msg_namelen) != 0):
+                    addr = _sockaddr_to_py(&addrs[i])
+                    prev = i
+                out.append((PyBytes_FromStringAndSize(data + i * bufsize, mlen), addr))
+            got += r
+            if r < n:
+                break
+    finally:
+        if own:
+            PyMem_Free(data)
+        else:
+            _rx_scratch_busy = False
+    return out
+
+
+def send_batch(sock, datagrams, addr=None):
+    """Send ``datagrams`` in order without blocking; return how many were sent. Stops at
+    the first that would block (EAGAIN). Another error is raised if nothing was sent yet,
+    else the count so far is returned. ``addr`` None means the socket is connected.
+    Uses ``sendmmsg`` when ``HAVE_MMSG``, else a ``send``/``sendto`` loop.
+    """
+    cdef ut_mmsghdr hdrs[_VLEN]
+    cdef iovec iovs[_VLEN]
+    cdef sockaddr_storage dest
+    cdef socklen_t destlen = 0
+    cdef int fd, family, r, err
+    cdef Py_ssize_t i, n, count, sent = 0
+    cdef list items = datagrams if type(datagrams) is list else list(datagrams)
+    cdef object d
+    count = len(items)
+    for i in range(count):
+        d = items[i]
+        if type(d) is not bytes:
+            if items is datagrams:
+                items = list(items)
+            items[i] = bytes(memoryview(d))
+    family = sock.family
+    if addr is not None:
+        if family != AF_INET and family != AF_INET6:
+            return _send_loop(sock, items, addr)
+        destlen = _py_to_sockaddr(family, addr, &dest)
+    if count == 0:
+        return 0
+    fd = sock.fileno()
+    while sent < count:
+        n = count - sent
+        if n > _VLEN:
+            n = _VLEN
+        memset(hdrs, 0, n * sizeof(ut_mmsghdr))
+        for i in range(n):
+            d = items[sent + i]
+            iovs[i].iov_base = PyBytes_AS_STRING(d)
+            iovs[i].iov_len = PyBytes_GET_SIZE(d)
+            if destlen:
+                hdrs[i].msg_hdr.msg_name = &dest
+                hdrs[i].msg_hdr.msg_namelen = destlen
+            hdrs[i].msg_hdr.msg_iov = &iovs[i]
+            hdrs[i].msg_hdr.msg_iovlen = 1
+        r = ut_sendmmsg(fd, hdrs, <unsigned int>n, MSG_DONTWAIT)
+        if r < 0:
+            err = errno
+            if err == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if err == EAGAIN or err == EWOULDBLOCK or sent:
+                break
+            _raise_errno(err)
+        if r == 0:
+            break
+        sent += r
+    return sent

@@ -1,0 +1,136 @@
+# Lane picking (SPEC "Lane picking") and the flow key for the hash strategy.
+# Included by _fastpath.pyx.
+
+
+cdef class LanePicker:
+    """Chooses the lane for each datagram (SPEC "Lane picking": whole datagrams only).
+
+    ``strategy`` "rr": the next ready lane after the one picked last, cyclically, so load
+    spreads evenly. "hash": the ready lanes in id order, indexed by ``key % ready_count``,
+    so one flow (see ``flow_key``) stays on one lane while the ready set is stable.
+    Lanes start not ready.
+
+    >>> p = LanePicker(3)
+    >>> p.set_ready(0, True); p.set_ready(2, True)
+    >>> [p.pick() for _ in range(4)]
+    [0, 2, 0, 2]
+    """
+
+    def __cinit__(self, int n_lanes, str strategy="rr"):
+        if n_lanes < 1 or n_lanes > 65536:
+            raise ValueError(f"n_lanes {n_lanes!r} out of range 1..65536")
+        if strategy != "rr" and strategy != "hash":
+            raise ValueError(f"unknown lane strategy {strategy!r} (expected 'rr' or 'hash')")
+        self._ready = <uint8_t*>PyMem_Malloc(n_lanes * sizeof(uint8_t))
+        self._ready_ids = <int*>PyMem_Malloc(n_lanes * sizeof(int))
+        if self._ready == NULL or self._ready_ids == NULL:
+            raise MemoryError()
+        memset(self._ready, 0, n_lanes * sizeof(uint8_t))
+        self._n = n_lanes
+        self._ready_count = 0
+        self._last = n_lanes - 1
+        self._hash = strategy == "hash"
+
+    def __dealloc__(self):
+        PyMem_Free(self._ready)
+        PyMem_Free(self._ready_ids)
+
+    @property
+    def n_lanes(self):
+        """Number of lanes (ids 0 .. n_lanes-1)."""
+        return self._n
+
+    @property
+    def strategy(self):
+        """``"rr"`` or ``"hash"``."""
+        return "hash" if self._hash else "rr"
+
+    @property
+    def ready_count(self):
+        """Number of lanes that may be picked."""
+        return self._ready_count
+
+    cdef int _check_id(self, Py_ssize_t lane_id) except -1:
+        if lane_id < 0 or lane_id >= self._n:
+            raise IndexError(f"lane_id {lane_id!r} out of range 0..{self._n - 1}")
+        return 0
+
+    def set_ready(self, Py_ssize_t lane_id, ready):
+        """Mark a lane ready (open, not paused) or not. ``IndexError`` for a bad id."""
+        cdef uint8_t flag = 1 if ready else 0
+        cdef int i, k = 0
+        self._check_id(lane_id)
+        if self._ready[lane_id] != flag:
+            self._ready[lane_id] = flag
+            for i in range(self._n):
+                if self._ready[i]:
+                    self._ready_ids[k] = i
+                    k += 1
+            self._ready_count = k
+
+    def is_ready(self, Py_ssize_t lane_id):
+        """Whether the lane may be picked. ``IndexError`` for a bad id."""
+        self._check_id(lane_id)
+        return self._ready[lane_id] != 0
+
+    cdef int pick_c(self, int64_t key) noexcept:
+        cdef int lane
+        cdef int64_t idx
+        if self._ready_count == 0:
+            return -1
+        if self._hash:
+            idx = key % self._ready_count  # C remainder: negative for negative keys
+            if idx < 0:
+                idx += self._ready_count
+            return self._ready_ids[idx]
+        lane = self._last
+        while True:
+            lane += 1
+            if lane == self._n:
+                lane = 0
+            if self._ready[lane]:
+                self._last = lane
+                return lane
+
+    def pick(self, int64_t key=0):
+        """Return the lane for the next datagram, or -1 when no lane is ready. ``key``
+        (a signed 64-bit int, e.g. ``flow_key(datagram)``) is used by "hash" only."""
+        return self.pick_c(key)
+
+
+cdef enum:
+    _FNV_OFFSET = 0x811C9DC5
+    _FNV_PRIME = 0x01000193
+
+
+def flow_key(datagram):
+    """Return a deterministic unsigned 32-bit key naming the flow of ``datagram``.
+
+    WireGuard messages (type in the first byte) give their session index, read
+    little-endian: transport data (4, at least 16 bytes) and cookie reply (3) the receiver
+    index at bytes 4..8; handshake initiation (1) the sender index at 4..8; handshake
+    response (2) the receiver index at 8..12. Anything else (or too short for its field)
+    gives the 32-bit FNV-1a hash of its first 16 bytes at most.
+    """
+    cdef Py_buffer view
+    cdef const uint8_t* p
+    cdef Py_ssize_t n, i
+    cdef uint32_t h = _FNV_OFFSET
+    cdef uint8_t kind
+    PyObject_GetBuffer(datagram, &view, PyBUF_SIMPLE)
+    p = <const uint8_t*>view.buf
+    n = view.len
+    try:
+        if n:
+            kind = p[0]
+            if (kind == 4 and n >= 16) or ((kind == 1 or kind == 3) and n >= 8):
+                return ut_load_le32(p + 4)
+            if kind == 2 and n >= 12:
+                return ut_load_le32(p + 8)
+        if n > 16:
+            n = 16
+        for i in range(n):
+            h = (h ^ p[i]) * <uint32_t>_FNV_PRIME
+        return h
+    finally:
+        PyBuffer_Release(&view)

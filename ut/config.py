@@ -1,0 +1,738 @@
+"""Load and validate ut-tunnel's YAML configuration.
+
+Theory of operation: ``load_config`` reads YAML (or takes a mapping), checks
+every key against one schema table (``SCHEMA``), and returns a frozen
+``Config``. Anything wrong stops start-up with a ``ConfigError`` whose message
+names the file and the dotted key (spec, Configuration: "A missing,
+wrong-typed, conflicting or unknown key stops start-up with a message that
+names the key and the file")::
+
+    /etc/ut/ut.yaml: tcp.lanes: must be between 1 and 64, got 0
+
+Rules:
+
+- Unknown keys are errors, with the closest known key suggested.
+- Types are strict: ``true`` is not a number, ``"5"`` is not a number; whole
+  numbers are accepted where seconds (floats) are expected.
+- Keys that belong to the other role are allowed and ignored (one file may
+  serve both roles, as the spec's example does); keys *required* for a role
+  are required only for that role.
+- Relative ``tls.*`` paths resolve against the config file's directory (the
+  current directory for a mapping, unless ``base_dir`` is given). The files
+  must exist and be readable unless ``check_files=False``.
+
+Example::
+
+    from ut.config import load_config
+
+    cfg = load_config("/etc/ut/ut.yaml")
+    host, port = cfg.tcp.server_host_port
+    test_cfg = cfg.with_overrides({"tcp.lanes": 2, "metrics.enabled": False})
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ut.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LogConfig",
+    "MetricsConfig",
+    "QueueConfig",
+    "SCHEMA",
+    "TcpConfig",
+    "TlsConfig",
+    "UdpConfig",
+    "load_config",
+    "parse_addr",
+]
+
+ROLES = ("client", "server")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LANE_PICKS = ("rr", "hash")
+DROP_POLICIES = ("oldest",)
+
+MAX_LANES = 64
+TCP_BUF_MIN = 4096
+TCP_BUF_MAX = 64 * 1024 * 1024
+QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any link buffers
+QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
+QUEUE_MAX_BYTES = 1 << 30
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+
+
+# ---------------------------------------------------------------- addresses
+
+
+def parse_addr(text: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
+    """Split ``"host:port"`` into ``(host, port)``.
+
+    Accepts ``"example.com:5443"``, ``"1.2.3.4:5"`` and ``"[::1]:5443"``
+    (IPv6 in brackets; the returned host has no brackets). The port must be
+    0..65535 (0 asks the kernel for a free port when listening, useful in
+    tests), or 1..65535 with ``allow_port_zero=False`` (addresses to send or
+    dial to; ``load_config`` checks ``tcp.server_addr`` and ``udp.wg_udp_addr``
+    that way). Raises ``ValueError`` with a short explanation.
+
+    >>> parse_addr("[::1]:5443")
+    ('::1', 5443)
+    """
+    if not isinstance(text, str):
+        raise ValueError(f'expected a "host:port" string, got {_type_name(text)}')
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ValueError(f'bad address {text!r}: expected "[IPv6]:port", e.g. "[::1]:5443"')
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad address {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f'bad address {text!r}: expected "host:port", e.g. "127.0.0.1:5443"')
+        if ":" in host:
+            raise ValueError(f'bad address {text!r}: write IPv6 addresses in brackets, e.g. "[::1]:5443"')
+        if not host:
+            raise ValueError(f'bad address {text!r}: the host is missing (use "0.0.0.0:{port_text}" for all interfaces)')
+        if not _is_ip(host) and not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"bad address {text!r}: {host!r} is not a host name or IP address")
+    if not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"bad address {text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"bad address {text!r}: port must be between {low} and 65535, got {port}")
+    return host, port
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+# -------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    """``tcp:`` — lanes, their sockets and their timers."""
+
+    server_addr: str | None = None
+    listen_addr: str = "0.0.0.0:5443"
+    lanes: int = 5
+    tcp_nodelay: bool = True
+    tcp_buf: int = 16384
+    idle_seconds: float = 120.0
+    lane_pick: str = "rr"
+    dial_backoff_min_seconds: float = 5.0
+    dial_backoff_max_seconds: float = 60.0
+    connect_timeout_seconds: float = 10.0
+    hello_timeout_seconds: float = 5.0
+    session_linger_seconds: float = 180.0
+
+    @property
+    def server_host_port(self) -> tuple[str, int]:
+        """``server_addr`` as ``(host, port)``; ``ValueError`` if it is not set."""
+        if self.server_addr is None:
+            raise ValueError("tcp.server_addr is not set")
+        return parse_addr(self.server_addr, allow_port_zero=False)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        """``listen_addr`` as ``(host, port)``."""
+        return parse_addr(self.listen_addr)
+
+
+@dataclass(frozen=True)
+class UdpConfig:
+    """``udp:`` — the WireGuard side."""
+
+    listen_addr: str = "127.0.0.1:15000"
+    wg_udp_addr: str = "127.0.0.1:51820"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        """``listen_addr`` as ``(host, port)`` (client)."""
+        return parse_addr(self.listen_addr)
+
+    @property
+    def wg_host_port(self) -> tuple[str, int]:
+        """``wg_udp_addr`` as ``(host, port)`` (server)."""
+        return parse_addr(self.wg_udp_addr, allow_port_zero=False)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """``queue:`` — the per-session drop-oldest ring; either limit triggers a drop."""
+
+    max_packets: int = 4096
+    max_bytes: int = 8388608
+    drop_policy: str = "oldest"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics:`` — the Prometheus endpoint."""
+
+    enabled: bool = True
+    listen_addr: str = "127.0.0.1:5080"
+    path: str = "/metrics"
+    per_client_cn: bool = True
+    per_lane_id: bool = False
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        """``listen_addr`` as ``(host, port)``."""
+        return parse_addr(self.listen_addr)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``tls:`` — absolute paths to PEM files, and the name to verify (client)."""
+
+    ca_cert: str
+    cert: str
+    key: str
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``log:``."""
+
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration. Build it with ``load_config``.
+
+    ``source`` is the file it came from (as given), or ``"<dict>"``.
+    """
+
+    role: str
+    tcp: TcpConfig
+    udp: UdpConfig
+    queue: QueueConfig
+    metrics: MetricsConfig
+    tls: TlsConfig
+    log: LogConfig
+    source: str
+
+    @property
+    def is_client(self) -> bool:
+        return self.role == "client"
+
+    @property
+    def is_server(self) -> bool:
+        return self.role == "server"
+
+    @property
+    def tls_server_name(self) -> str | None:
+        """The name a client verifies the server certificate against.
+
+        ``tls.server_name`` if set, else the host of ``tcp.server_addr``;
+        ``None`` when neither is set (a server config).
+        """
+        if self.tls.server_name:
+            return self.tls.server_name
+        if self.tcp.server_addr is None:
+            return None
+        return self.tcp.server_host_port[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain nested dicts, YAML-shaped (``source`` left out)."""
+        out: dict[str, Any] = {"role": self.role}
+        for section in SECTIONS:
+            out[section] = {f.name: getattr(getattr(self, section), f.name) for f in fields(_SECTION_CLASSES[section])}
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What this node will do, for the start-up log line.
+
+        Only the keys that apply to ``role`` are included; no secrets (the
+        ``tls`` entries are file paths). Example (client)::
+
+            {"role": "client", "source": "/etc/ut/ut.yaml",
+             "tcp": {"server_addr": "vpn.example.com:5443", "lanes": 5, ...},
+             "udp": {"listen_addr": "127.0.0.1:15000"}, ...}
+        """
+        out: dict[str, Any] = {"role": self.role, "source": self.source}
+        for section, values in self.to_dict().items():
+            if section == "role":
+                continue
+            kept = {
+                name: value
+                for name, value in values.items()
+                if self.role in SCHEMA[section][name].roles
+                and not (section == "metrics" and not self.metrics.enabled and name != "enabled")
+            }
+            out[section] = kept
+        if self.is_client:
+            out["tls"]["server_name"] = self.tls_server_name
+        return out
+
+    def with_overrides(
+        self, overrides: Mapping[str, Any], *, check_files: bool = True
+    ) -> Config:
+        """A new, re-validated Config with dotted keys replaced.
+
+        >>> cfg.with_overrides({"tcp.lanes": 2, "udp.listen_addr": "127.0.0.1:0"})
+
+        Unknown keys and bad values raise ``ConfigError`` as ``load_config``
+        does (the file named is this config's ``source``). Relative ``tls.*``
+        paths resolve against the current directory.
+        """
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, name = dotted.partition(".")
+            if dotted == "role":
+                raw["role"] = value
+                continue
+            if section not in SCHEMA or name not in SCHEMA[section]:
+                raise ConfigError(self.source, dotted, f"unknown key{_suggest(dotted)}")
+            raw[section][name] = value
+        return _build(raw, self.source, Path.cwd(), check_files)
+
+
+# ------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One configuration key: its type, default, checks, and which roles use it.
+
+    ``kind`` is ``int``, ``float``, ``bool``, ``str``, ``enum``, ``addr``,
+    ``path`` or ``name``. ``required`` lists the roles for which the key must be
+    present. ``check`` returns a problem text or ``None``.
+    """
+
+    kind: str
+    default: Any
+    roles: tuple[str, ...] = ROLES
+    required: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    port_zero: bool = False
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _range(
+    low: float | None = None, high: float | None = None, *, above: float | None = None
+) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if above is not None and not value > above:
+            return f"must be greater than {_num(above)}, got {_num(value)}"
+        if low is not None and high is not None and not low <= value <= high:
+            return f"must be between {_num(low)} and {_num(high)}, got {_num(value)}"
+        if low is not None and high is None and value < low:
+            return f"must be at least {_num(low)}, got {_num(value)}"
+        return None
+
+    return check
+
+
+def _choices(choices: tuple[str, ...]) -> str:
+    quoted = [repr(c) for c in choices]
+    if len(quoted) == 1:
+        return f"{quoted[0]} (the only value)"
+    if len(quoted) == 2:
+        return f"{quoted[0]} or {quoted[1]}"
+    return "one of " + ", ".join(quoted)
+
+
+def _choice_hint(value: str, choices: tuple[str, ...]) -> str:
+    lowered = {c.lower(): c for c in choices}
+    if value.lower() in lowered:
+        return f"; did you mean {lowered[value.lower()]!r}?"
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _tcp_buf(value: int) -> str | None:
+    if value == 0 or TCP_BUF_MIN <= value <= TCP_BUF_MAX:
+        return None
+    return f"must be 0 (kernel default) or between {TCP_BUF_MIN} and {TCP_BUF_MAX}, got {value}"
+
+
+def _metrics_path(value: str) -> str | None:
+    if not value.startswith("/"):
+        return f'must start with "/", got {value!r}'
+    if any(ch.isspace() for ch in value) or "?" in value or "#" in value:
+        return f"must be a plain URL path (no spaces, '?' or '#'), got {value!r}"
+    return None
+
+
+def _server_name(value: str) -> str | None:
+    if _is_ip(value) or _HOSTNAME_RE.fullmatch(value):
+        return None
+    return f"must be a DNS name or an IP address, got {value!r}"
+
+
+_C, _S = ("client",), ("server",)
+
+#: Every key: ``SCHEMA[section][name] -> KeySpec``. ``role`` is top level.
+SCHEMA: dict[str, dict[str, KeySpec]] = {
+    "tcp": {
+        "server_addr": KeySpec("addr", None, _C, required=_C),
+        "listen_addr": KeySpec("addr", "0.0.0.0:5443", _S, port_zero=True),
+        "lanes": KeySpec("int", 5, ROLES, check=_range(1, MAX_LANES)),
+        "tcp_nodelay": KeySpec("bool", True),
+        "tcp_buf": KeySpec("int", 16384, check=_tcp_buf),
+        "idle_seconds": KeySpec("float", 120.0, check=_range(above=0)),
+        "lane_pick": KeySpec("enum", "rr", choices=LANE_PICKS),
+        "dial_backoff_min_seconds": KeySpec("float", 5.0, _C, check=_range(above=0)),
+        "dial_backoff_max_seconds": KeySpec("float", 60.0, _C, check=_range(above=0)),
+        "connect_timeout_seconds": KeySpec("float", 10.0, check=_range(above=0)),
+        "hello_timeout_seconds": KeySpec("float", 5.0, check=_range(above=0)),
+        "session_linger_seconds": KeySpec("float", 180.0, _S, check=_range(0)),
+    },
+    "udp": {
+        "listen_addr": KeySpec("addr", "127.0.0.1:15000", _C, port_zero=True),
+        "wg_udp_addr": KeySpec("addr", "127.0.0.1:51820", _S),
+    },
+    "queue": {
+        "max_packets": KeySpec("int", 4096, check=_range(1, QUEUE_MAX_PACKETS)),
+        "max_bytes": KeySpec("int", 8388608, check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES)),
+        "drop_policy": KeySpec("enum", "oldest", choices=DROP_POLICIES),
+    },
+    "metrics": {
+        "enabled": KeySpec("bool", True),
+        "listen_addr": KeySpec("addr", "127.0.0.1:5080", port_zero=True),
+        "path": KeySpec("str", "/metrics", check=_metrics_path),
+        "per_client_cn": KeySpec("bool", True),
+        "per_lane_id": KeySpec("bool", False),
+    },
+    "tls": {
+        "ca_cert": KeySpec("path", None, required=ROLES),
+        "cert": KeySpec("path", None, required=ROLES),
+        "key": KeySpec("path", None, required=ROLES),
+        "server_name": KeySpec("name", None, _C, check=_server_name),
+    },
+    "log": {
+        "level": KeySpec("enum", "info", choices=LOG_LEVELS),
+    },
+}
+SECTIONS: tuple[str, ...] = tuple(SCHEMA)
+_SECTION_CLASSES: dict[str, type] = {
+    "tcp": TcpConfig,
+    "udp": UdpConfig,
+    "queue": QueueConfig,
+    "metrics": MetricsConfig,
+    "tls": TlsConfig,
+    "log": LogConfig,
+}
+_ALL_KEYS: tuple[str, ...] = ("role",) + SECTIONS + tuple(
+    f"{section}.{name}" for section, keys in SCHEMA.items() for name in keys
+)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    check_files: bool = True,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Read, validate and return a configuration.
+
+    ``source`` is a path to a YAML file, or a mapping shaped like the file
+    (reported as ``"<dict>"`` in errors). ``check_files=False`` skips the
+    existence/readability check of the ``tls`` files (for validating a file on
+    a host without the certificates). ``base_dir`` overrides the directory
+    relative ``tls`` paths resolve against (default: the file's directory, or
+    the current directory for a mapping).
+
+    Raises ``ConfigError`` (a ``ValueError``) naming the file and dotted key.
+
+    >>> cfg = load_config("/etc/ut/ut.yaml")
+    >>> cfg.role, cfg.tcp.lanes
+    ('client', 5)
+    """
+    if isinstance(source, Mapping):
+        name = "<dict>"
+        raw: Any = source
+        directory = Path(base_dir) if base_dir is not None else Path.cwd()
+    elif isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        raw = _read_yaml(name)
+        directory = Path(base_dir) if base_dir is not None else Path(os.path.abspath(name)).parent
+    else:
+        raise TypeError(f"load_config() needs a path or a mapping, got {_type_name(source)}")
+    return _build(raw, name, directory, check_files)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        try:
+            hash(key)
+        except TypeError:
+            continue  # construct_mapping below reports unhashable keys
+        if key in seen:
+            raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(key)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping  # type: ignore[arg-type]
+)
+
+
+def _read_yaml(name: str) -> Any:
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(name, "", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(name, "", "is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(name, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, "", f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            name, str(dup.key), f"duplicate key at line {dup.line} (first set at line {dup.first_line})"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(name, "", f"YAML syntax error{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError(name, "", "file is empty (it needs at least role, tcp and tls)")
+    return raw
+
+
+def _suggest(dotted: str) -> str:
+    section, _, name = dotted.rpartition(".")
+    # The same name in another section first ("tcp.wg_udp_addr" -> "udp.wg_udp_addr").
+    if section:
+        moved = [k for k in _ALL_KEYS if k.endswith("." + name) and k != dotted]
+        if moved:
+            return f"; did you mean {moved[0]}?"
+        pool = [k for k in _ALL_KEYS if k.startswith(section + ".")] or list(_ALL_KEYS)
+    else:
+        pool = ["role", *SECTIONS]
+    close = difflib.get_close_matches(dotted, pool, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]}?"
+    if section in SCHEMA:
+        return f"; known keys in {section}: {', '.join(SCHEMA[section])}"
+    return f"; known top-level keys: role, {', '.join(SECTIONS)}"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"a whole number ({value})"
+    if isinstance(value, float):
+        return f"a number ({value:g})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _looks_numeric(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert(file: str, dotted: str, spec: KeySpec, value: Any, directory: Path) -> Any:
+    """Type-check and normalise one value; raise ConfigError naming ``dotted``."""
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(file, dotted, problem)
+
+    kind = spec.kind
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = " (write it without quotes)" if isinstance(value, str) and _looks_numeric(value) else ""
+            raise fail(f"must be a whole number, got {_type_name(value)}{hint}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (write it without quotes)" if isinstance(value, str) and _looks_numeric(value) else ""
+            raise fail(f"must be a number of seconds, got {_type_name(value)}{hint}")
+        if not math.isfinite(value):
+            raise fail(f"must be a finite number, got {value}")
+        value = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise fail(f"must be true or false, got {_type_name(value)}")
+    elif kind in ("str", "enum", "name"):
+        if not isinstance(value, str):
+            raise fail(f"must be a string, got {_type_name(value)}")
+        if kind == "enum" and value not in spec.choices:
+            raise fail(f"must be {_choices(spec.choices)}, got {value!r}{_choice_hint(value, spec.choices)}")
+        if kind == "name" and not value:
+            raise fail("must not be empty (leave the key out to use the server_addr host)")
+    elif kind == "addr":
+        if not isinstance(value, str):
+            hint = ' (quote it: "host:port")' if isinstance(value, (int, float)) else ""
+            raise fail(f'must be a "host:port" string, got {_type_name(value)}{hint}')
+        try:
+            parse_addr(value, allow_port_zero=spec.port_zero)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        value = value.strip()
+    elif kind == "path":
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip():
+            raise fail(f"must be a file path, got {_type_name(value)}")
+        value = os.path.normpath(str(directory / os.path.expanduser(value)))
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise fail(problem)
+    return value
+
+
+def _check_file(file: str, dotted: str, path: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        raise ConfigError(file, dotted, f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(file, dotted, f"is a directory, expected a PEM file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(file, dotted, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            file, "", f"the top level must be a mapping of sections (role, tcp, tls, ...), got {_type_name(raw)}"
+        )
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(file, str(key), f"keys must be strings, got {_type_name(key)}")
+        if key != "role" and key not in SCHEMA:
+            raise ConfigError(file, key, f"unknown key{_suggest(key)}")
+
+    if "role" not in raw:
+        raise ConfigError(file, "role", "missing required key: set role: client or role: server")
+    role = raw["role"]
+    if not isinstance(role, str) or role not in ROLES:
+        hint = _choice_hint(role, ROLES) if isinstance(role, str) else ""
+        raise ConfigError(file, "role", f"must be 'client' or 'server', got {_type_name(role)}{hint}")
+
+    sections: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section)
+        if given is None:
+            given = {}  # an absent or empty section ("tcp:") means all defaults
+        if not isinstance(given, Mapping):
+            raise ConfigError(file, section, f"must be a mapping of keys, got {_type_name(given)}")
+        for key in given:
+            if not isinstance(key, str):
+                raise ConfigError(file, f"{section}.{key}", f"keys must be strings, got {_type_name(key)}")
+            if key not in keys:
+                dotted = f"{section}.{key}"
+                raise ConfigError(file, dotted, f"unknown key{_suggest(dotted)}")
+        values: dict[str, Any] = {}
+        for name, spec in keys.items():
+            dotted = f"{section}.{name}"
+            value = given.get(name)
+            if value is None:
+                if role in spec.required:
+                    raise ConfigError(file, dotted, f"missing required key for role {role}")
+                values[name] = spec.default
+                continue
+            values[name] = _convert(file, dotted, spec, value, directory)
+        sections[section] = values
+
+    tcp, metrics = sections["tcp"], sections["metrics"]
+    if tcp["dial_backoff_min_seconds"] > tcp["dial_backoff_max_seconds"]:
+        raise ConfigError(
+            file,
+            "tcp.dial_backoff_min_seconds",
+            f"must not exceed tcp.dial_backoff_max_seconds "
+            f"({tcp['dial_backoff_min_seconds']:g} > {tcp['dial_backoff_max_seconds']:g})",
+        )
+    if role == "server" and metrics["enabled"]:
+        m_host, m_port = parse_addr(metrics["listen_addr"])
+        t_host, t_port = parse_addr(tcp["listen_addr"])
+        overlap = m_host == t_host or _is_wildcard(m_host) or _is_wildcard(t_host)
+        if m_port == t_port and m_port != 0 and overlap:
+            raise ConfigError(
+                file,
+                "metrics.listen_addr",
+                f"conflicts with tcp.listen_addr ({metrics['listen_addr']} vs {tcp['listen_addr']}): "
+                "both are TCP listeners; use another port",
+            )
+    if check_files:
+        for name in ("ca_cert", "cert", "key"):
+            _check_file(file, f"tls.{name}", sections["tls"][name])
+
+    return Config(
+        role=role,
+        tcp=TcpConfig(**sections["tcp"]),
+        udp=UdpConfig(**sections["udp"]),
+        queue=QueueConfig(**sections["queue"]),
+        metrics=MetricsConfig(**sections["metrics"]),
+        tls=TlsConfig(**sections["tls"]),
+        log=LogConfig(**sections["log"]),
+        source=file,
+    )
