@@ -137,7 +137,7 @@ def setup_logging(level: str | None = None, stream: Any = None) -> int:
     logger.propagate = False
     if bad_env:
         event("log_level_invalid", logging.WARNING, err=bad_env,
-              level=logging.getLevelName(resolved).lower())
+              using=logging.getLevelName(resolved).lower())
     return resolved
 
 
