@@ -170,12 +170,14 @@ def cmd_demo(args) -> int:
         print(f"UDP packets dropped on the links meanwhile: {bed.udp_dropped() - dropped}")
         for node in (h, c):
             s = bed.metrics(node)
-            lanes = {lab.get("lane_id"): v for n, lab, v in s
-                     if n == "ut_lane_frames_total" and lab.get("dir") in ("up", "tx")}
+            lanes: dict = {}
+            for n, lab, v in s:
+                if n == "ut_lane_frames_total" and "lane_id" in lab:
+                    lanes[lab["lane_id"]] = lanes.get(lab["lane_id"], 0) + int(v)
             print(f"{node.name} metrics: sessions {metric_sum(s, 'ut_sessions_active')}, "
                   f"lanes {metric_sum(s, 'ut_lanes_active_total')}, "
                   f"udp in {metric_sum(s, 'ut_udp_in_packets_total')} pkts, "
-                  f"drops {metric_sum(s, 'ut_udp_drop_total')}, frames per lane {lanes or '-'}")
+                  f"drops {metric_sum(s, 'ut_udp_drop_total')}, frames per lane (both ways) {lanes or '-'}")
         return 0 if ok else 1
     finally:
         problems = bed.teardown()

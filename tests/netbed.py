@@ -774,7 +774,7 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
 
 
 def teardown_state(state: dict) -> list[str]:

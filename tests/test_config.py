@@ -80,7 +80,7 @@ def test_minimal_server_needs_no_server_addr(pki: TestPki) -> None:
     assert cfg.is_server and cfg.tcp.server_addr is None
     assert cfg.tls_server_name is None
     with pytest.raises(ValueError):
-        cfg.tcp.server_host_port
+        _ = cfg.tcp.server_host_port
 
 
 def test_addresses_parsed_by_properties(pki: TestPki) -> None:
@@ -475,7 +475,7 @@ def test_duplicate_keys_are_errors(pki: TestPki, tmp_path: Path) -> None:
     err = expect_error(path, "log", r"duplicate key at line \d+ \(first set at line \d+\)")
     assert "line" in err.problem
     path = write(tmp_path, "role: client\ntcp:\n  lanes: 1\n  lanes: 2\n", "b.yaml")
-    expect_error(path, "lanes", r"duplicate key at line 4 \(first set at line 3\)")
+    expect_error(path, "tcp.lanes", r"duplicate key at line 4 \(first set at line 3\)")
 
 
 def test_not_utf8(tmp_path: Path) -> None:
@@ -538,3 +538,23 @@ def test_config_type_is_exported() -> None:
 
     assert mod.Config is Config
     assert set(mod.__all__) >= {"load_config", "Config", "ConfigError", "parse_addr"}
+
+
+def test_unreadable_files_even_as_root(pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Permission errors name the file and key (simulated: root can read mode-0 files)."""
+    import builtins
+
+    real_open = builtins.open
+    path = write(tmp_path, yaml_for(pki))
+    denied = {str(path), tls_section(pki)["key"]}
+
+    def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) in denied:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    expect_error(path, "", r"cannot read: Permission denied")
+    denied.discard(str(path))
+    raw = client_dict(pki)
+    expect_error(raw, "tls.key", r"cannot read .*: Permission denied")

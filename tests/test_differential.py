@@ -8,13 +8,18 @@ the same docstrings, and the batched UDP calls (stage 2) work over real loopback
 from __future__ import annotations
 
 import inspect
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ut
 from ut.errors import FrameError
 
 SETTINGS = settings(
@@ -83,6 +88,29 @@ def test_same_errors_module(fp_compiled, fp_pure):
 def test_have_mmsg(fp_compiled, fp_pure):
     assert fp_pure.HAVE_MMSG is False
     assert isinstance(fp_compiled.HAVE_MMSG, bool)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, "compiled"), ("", "compiled"), ("0", "compiled"), ("1", "pure"), ("yes", "pure")],
+)
+def test_selector_follows_ut_no_extensions(request, value, expected):
+    if expected == "compiled":
+        request.getfixturevalue("fp_compiled")  # skips (or fails) if the extension is missing
+    env = {k: v for k, v in os.environ.items() if k != "UT_NO_EXTENSIONS"}
+    if value is not None:
+        env["UT_NO_EXTENSIONS"] = value
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(ut.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
+    code = (
+        "import ut.fastpath as f; "
+        "print(f.IMPLEMENTATION, f.Deframer.__module__, f.FrameError.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    module = "ut._fastpath" if expected == "compiled" else "ut._purepy"
+    assert out == [expected, module, "ut.errors"]
 
 
 # -- framing --------------------------------------------------------------------------

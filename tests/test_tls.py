@@ -284,6 +284,21 @@ def test_context_file_errors_name_file_and_key(pki: TestPki, tmp_path: Path, mak
         assert str(err).startswith(f"{path}: {key}: ")
 
 
+def test_encrypted_key_is_refused_with_a_clear_message(pki: TestPki, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from ut.pki import load_key
+
+    encrypted = tmp_path / "enc.key"
+    encrypted.write_bytes(load_key(pki.server_key).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    ))
+    with pytest.raises(ConfigError) as info:
+        tls.server_context(pki.ca, pki.server_cert, encrypted)
+    assert info.value.key == "tls.key" and "encrypted" in info.value.problem
+
+
 def test_own_cn(pki: TestPki, tmp_path: Path) -> None:
     assert tls.own_cn(pki.server_cert) == "localhost"
     assert tls.own_cn(pki.client("home-1")[0]) == "home-1"
@@ -291,9 +306,32 @@ def test_own_cn(pki: TestPki, tmp_path: Path) -> None:
         tls.own_cn(tmp_path / "nope.pem")
 
 
-def test_peer_cn_rejects_non_tls() -> None:
-    with pytest.raises(ValueError):
+def test_peer_cn_rejects_non_tls_and_nameless_peers() -> None:
+    class FakeSSLObject:
+        def __init__(self, cert: dict[str, Any]) -> None:
+            self.cert = cert
+
+        def getpeercert(self) -> dict[str, Any]:
+            return self.cert
+
+    class FakeTransport:
+        def __init__(self, obj: Any) -> None:
+            self.obj = obj
+
+        def get_extra_info(self, name: str) -> Any:
+            return self.obj if name == "ssl_object" else None
+
+    named = FakeSSLObject({"subject": ((("organizationName", "x"),), (("commonName", "home"),))})
+    assert tls.peer_cn(named) == "home"
+    assert tls.peer_cn(FakeTransport(named)) == "home"
+    with pytest.raises(ValueError, match="not a TLS connection"):
         tls.peer_cn(object())
+    with pytest.raises(ValueError, match="not a TLS connection"):
+        tls.peer_cn(FakeTransport(None))  # a plain TCP transport
+    with pytest.raises(ValueError, match="no certificate"):
+        tls.peer_cn(FakeSSLObject({}))
+    with pytest.raises(ValueError, match="no CN"):
+        tls.peer_cn(FakeSSLObject({"subject": ((("organizationName", "x"),),)}))
 
 
 # ---------------------------------------------------------------- handshakes

@@ -16,14 +16,17 @@ import pytest
 import ut
 from tests.certs import make_test_pki
 from tests.tunnelkit import (
-    LOOP_KINDS, UdpEcho, UdpPeer, capture_events, client_config, run_on, server_config,
-    tunnel, wait_for,
+    VARIANTS, UdpEcho, UdpPeer, capture_events, client_config, run_on, server_config,
+    tunnel, use_implementation, wait_for,
 )
 
 
-@pytest.fixture(params=LOOP_KINDS)
+@pytest.fixture(params=VARIANTS)
 def loop_kind(request):
-    return request.param
+    """The event loop to run on; the fast path is switched for the test's duration."""
+    loop, impl = request.param.split("-")
+    with use_implementation(impl):
+        yield loop
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,15 @@ def test_ten_thousand_datagrams_no_loss_even_over_five_lanes(pki, loop_kind):
     run_on(loop_kind, main(), timeout=90)
 
 
-def test_stats_snapshot_and_implementation():
+def test_implementation_is_reported(pki, loop_kind):
+    from ut import fastpath
+
+    async def main():
+        async with tunnel(pki, lanes=1) as t:
+            assert t.client.stats()["implementation"] == fastpath.IMPLEMENTATION
+            assert t.server.stats()["implementation"] == fastpath.IMPLEMENTATION
+
+    run_on(loop_kind, main())
     assert ut.IMPLEMENTATION in ("compiled", "pure")
     if os.environ.get("UT_NO_EXTENSIONS", "") not in ("", "0"):
         assert ut.IMPLEMENTATION == "pure"

@@ -230,3 +230,41 @@ def capture_events() -> Any:
     finally:
         logger.removeHandler(cap)
         logger.setLevel(old_level)
+
+
+# Tunnel tests run under these (loop, fast path) pairs: both loops with the
+# compiled path, and the pure twin on uvloop, so one pytest run covers both
+# implementations without running every combination.
+VARIANTS = ("asyncio-compiled", "uvloop-compiled", "uvloop-pure")
+
+
+@contextlib.contextmanager
+def use_implementation(name: str) -> Any:
+    """Point ``ut.fastpath`` at the ``compiled`` or ``pure`` module for a test.
+
+    The tunnel looks names up on ``ut.fastpath`` when it builds lanes, queues and
+    ports, so swapping them before a tunnel starts switches its implementation.
+    """
+    import importlib
+    import os
+
+    from ut import fastpath
+
+    if name == "compiled":
+        if os.environ.get("UT_NO_EXTENSIONS", "") not in ("", "0"):
+            import pytest
+
+            pytest.skip("UT_NO_EXTENSIONS is set: the compiled variant does not apply")
+        module = importlib.import_module("ut._fastpath")
+    else:
+        module = importlib.import_module("ut._purepy")
+    saved = {n: getattr(fastpath, n) for n in fastpath.__all__}
+    try:
+        for n in fastpath.__all__:
+            if n != "IMPLEMENTATION" and hasattr(module, n):
+                setattr(fastpath, n, getattr(module, n))
+        fastpath.IMPLEMENTATION = name
+        yield module
+    finally:
+        for n, v in saved.items():
+            setattr(fastpath, n, v)

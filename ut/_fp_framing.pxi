@@ -57,6 +57,7 @@ def encode_data(datagrams):
     cdef object d
     cdef bytes frame
     cdef uint8_t* out
+    cdef uint8_t* stop
     cdef Py_buffer view
     # Pass 1: sizes and limits, so the output is allocated once.
     for i in range(count):
@@ -70,7 +71,9 @@ def encode_data(datagrams):
         total += UT_HEADER_LEN + n
     frame = PyBytes_FromStringAndSize(NULL, total)
     out = <uint8_t*>PyBytes_AS_STRING(frame)
-    # Pass 2: headers and payloads.
+    stop = out + total
+    # Pass 2: headers and payloads. A non-bytes item is re-measured: its size must not have
+    # changed since pass 1 (the output has no slack, and must have no gap either).
     for i in range(count):
         d = items[i]
         if all_bytes or type(d) is bytes:
@@ -80,13 +83,15 @@ def encode_data(datagrams):
         else:
             PyObject_GetBuffer(d, &view, PyBUF_SIMPLE)
             n = view.len
-            if n > UT_MAX_PAYLOAD or out + UT_HEADER_LEN + n > <uint8_t*>PyBytes_AS_STRING(frame) + total:
+            if n > UT_MAX_PAYLOAD or n > stop - out - UT_HEADER_LEN:
                 PyBuffer_Release(&view)
                 raise ValueError("datagram changed size while being encoded")
             ut_write_header(out, UT_TYPE_DATA, 0, <uint32_t>n)
             memcpy(out + UT_HEADER_LEN, view.buf, n)
             PyBuffer_Release(&view)
         out += UT_HEADER_LEN + n
+    if out != stop:
+        raise ValueError("datagram changed size while being encoded")
     return frame
 
 

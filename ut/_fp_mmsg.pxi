@@ -108,7 +108,8 @@ cdef extern from *:
     int ut_sendmmsg(int fd, ut_mmsghdr* v, unsigned int n, int flags)
 
 
-#: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
+#: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg``: Linux, unless
+#: built with UT_NO_MMSG=1. Always False in the pure-Python twin.
 HAVE_MMSG = bool(UT_HAVE_MMSG)
 
 cdef enum:

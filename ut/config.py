@@ -494,34 +494,33 @@ def load_config(
     return _build(raw, name, directory, check_files)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+def _find_duplicate(node: yaml.Node, path: str = "") -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping: ``(dotted key, first line, line)``.
 
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        try:
-            hash(key)
-        except TypeError:
-            continue  # construct_mapping below reports unhashable keys
-        if key in seen:
-            raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
-        seen[key] = key_node.start_mark.line + 1
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, first_line: int, line: int) -> None:
-        super().__init__(key)
-        self.key, self.first_line, self.line = key, first_line, line
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping  # type: ignore[arg-type]
-)
+    PyYAML silently keeps the last of duplicate keys; a config that sets a key
+    twice is almost always a mistake, so it is an error here.
+    """
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = str(key_node.value)
+                dotted = f"{path}.{key}" if path else key
+                line = key_node.start_mark.line + 1
+                if key in seen and key != "<<":
+                    return dotted, seen[key], line
+                seen[key] = line
+                found = _find_duplicate(value_node, dotted)
+            else:
+                found = _find_duplicate(value_node, path)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _find_duplicate(item, path)
+            if found:
+                return found
+    return None
 
 
 def _read_yaml(name: str) -> Any:
@@ -539,11 +538,12 @@ def _read_yaml(name: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(name, "", f"not UTF-8 text (byte {exc.start})") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as dup:
-        raise ConfigError(
-            name, str(dup.key), f"duplicate key at line {dup.line} (first set at line {dup.first_line})"
-        ) from None
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicate = _find_duplicate(node) if node is not None else None
+        if duplicate:
+            key, first, line = duplicate
+            raise ConfigError(name, key, f"duplicate key at line {line} (first set at line {first})")
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

@@ -19,6 +19,7 @@ implementations have the same API, docstrings, results and exceptions
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ut.errors import ControlError, FrameError
 
@@ -48,35 +49,9 @@ def _no_extensions() -> bool:
     return os.environ.get("UT_NO_EXTENSIONS", "") not in ("", "0")
 
 
-IMPLEMENTATION: str
-if not _no_extensions():
-    try:
-        from ut._fastpath import (
-            HAVE_MMSG,
-            HEADER_LEN,
-            MAGIC,
-            MAX_PAYLOAD,
-            TYPE_CTRL,
-            TYPE_DATA,
-            VERSION,
-            Deframer,
-            LanePicker,
-            RingQueue,
-            encode_data,
-            encode_frame,
-            flow_key,
-            recv_batch,
-            send_batch,
-        )
-
-        IMPLEMENTATION = "compiled"
-    except ImportError:  # not built (sdist without a compiler, editable checkout)
-        IMPLEMENTATION = "pure"
-else:
-    IMPLEMENTATION = "pure"
-
-if IMPLEMENTATION == "pure":
-    from ut._purepy import (  # type: ignore[assignment]
+if TYPE_CHECKING:
+    # Type checkers read the typed pure-Python twin; the compiled module has the same API.
+    from ut._purepy import (
         HAVE_MMSG,
         HEADER_LEN,
         MAGIC,
@@ -93,3 +68,48 @@ if IMPLEMENTATION == "pure":
         recv_batch,
         send_batch,
     )
+
+    IMPLEMENTATION: str
+else:
+    IMPLEMENTATION = "pure"
+    if not _no_extensions():
+        try:
+            from ut._fastpath import (
+                HAVE_MMSG,
+                HEADER_LEN,
+                MAGIC,
+                MAX_PAYLOAD,
+                TYPE_CTRL,
+                TYPE_DATA,
+                VERSION,
+                Deframer,
+                LanePicker,
+                RingQueue,
+                encode_data,
+                encode_frame,
+                flow_key,
+                recv_batch,
+                send_batch,
+            )
+
+            IMPLEMENTATION = "compiled"
+        except ImportError:  # not built (sdist without a compiler, plain checkout)
+            pass
+    if IMPLEMENTATION == "pure":
+        from ut._purepy import (
+            HAVE_MMSG,
+            HEADER_LEN,
+            MAGIC,
+            MAX_PAYLOAD,
+            TYPE_CTRL,
+            TYPE_DATA,
+            VERSION,
+            Deframer,
+            LanePicker,
+            RingQueue,
+            encode_data,
+            encode_frame,
+            flow_key,
+            recv_batch,
+            send_batch,
+        )

@@ -50,7 +50,6 @@ class Lane(asyncio.BufferedProtocol):
         self.lane_id = lane_id
         self.peer = peer
         self.client_cn = ""  # server side: the verified certificate CN
-        self.early_frames: list | None = None  # server side: frames before start_tls returned
         self.transport: asyncio.Transport | None = None
         self.deframer = fastpath.Deframer()
         self.ready = False  # HELLO exchanged: may carry DATA
@@ -66,12 +65,8 @@ class Lane(asyncio.BufferedProtocol):
 
     # -- wiring ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.attach(transport)  # type: ignore[arg-type]
-
-    def attach(self, transport: asyncio.Transport) -> None:
-        """Adopt ``transport`` (``start_tls`` does not call ``connection_made``)."""
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         if self.peer is None:
             self.peer = transport.get_extra_info("peername")
 

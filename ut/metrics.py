@@ -79,7 +79,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "ut_udp_out_bytes_total": ("counter", "Payload bytes of datagrams written to the UDP socket."),
     "ut_udp_drop_total": ("counter", "Datagrams lost, by reason (docs/metrics.md lists them)."),
     "ut_lane_reconnect_total": ("counter", "Lanes re-established after one was lost."),
-    "ut_lane_frames_total": ("counter", "PDUs written to (tx) or read from (rx) lanes."),
+    "ut_lane_frames_total": (
+        "counter", "DATA PDUs (one datagram each) written to or read from lanes."),
     "ut_lane_bytes_total": (
         "counter", "PDU bytes (headers included) written to or read from lanes."),
     "ut_forward_latency_seconds": (
@@ -224,11 +225,11 @@ def _number(value: float) -> str:
 
 
 def render(fams: Iterable[Family]) -> bytes:
-    """The Prometheus text format (0.0.4) for ``fams``.
+    """The Prometheus text format for ``fams``.
 
     Same series as ``generate_latest`` on a ``TunnelCollector`` (the tests
-    compare them), about ten times cheaper: label strings are built once per
-    row, not per sample. The scrape runs on the tunnel's loop, so its cost is
+    compare them), about six times cheaper: label strings are built once per
+    row, not per sample, and no intermediate sample objects are made. The scrape runs on the tunnel's loop, so its cost is
     a pause in forwarding; docs/metrics.md has the figures.
     """
     out: list[str] = []
@@ -286,7 +287,7 @@ class TunnelCollector:
     Example::
 
         registry = CollectorRegistry()
-        registry.register(TunnelCollector(client.stats_object))
+        registry.register(TunnelCollector(stats))  # the tunnel's TunnelStats
         text = generate_latest(registry)
     """
 
@@ -299,8 +300,7 @@ class TunnelCollector:
 
     def describe(self) -> Iterator[Metric]:
         """Names only, so a registry can refuse a clash without collecting."""
-        for name, (typ, text) in METRICS.items():
-            yield _CLASSES[typ](name, text)
+        return _empty_families()
 
     def collect(self) -> Iterator[Metric]:
         for f in families(self.stats, per_client_cn=self.per_client_cn,
@@ -320,6 +320,11 @@ _CLASSES: dict[str, Any] = {
     "gauge": GaugeMetricFamily,
     "histogram": HistogramMetricFamily,
 }
+
+
+def _empty_families() -> Iterator[Metric]:
+    for name, (typ, text) in METRICS.items():
+        yield _CLASSES[typ](name, text)
 
 
 # -- HTTP endpoint -------------------------------------------------------------
@@ -347,8 +352,7 @@ class _NameGuard:
     tunnel's series come from ``render``)."""
 
     def describe(self) -> Iterator[Metric]:
-        for name, (typ, text) in METRICS.items():
-            yield _CLASSES[typ](name, text)
+        return _empty_families()
 
     def collect(self) -> Iterator[Metric]:
         return iter(())

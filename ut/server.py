@@ -1,8 +1,10 @@
 """The server role: accepts mTLS lanes, groups them into sessions, talks to WireGuard.
 
-A connection is accepted as plain TCP, then upgraded with ``loop.start_tls`` so
-that a refused handshake can be timed, classified and logged by us (with
-``create_server(ssl=...)`` the loop would swallow it). After TLS, the first
+Connections are accepted by our own loop over ``sock_accept`` and handed to
+``loop.connect_accepted_socket(ssl=...)``, so that a refused handshake raises
+here, to be timed, classified and logged (``create_server(ssl=...)`` would
+swallow it; ``start_tls`` after a paused plain protocol loses the ClientHello
+on uvloop, which starts reading before ``pause_reading`` takes effect). After TLS, the first
 frame must be a HELLO within ``hello_timeout_seconds``. Sessions are keyed by
 (certificate CN, session id): the CN comes from the verified certificate, so
 one client can never join another's session. Each session owns one connected
@@ -98,20 +100,6 @@ class ServerSession(Session):
         self.log("session_close", reason=reason)
 
 
-class _Handshaking(asyncio.Protocol):
-    """A just-accepted TCP connection, paused until ``start_tls`` takes it over."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # the TLS layer must see the ClientHello, not us
-        self.server._accepted(transport)  # type: ignore[arg-type]
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
-
-
 class Server:
     """The server role, run inside the caller's asyncio loop.
 
@@ -135,7 +123,8 @@ class Server:
         self.sessions: dict[tuple[str, int], ServerSession] = {}
         self.ssl_context: ssl.SSLContext | None = None
         self.metrics: Any = None
-        self._listener: asyncio.AbstractServer | None = None
+        self._listen_sock: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
         self._handshakes: set[asyncio.Task] = set()
         self._pending: dict[Lane, asyncio.TimerHandle] = {}
         self._closed = asyncio.Event()
@@ -158,10 +147,11 @@ class Server:
             sock.bind(addr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-            self._listener = await self.loop.create_server(lambda: _Handshaking(self), sock=sock)
         except BaseException:
             sock.close()
             raise
+        self._listen_sock = sock
+        self._accept_task = self.loop.create_task(self._accept_loop())
         if cfg.metrics.enabled:
             from .metrics import start_metrics_server
 
@@ -174,60 +164,59 @@ class Server:
     @property
     def address(self) -> tuple:
         """The bound TCP address (useful with port 0)."""
-        assert self._listener is not None
-        return self._listener.sockets[0].getsockname()
+        assert self._listen_sock is not None
+        return self._listen_sock.getsockname()
 
     @property
     def metrics_url(self) -> str | None:
         return self.metrics.url if self.metrics else None
 
     # -- accepting ------------------------------------------------------------
-    def _accepted(self, transport: asyncio.Transport) -> None:
-        set_tcp_options(transport.get_extra_info("socket"), self.config.tcp.tcp_nodelay, 0)
-        task = self.loop.create_task(self._handshake(transport))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+    async def _accept_loop(self) -> None:
+        sock = self._listen_sock
+        nodelay = self.config.tcp.tcp_nodelay
+        while True:
+            try:
+                conn, peer = await self.loop.sock_accept(sock)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and friends: wait, do not spin
+                event("accept_fail", logging.ERROR, role="server", err=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            set_tcp_options(conn, nodelay, 0)  # buffer sizes come from the listener
+            task = self.loop.create_task(self._handshake(conn, peer))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, raw: asyncio.Transport) -> None:
+    async def _handshake(self, conn: socket.socket, peer: Any) -> None:
         tcp = self.config.tcp
-        peer = raw.get_extra_info("peername")
         lane = Lane(self, -1, peer=peer)
-        # The client sends HELLO right after its handshake; the TLS layer may hand
-        # it to the lane before start_tls() returns here, so the lane is pending
-        # (and keeps early frames) from the start.
+        # The client sends HELLO right after its handshake, and the lane may get
+        # it before the await below returns: it is pending from the start.
         self._pending[lane] = None
         t0 = self.loop.time()
         try:
-            transport = await self.loop.start_tls(
-                raw, lane, self.ssl_context, server_side=True,
+            await self.loop.connect_accepted_socket(
+                lambda: lane, conn, ssl=self.ssl_context,
                 ssl_handshake_timeout=tcp.connect_timeout_seconds,
             )
         except asyncio.CancelledError:
             self._pending.pop(lane, None)
-            raw.abort()
+            conn.close()
             raise
         except BaseException as exc:  # noqa: BLE001 - a refused peer must never stop us
             self._pending.pop(lane, None)
-            raw.abort()
-            reason, text = failure_reason(exc)
+            conn.close()
+            reason, text = failure_reason(exc, side="server")
             self._stats.handshake_failed(reason)
             event("tls_handshake_fail", logging.WARNING, role="server",
                   peer=_fmt_addr(peer), reason=reason, err=text)
             return
         self._stats.handshake_seconds.observe(self.loop.time() - t0)
-        lane.attach(transport)
-        if lane.closing or lane not in self._pending:  # broken before we got here
-            transport.abort()
-            return
-        try:
-            lane.client_cn = peer_cn(transport)
-        except Exception as exc:  # noqa: BLE001 - a cert with no CN cannot be keyed
-            self._reject(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
-            return
-        self._pending[lane] = self.loop.call_later(tcp.hello_timeout_seconds, self._no_hello, lane)
-        early, lane.early_frames = lane.early_frames, None
-        if early:
-            self.lane_frames(lane, early)
+        if lane in self._pending and self._pending[lane] is None and not lane.closing:
+            self._pending[lane] = self.loop.call_later(
+                tcp.hello_timeout_seconds, self._no_hello, lane)
 
     def _no_hello(self, lane: Lane) -> None:
         if lane in self._pending:
@@ -249,9 +238,12 @@ class Server:
     def lane_frames(self, lane: Lane, frames: list) -> None:
         if lane not in self._pending:
             return  # already rejected; ignore what was in flight
-        if lane.transport is None:  # TLS finished but start_tls() has not returned yet
-            lane.early_frames = (lane.early_frames or []) + frames
-            return
+        if not lane.client_cn:
+            try:
+                lane.client_cn = peer_cn(lane.transport)
+            except ValueError as exc:  # a certificate with no CN cannot be keyed
+                self._reject(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
+                return
         ftype, _flags, payload = frames[0]
         if ftype != fastpath.TYPE_CTRL:
             self._reject(lane, ERR_PROTOCOL, "data_before_hello", "first frame must be HELLO")
@@ -269,7 +261,9 @@ class Server:
             self._reject(lane, ERR_LANE_RANGE, "lane_id_out_of_range",
                          f"lane id {hello.lane_id} not below this server's {n} lanes")
             return
-        self._pending.pop(lane).cancel()
+        timer = self._pending.pop(lane)
+        if timer is not None:
+            timer.cancel()
         key = (lane.client_cn, hello.session_id)
         session = self.sessions.get(key)
         if session is None:
@@ -335,8 +329,10 @@ class Server:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._listener is not None:
-            self._listener.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listen_sock is not None:
+            self._listen_sock.close()
         for task in list(self._handshakes):
             task.cancel()
         for lane in list(self._pending):

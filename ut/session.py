@@ -191,9 +191,9 @@ class Session:
 
     def on_control(self, lane: Lane, msg: Any) -> None:
         if isinstance(msg, Goodbye):
-            # The peer is leaving: stop writing to this lane; it will close.
-            self._set_ready(lane, False)
+            # The peer is leaving: stop writing to this lane now; it will close.
             lane.close_reason = f"peer_goodbye_{msg.reason}"
+            self._unregister(lane, lane.close_reason)
         elif isinstance(msg, Hello):
             self.stats.protocol_error("unexpected_hello")
         else:  # Err
@@ -218,26 +218,37 @@ class Session:
         """``lane`` has finished HELLO: register it and start using it."""
         old = self.lanes[lane.lane_id]
         if old is not None and old is not lane:
-            self.lanes[lane.lane_id] = None
-            old.close(goodbye_reason=2, reason="replaced")
+            self.retire(old, goodbye_reason=2, reason="replaced")
         self.lanes[lane.lane_id] = lane
         self.counters.lanes_active += 1
         self.log("lane_open", lane_id=lane.lane_id, peer=_fmt_addr(lane.peer))
         self._set_ready(lane, True)
 
+    def _unregister(self, lane: Lane, reason: str, exc: BaseException | None = None) -> bool:
+        """Stop using ``lane`` at once (before its connection is gone)."""
+        if not (0 <= lane.lane_id < self.n_lanes and self.lanes[lane.lane_id] is lane):
+            return False
+        self.lanes[lane.lane_id] = None
+        self.picker.set_ready(lane.lane_id, False)
+        lane.ready = False
+        self.counters.lanes_active -= 1
+        self.log(
+            "lane_close", lane_id=lane.lane_id, reason=reason,
+            err=repr(exc) if exc else None,
+            tx_frames=lane.tx_frames, rx_frames=lane.rx_frames,
+            tx_bytes=lane.tx_bytes, rx_bytes=lane.rx_bytes,
+        )
+        self.after_lane_lost(lane, exc)
+        return True
+
+    def retire(self, lane: Lane, goodbye_reason: int | None, reason: str) -> None:
+        """Close ``lane`` on purpose: unregister first so nothing more is written to it."""
+        lane.close_reason = lane.close_reason or reason
+        self._unregister(lane, reason)
+        lane.close(goodbye_reason=goodbye_reason, reason=reason)
+
     def lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
-        if 0 <= lane.lane_id < self.n_lanes and self.lanes[lane.lane_id] is lane:
-            self.lanes[lane.lane_id] = None
-            self.picker.set_ready(lane.lane_id, False)
-            self.counters.lanes_active -= 1
-            self.log(
-                "lane_close", lane_id=lane.lane_id,
-                reason=lane.close_reason or ("error" if exc else "peer_closed"),
-                err=repr(exc) if exc else None,
-                tx_frames=lane.tx_frames, rx_frames=lane.rx_frames,
-                tx_bytes=lane.tx_bytes, rx_bytes=lane.rx_bytes,
-            )
-            self.after_lane_lost(lane, exc)
+        self._unregister(lane, lane.close_reason or ("error" if exc else "peer_closed"), exc)
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         """Hook for the roles (client re-dials, server starts lingering)."""
@@ -246,12 +257,14 @@ class Session:
         reason = getattr(err, "reason", "protocol_error")
         self.stats.protocol_error(reason)
         self.log("protocol_error", logging.WARNING, lane_id=lane.lane_id, err=str(err))
-        lane.abort(reason=f"protocol_error:{reason}")
+        lane.close_reason = f"protocol_error:{reason}"
+        self._unregister(lane, lane.close_reason)
+        lane.abort(reason=lane.close_reason)
 
     def close_lanes(self, goodbye_reason: int, reason: str) -> None:
-        for lane in self.lanes:
+        for lane in list(self.lanes):
             if lane is not None:
-                lane.close(goodbye_reason=goodbye_reason, reason=reason)
+                self.retire(lane, goodbye_reason, reason)
 
 
 def _fmt_addr(addr: Any) -> str | None:

@@ -14,8 +14,23 @@ a human what to do. It must work on both ends, and it must work on the
 *client* for TLS 1.3's late rejection: in 1.3 the client finishes its side of
 the handshake before the server has checked the client certificate, so a
 refused client learns it only from an alert on its first read (for example
-``[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required``).
-A lane therefore only counts as open once the first frame has been read.
+``[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required``),
+so a client should count a lane as open only once it has read the server's
+first frame. Servers built on asyncio or uvloop never send that alert (their
+SSL protocol drops the connection without flushing it): their refused clients
+see EOF on the first read, which ``failure_reason`` calls ``closed``.
+
+Server-side upgrade pattern: to classify handshake failures the server must
+run the handshake itself rather than pass ``ssl=`` to ``create_server`` (whose
+failures only reach the loop's debug log). ``loop.sock_accept`` followed by
+``loop.connect_accepted_socket(factory, sock, ssl=ctx,
+ssl_handshake_timeout=...)`` works on both the stock loop and uvloop. The
+alternative, ``create_server`` with a protocol that calls
+``transport.pause_reading()`` in ``connection_made`` and then
+``loop.start_tls(..., server_side=True)``, works on the stock loop only:
+uvloop (0.23) starts reading right after ``connection_made`` regardless, the
+ClientHello reaches the plain protocol and is lost, and the handshake times
+out (pinned down in ``tests/test_tls.py``).
 """
 
 from __future__ import annotations
@@ -155,9 +170,10 @@ def peer_cn(conn: Any) -> str:
     """The CN of the peer's verified certificate.
 
     ``conn`` is an ``ssl.SSLObject``, an ``ssl.SSLSocket``, or an asyncio
-    transport (its ``get_extra_info("ssl_object")`` is used). Returns ``""``
-    if the peer sent no certificate (impossible with these contexts) and raises
-    ``ValueError`` if ``conn`` is not a TLS connection.
+    transport (its ``get_extra_info("ssl_object")`` is used). Raises
+    ``ValueError`` if ``conn`` is not a TLS connection, or if the peer's
+    certificate is missing (impossible with these contexts) or has no CN: an
+    identity that cannot be named must not be used.
     """
     obj = conn
     if not hasattr(obj, "getpeercert") and hasattr(obj, "get_extra_info"):
@@ -166,12 +182,12 @@ def peer_cn(conn: Any) -> str:
         raise ValueError(f"not a TLS connection: {conn!r}")
     cert = obj.getpeercert()
     if not cert:
-        return ""
+        raise ValueError("the peer presented no certificate")
     for rdn in cert.get("subject", ()):
         for name, value in rdn:
-            if name == "commonName":
+            if name == "commonName" and value:
                 return str(value)
-    return ""
+    raise ValueError("the peer certificate has no CN")
 
 
 def own_cn(cert_path: Any) -> str:

@@ -52,8 +52,10 @@ def _tunnel_cli_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def bed_ready() -> None:
-    """Root, tools, TUN and network namespaces are there (enough for the bed itself)."""
+    """Root, tools, TUN and network namespaces are there (enough for the bed itself).
+    Also removes beds left behind by runs that were killed (their owner pid is gone)."""
     _missing(netbed.missing_prerequisites())
+    netbed.remove_stale_beds()
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +75,9 @@ def bed(bed_ready, tmp_path_factory):
         yield b
     finally:
         problems = b.teardown()
+        if not KEEP:  # keep configs and logs in pytest's tmp dir, not the big files
+            for f in b.wd.rglob("*.bin"):
+                f.unlink(missing_ok=True)
         if KEEP:
             print(f"\nnetbed work directory kept: {b.wd}")
         assert not problems, f"bed teardown problems: {problems}"
@@ -92,7 +97,7 @@ def _reset(bed: netbed.NetBed, start: int) -> None:
 @pytest.fixture
 def plain_bed(bed):
     """The bed without the tunnel (for tests of the bed itself)."""
-    start = len(bed._tracked)
+    start = bed.test_start = len(bed._tracked)
     yield bed
     _reset(bed, start)
 
@@ -106,7 +111,7 @@ def pki(bed, tunnel_ready):
 @pytest.fixture
 def tun(bed, pki):
     """The bed, ready for the tunnel; whatever the test starts is stopped after it."""
-    start = len(bed._tracked)
+    start = bed.test_start = len(bed._tracked)
     yield bed
     _reset(bed, start)
 
@@ -136,7 +141,11 @@ def pytest_runtest_makereport(item, call):
     b = item.funcargs.get("bed")
     if not isinstance(b, netbed.NetBed):
         return
-    for t in b._tracked:
-        if t.log and t.log.exists() and (t.name.startswith("ut-") or "wireguard" in t.name):
-            tail = "\n".join(t.log.read_text(errors="replace").splitlines()[-40:])
+    start = getattr(b, "test_start", 0)
+    for i, t in enumerate(b._tracked):
+        mine = i >= start and t.name.startswith(("ut-", "curl"))
+        if t.log and t.log.exists() and (mine or "wireguard" in t.name):
+            lines = [ln for ln in t.log.read_text(errors="replace").splitlines()
+                     if not ln.startswith(("\u2502", "\u250c", "\u2514"))]  # wireguard-go banner
+            tail = "\n".join(lines[-40:])
             report.sections.append((f"log {t.log.name} (pid {t.proc.pid})", tail))

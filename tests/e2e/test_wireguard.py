@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LANES = 5
 FIRST_PING_WITHIN = 15.0  # seconds for the first ping (dial 5 lanes + WireGuard handshake)
 RESUME_BOUND = 10.0  # seconds from the restarted server being up to a WireGuard ping reply
+DOWNTIME = 2.0  # seconds the killed server stays down (the client's dial backoff grows meanwhile)
 IDLE = 2  # idle_seconds for the idle-close test
 FAST = {"tcp": {"dial_backoff_min_seconds": 0.2, "dial_backoff_max_seconds": 2}}
 PER_LANE = {"metrics": {"per_lane_id": True}}
@@ -226,6 +227,7 @@ def test_server_kill9_midtransfer_resumes(tun, big_file, http_url):
 
     t_kill = time.monotonic()
     bed.kill9(srv)
+    time.sleep(DOWNTIME)
     srv2 = bed.start_server(FAST)  # same config; returns once its metrics answer
     t_up = time.monotonic()
     bed.wait_ping(bed.home, bed.cloud, within=RESUME_BOUND + 20, interval=0.1)
