@@ -52,16 +52,8 @@ class ClientSession(Session):
         self.peer = batch[-1][1]
         self.push_datagrams([d for d, _ in batch])
 
-    def send_udp(self, datagrams: list) -> None:
-        c = self.counters
-        if self.peer is None or self.udp is None:
-            c.drop("no_peer", len(datagrams))
-            return
-        sent, failed = self.udp.send_many(datagrams, self.peer)
-        c.udp_out_packets += sent
-        c.udp_out_bytes += sum(map(len, datagrams[:sent])) if failed else sum(map(len, datagrams))
-        if failed:
-            c.drop("udp_write_error", failed)
+    def udp_target(self) -> tuple[Any, Any] | None:
+        return None if self.peer is None else (self.udp, self.peer)
 
     # -- dialling -----------------------------------------------------------
     def wants_lanes(self) -> None:
@@ -180,6 +172,9 @@ class ClientSession(Session):
             if lane.lane_id in self._lost_slots:
                 self._lost_slots.discard(lane.lane_id)
                 self.counters.lane_reconnects += 1
+            if self.active_lanes == 0:
+                # A client session counts as active while it has a lane up.
+                self.counters.sessions_active += 1
             self.active_lanes += 1
             self.lane_up(lane)
             return
@@ -187,6 +182,8 @@ class ClientSession(Session):
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         self.active_lanes -= 1
+        if self.active_lanes == 0:
+            self.counters.sessions_active -= 1
         if not self.closed and not self.idle:
             self._lost_slots.add(lane.lane_id)
             self.wants_lanes()
@@ -211,7 +208,7 @@ class ClientSession(Session):
             await asyncio.wait([lane.lost for lane in lanes], timeout=2.0)
         left = self.queue.clear()
         if left:
-            self.counters.drop("shutdown", left)
+            self.counters.drop("no_lane", left)
 
 
 class Client:
@@ -254,7 +251,6 @@ class Client:
             max_bytes=cfg.queue.max_bytes, lane_pick=cfg.tcp.lane_pick,
         )
         self._stats.sessions[self.session.session_id] = self.session
-        self.session.counters.sessions_active += 1
         sock = open_udp_socket(bind=parse_addr(cfg.udp.listen_addr))
         self.session.udp = UdpPort(self.loop, sock, self.session.on_udp_batch, self._udp_error)
         self.session.udp.start()
@@ -316,7 +312,6 @@ class Client:
             await self.session.close()
             if self.session.udp is not None:
                 self.session.udp.close()
-            self.session.counters.sessions_active -= 1
             self._stats.sessions.pop(self.session.session_id, None)
         if self.metrics is not None:
             await self.metrics.close()

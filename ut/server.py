@@ -57,13 +57,8 @@ class ServerSession(Session):
     def on_udp_batch(self, batch: list) -> None:
         self.push_datagrams([d for d, _ in batch])
 
-    def send_udp(self, datagrams: list) -> None:
-        c = self.counters
-        sent, failed = self.udp.send_many(datagrams)
-        c.udp_out_packets += sent
-        c.udp_out_bytes += sum(map(len, datagrams[:sent])) if failed else sum(map(len, datagrams))
-        if failed:
-            c.drop("udp_write_error", failed)
+    def udp_target(self) -> tuple[Any, Any] | None:
+        return self.udp, None  # connected socket: always towards WireGuard
 
     def _udp_error(self, exc: OSError) -> None:
         # ICMP unreachable from a closed WireGuard port lands here on a later read.
@@ -95,7 +90,7 @@ class ServerSession(Session):
         self.udp.close()
         left = self.queue.clear()
         if left:
-            self.counters.drop("session_closed", left)
+            self.counters.drop("no_lane", left)
         self.counters.sessions_active -= 1
         self.log("session_close", reason=reason)
 

@@ -35,6 +35,7 @@ FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoo
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
 MAX_PAYLOAD = fastpath.MAX_PAYLOAD
+HEADER_LEN = fastpath.HEADER_LEN
 
 
 class Session:
@@ -160,21 +161,44 @@ class Session:
 
     # -- lanes -> UDP -------------------------------------------------------
     def lane_frames(self, lane: Lane, frames: list) -> None:
-        c = self.counters
-        c.lane_rx_frames[lane.lane_id] += len(frames)
-        c.lane_rx_bytes[lane.lane_id] += lane.rx_bytes - lane.rx_bytes_counted
-        lane.rx_bytes_counted = lane.rx_bytes
+        t0 = time.perf_counter()
         out = []
+        nbytes = 0
         for ftype, _flags, payload in frames:
             if ftype == TYPE_DATA:
                 out.append(payload)
+                nbytes += len(payload)
             else:
                 self._control(lane, payload)
         if out:
-            self.send_udp(out)
+            # Per-lane figures count DATA frames and their PDU bytes (header
+            # included), the same way as the sending side counts them.
+            c = self.counters
+            lane_id = lane.lane_id
+            c.lane_rx_frames[lane_id] += len(out)
+            c.lane_rx_bytes[lane_id] += nbytes + HEADER_LEN * len(out)
+            self.send_udp(out, nbytes)
+            c.forward_latency[self.stats.dir_out].observe(time.perf_counter() - t0, len(out))
 
-    def send_udp(self, datagrams: list) -> None:
+    def udp_target(self) -> tuple[Any, Any] | None:
+        """``(UdpPort, address or None)`` to send to, or None when nobody to send to."""
         raise NotImplementedError
+
+    def send_udp(self, datagrams: list, nbytes: int) -> None:
+        """Send datagrams that came off a lane out of the UDP port, counting them."""
+        c = self.counters
+        target = self.udp_target()
+        if target is None:
+            c.drop("no_peer", len(datagrams))
+            return
+        port, addr = target
+        sent, failed = port.send_many(datagrams, addr)
+        c.udp_out_packets += sent
+        if failed:
+            c.udp_out_bytes += sum(map(len, datagrams[:sent]))
+            c.drop("udp_write_error", failed)
+        else:
+            c.udp_out_bytes += nbytes
 
     def _control(self, lane: Lane, payload: bytes) -> None:
         try:
