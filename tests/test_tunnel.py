@@ -16,8 +16,16 @@ import pytest
 import ut
 from tests.certs import make_test_pki
 from tests.tunnelkit import (
-    VARIANTS, UdpEcho, UdpPeer, capture_events, client_config, run_on, server_config,
-    tunnel, use_implementation, wait_for,
+    VARIANTS,
+    UdpEcho,
+    UdpPeer,
+    capture_events,
+    client_config,
+    run_on,
+    server_config,
+    tunnel,
+    use_implementation,
+    wait_for,
 )
 
 

@@ -65,7 +65,7 @@ class Histogram:
     def cumulative(self) -> list[tuple[str, int]]:
         """``[(le, cumulative_count), ...]`` ending with ``("+Inf", count)``."""
         out, running = [], 0
-        for bound, n in zip(self.bounds, self.counts):
+        for bound, n in zip(self.bounds, self.counts, strict=False):
             running += n
             out.append((repr(float(bound)), running))
         out.append(("+Inf", running + self.counts[-1]))
@@ -76,7 +76,7 @@ class Histogram:
         if not self.count:
             return 0.0
         target, running = q * self.count, 0
-        for bound, n in zip(self.bounds, self.counts):
+        for bound, n in zip(self.bounds, self.counts, strict=False):
             running += n
             if running >= target:
                 return bound
