@@ -1,0 +1,157 @@
+"""The ``ut-tunnel`` console script as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ut
+
+
+def ut_cmd() -> list[str]:
+    exe = shutil.which("ut-tunnel")
+    return [exe] if exe else [sys.executable, "-m", "ut"]
+
+
+def run(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*ut_cmd(), *args], capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+class LoggedProcess:
+    """A tunnel process whose JSON-lines stderr a thread collects as it comes."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*ut_cmd(), "-config", str(config)], stderr=subprocess.PIPE, text=True,
+        )
+        self.events: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            self.events.append(json.loads(line))  # every line must be JSON
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in list(self.events) if e.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 15, count: int = 1) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.named(name)
+            if len(found) >= count:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no {name} event; saw {[e.get('event') for e in self.events]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._reader.join(5)
+        return rc
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0
+    assert ut.__version__ in r.stdout and ut.IMPLEMENTATION in r.stdout
+
+
+def test_no_arguments_is_a_usage_error():
+    r = run()
+    assert r.returncode == 2
+    assert "-config" in r.stderr
+
+
+def test_config_error_names_file_and_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("role: client\ntcp:\n  server_addr: 'x:1'\n  lanez: 3\n")
+    r = run("-config", str(cfg))
+    assert r.returncode == 2
+    assert str(cfg) in r.stderr and "tcp.lanez" in r.stderr
+
+
+def test_demo_runs_and_summarises():
+    r = run("demo", "--seconds", "1", "--rate", "300", timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "returned" in r.stdout and "lanes used" in r.stdout
+    assert ut.IMPLEMENTATION in r.stdout
+
+
+def test_pki_then_tunnel_processes_then_sigterm(tmp_path):
+    """pki init/client, a server and a client process, traffic, SIGTERM → GOODBYE, exit 0."""
+    pki = tmp_path / "pki"
+    assert run("pki", "init", str(pki), "--server-name", "localhost",
+               "--ip", "127.0.0.1").returncode == 0
+    assert run("pki", "client", str(pki), "home").returncode == 0
+    assert oct((pki / "home.key").stat().st_mode & 0o777) == "0o600"
+
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(10)
+    (tmp_path / "server.yaml").write_text(
+        "role: server\n"
+        "tcp: {listen_addr: '127.0.0.1:0', lanes: 3}\n"
+        f"udp: {{wg_udp_addr: '127.0.0.1:{echo.getsockname()[1]}'}}\n"
+        "metrics: {enabled: false}\n"
+        "tls: {ca_cert: pki/ca.pem, cert: pki/server.pem, key: pki/server.key}\n"
+    )
+    server = LoggedProcess(tmp_path / "server.yaml")
+    client = None
+    try:
+        start = server.wait_event("start")
+        assert start["version"] == ut.__version__ and start["role"] == "server"
+        assert start["implementation"] in ("compiled", "pure")
+        assert "config" in start
+        port = int(start["tcp_listen"].rsplit(":", 1)[1])
+        (tmp_path / "client.yaml").write_text(
+            "role: client\n"
+            f"tcp: {{server_addr: '127.0.0.1:{port}', lanes: 3}}\n"
+            "udp: {listen_addr: '127.0.0.1:0'}\n"
+            "metrics: {enabled: false}\n"
+            "tls: {ca_cert: pki/ca.pem, cert: pki/home.pem, key: pki/home.key,"
+            " server_name: localhost}\n"
+        )
+        client = LoggedProcess(tmp_path / "client.yaml")
+        udp_port = int(client.wait_event("start")["udp_listen"].rsplit(":", 1)[1])
+        wg = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        wg.settimeout(10)
+        wg.sendto(b"ping", ("127.0.0.1", udp_port))
+        data, back = echo.recvfrom(65535)  # the server's session port
+        assert data == b"ping"
+        echo.sendto(b"pong", back)
+        assert wg.recvfrom(65535)[0] == b"pong"
+        assert client.stop() == 0
+        # The server saw the client's GOODBYE on every lane.
+        server.wait_event("lane_close", count=3)
+        closes = server.named("lane_close")
+        assert all(c["reason"] == "peer_goodbye_0" for c in closes), closes
+        assert server.stop(signal.SIGINT) == 0
+        assert any(e.get("event") == "stop" for e in server.events)
+    finally:
+        if client is not None and client.proc.poll() is None:
+            client.proc.kill()
+        if server.proc.poll() is None:
+            server.proc.kill()
+        echo.close()
+
+
+def test_python_dash_m_ut_is_the_console_script():
+    r = subprocess.run([sys.executable, "-m", "ut", "--version"], capture_output=True,
+                       text=True, timeout=30, env={**os.environ})
+    assert r.returncode == 0 and ut.__version__ in r.stdout
