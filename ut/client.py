@@ -20,15 +20,13 @@ from typing import Any
 from . import fastpath
 from ._version import __version__
 from .config import Config, parse_addr
-from .control import Hello
+from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN, Hello
 from .lane import Lane, set_tcp_options
 from .logs import event
 from .session import Session
 from .stats import TunnelStats
 from .tls import client_context, failure_reason, own_cn
 from .udp import UdpPort, open_udp_socket
-
-GOODBYE_SHUTDOWN, GOODBYE_IDLE = 0, 1
 
 
 class ClientSession(Session):

@@ -24,7 +24,17 @@ from typing import Any
 from . import fastpath
 from ._version import __version__
 from .config import Config, parse_addr
-from .control import Err, Hello, decode_control
+from .control import (
+    ERR_BAD_HELLO,
+    ERR_HELLO_TIMEOUT,
+    ERR_INTERNAL,
+    ERR_LANE_ID_OUT_OF_RANGE,
+    ERR_PROTOCOL_ERROR,
+    GOODBYE_SHUTDOWN,
+    Err,
+    Hello,
+    decode_control,
+)
 from .errors import ControlError
 from .lane import Lane, set_tcp_options
 from .logs import Debounced, event
@@ -33,8 +43,6 @@ from .stats import TunnelStats
 from .tls import failure_reason, peer_cn, server_context
 from .udp import UdpPort, open_udp_socket
 
-GOODBYE_SHUTDOWN = 0
-ERR_BAD_HELLO, ERR_LANE_RANGE, ERR_PROTOCOL, ERR_HELLO_TIMEOUT = 1, 2, 3, 4
 LISTEN_BACKLOG = 512
 
 
@@ -241,7 +249,7 @@ class Server:
                 return
         ftype, _flags, payload = frames[0]
         if ftype != fastpath.TYPE_CTRL:
-            self._reject(lane, ERR_PROTOCOL, "data_before_hello", "first frame must be HELLO")
+            self._reject(lane, ERR_PROTOCOL_ERROR, "data_before_hello", "first frame must be HELLO")
             return
         try:
             hello = decode_control(payload)
@@ -253,7 +261,7 @@ class Server:
             return
         n = self.config.tcp.lanes
         if not 0 <= hello.lane_id < n:
-            self._reject(lane, ERR_LANE_RANGE, "lane_id_out_of_range",
+            self._reject(lane, ERR_LANE_ID_OUT_OF_RANGE, "lane_id_out_of_range",
                          f"lane id {hello.lane_id} not below this server's {n} lanes")
             return
         timer = self._pending.pop(lane)
@@ -265,7 +273,7 @@ class Server:
             try:
                 session = self._new_session(lane.client_cn, hello.session_id)
             except OSError as exc:
-                lane.send_control(Err(5, "cannot open UDP towards WireGuard"))
+                lane.send_control(Err(ERR_INTERNAL, "cannot open UDP towards WireGuard"))
                 lane.abort("udp_open_failed")
                 event("session_open_fail", logging.ERROR, role="server",
                       client_cn=lane.client_cn, err=str(exc))

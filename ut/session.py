@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from . import fastpath
-from .control import Goodbye, Hello, decode_control
+from .control import GOODBYE_REPLACED, Goodbye, Hello, decode_control
 from .errors import ControlError
 from .lane import Lane
 from .logs import Debounced, event
@@ -242,7 +242,7 @@ class Session:
         """``lane`` has finished HELLO: register it and start using it."""
         old = self.lanes[lane.lane_id]
         if old is not None and old is not lane:
-            self.retire(old, goodbye_reason=2, reason="replaced")
+            self.retire(old, goodbye_reason=GOODBYE_REPLACED, reason="replaced")
         self.lanes[lane.lane_id] = lane
         self.counters.lanes_active += 1
         self.log("lane_open", lane_id=lane.lane_id, peer=_fmt_addr(lane.peer))

@@ -1,0 +1,213 @@
+"""Server rules seen from a hand-driven lane: HELLO first and in time, lane limits,
+sessions keyed by (certificate CN, session id), one lingering UDP port per session."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import ut
+from tests.certs import make_test_pki
+from tests.tunnelkit import (
+    UdpEcho,
+    UdpPeer,
+    capture_events,
+    client_config,
+    run_on,
+    server_config,
+    wait_for,
+)
+from ut import fastpath
+from ut.control import (
+    ERR_HELLO_TIMEOUT,
+    ERR_LANE_ID_OUT_OF_RANGE,
+    Err,
+    Hello,
+    control_frame,
+    decode_control,
+)
+from ut.tls import client_context
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+class RawLane:
+    """An mTLS connection to the server that we drive frame by frame."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+        self.deframer = fastpath.Deframer()
+
+    @classmethod
+    async def open(cls, pki, server, name="home") -> RawLane:
+        cert, key = pki.client(name)
+        ctx = client_context(pki.ca, cert, key)
+        host, port = server.address[:2]
+        r, w = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=pki.server_name)
+        return cls(r, w)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def frames_until_closed(self, timeout: float = 10.0) -> list:
+        frames = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), deadline - loop.time())
+            except (ConnectionError, OSError):
+                break
+            if not data:
+                break
+            frames.extend(self.deframer.feed(data))
+        return frames
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _controls(frames) -> list:
+    return [decode_control(p) for t, _f, p in frames if t == fastpath.TYPE_CTRL]
+
+
+def test_lane_without_hello_is_closed_after_timeout(pki):
+    async def main():
+        echo = UdpEcho().start()
+        cfg = server_config(pki, echo.address, hello_timeout_seconds=0.5)
+        async with ut.Server(cfg) as server:
+            lane = await RawLane.open(pki, server)
+            t0 = asyncio.get_running_loop().time()
+            frames = await lane.frames_until_closed(timeout=5)
+            waited = asyncio.get_running_loop().time() - t0
+            assert 0.3 <= waited < 3, waited
+            errs = [m for m in _controls(frames) if isinstance(m, Err)]
+            assert errs and errs[0].code == ERR_HELLO_TIMEOUT
+            assert server.sessions == {}
+            assert server.stats()["protocol_errors"] == {"hello_timeout": 1}
+        echo.close()
+
+    run_on("uvloop", main())
+
+
+@pytest.mark.parametrize("first", ["data", "lane_too_high"])
+def test_bad_first_frame_closes_only_that_lane(pki, first):
+    async def main():
+        echo = UdpEcho().start()
+        async with ut.Server(server_config(pki, echo.address, lanes=2)) as server:
+            lane = await RawLane.open(pki, server)
+            if first == "data":
+                lane.send(fastpath.encode_data([b"too early"]))
+            else:
+                lane.send(control_frame(Hello(7, 2, 2)))  # lane ids are 0 and 1
+            frames = await lane.frames_until_closed()
+            errs = [m for m in _controls(frames) if isinstance(m, Err)]
+            assert errs, frames
+            if first == "lane_too_high":
+                assert errs[0].code == ERR_LANE_ID_OUT_OF_RANGE
+            assert server.sessions == {}
+            assert echo.received == 0
+            # The server keeps serving: a proper lane still works.
+            ok = await RawLane.open(pki, server)
+            ok.send(control_frame(Hello(7, 1, 2)))
+            reply = ok.deframer.feed(await asyncio.wait_for(ok.reader.read(65536), 5))
+            assert _controls(reply) == [Hello(7, 1, 2)]
+            ok.close()
+        echo.close()
+
+    run_on("uvloop", main())
+
+
+def test_sessions_never_shared_across_cns_or_session_ids(pki):
+    """Same session id from two CNs, and two ids from one CN: three sessions, three ports."""
+
+    async def main():
+        echo_ports: dict[bytes, set] = {}
+        echo = UdpEcho().start()
+        orig = echo._on_batch
+
+        def spy(batch):
+            for data, addr in batch:
+                echo_ports.setdefault(data, set()).add(addr[1])
+            orig(batch)
+
+        echo.port.on_batch = spy
+        async with ut.Server(server_config(pki, echo.address, lanes=1)) as server:
+            lanes = []
+            for name, sid in (("home", 1), ("office", 1), ("home", 2)):
+                lane = await RawLane.open(pki, server, name)
+                lane.send(control_frame(Hello(sid, 0, 1)))
+                lane.send(fastpath.encode_data([f"{name}-{sid}".encode()]))
+                lanes.append((name, sid, lane))
+            assert await wait_for(lambda: echo.received == 3)
+            assert set(server.sessions) == {("home", 1), ("office", 1), ("home", 2)}
+            ports = [next(iter(echo_ports[f"{n}-{s}".encode()])) for n, s, _ in lanes]
+            assert len(set(ports)) == 3
+            # Each reply goes back only on its own session's lane.
+            for name, sid, lane in lanes:
+                got = lane.deframer.feed(await asyncio.wait_for(lane.reader.read(65536), 5))
+                data = [p for t, _f, p in got if t == fastpath.TYPE_DATA]
+                if not data:  # the HELLO reply may come alone first
+                    got = lane.deframer.feed(await asyncio.wait_for(lane.reader.read(65536), 5))
+                    data = [p for t, _f, p in got if t == fastpath.TYPE_DATA]
+                assert data == [f"{name}-{sid}".encode()]
+                lane.close()
+        echo.close()
+
+    run_on("uvloop", main())
+
+
+def test_session_lingers_and_keeps_its_udp_port_across_lane_rebuild(pki):
+    async def main():
+        seen_ports: list[int] = []
+        echo = UdpEcho().start()
+        orig = echo._on_batch
+
+        def spy(batch):
+            seen_ports.extend(addr[1] for _d, addr in batch)
+            orig(batch)
+
+        echo.port.on_batch = spy
+        server_cfg = server_config(pki, echo.address, session_linger_seconds=30)
+        async with ut.Server(server_cfg) as server:
+            cfg = client_config(pki, server.address[:2], lanes=2, idle_seconds=0.5)
+            with capture_events() as cap:
+                async with ut.Client(cfg) as client:
+                    peer = await UdpPeer.open(client.udp_address[:2])
+                    peer.send(b"a")
+                    assert await peer.recv() == b"a"
+                    assert await wait_for(lambda: cap.named("idle_close"), 5)
+                    assert await wait_for(lambda: client.stats()["lanes_active"] == 0)
+                    assert await wait_for(
+                        lambda: all(s.active_lanes == 0 for s in server.sessions.values()))
+                    assert len(server.sessions) == 1  # lingering, not gone
+                    peer.send(b"b")
+                    assert await peer.recv() == b"b"
+                    peer.close()
+            assert len(set(seen_ports)) == 1, seen_ports
+        echo.close()
+
+    run_on("uvloop", main())
+
+
+def test_session_ends_after_linger(pki):
+    async def main():
+        echo = UdpEcho().start()
+        async with ut.Server(server_config(pki, echo.address, session_linger_seconds=0.3)) as srv:
+            cfg = client_config(pki, srv.address[:2], lanes=1)
+            with capture_events() as cap:
+                async with ut.Client(cfg) as client:
+                    peer = await UdpPeer.open(client.udp_address[:2])
+                    peer.send(b"x")
+                    assert await peer.recv() == b"x"
+                    peer.close()
+                assert await wait_for(lambda: not srv.sessions, 5)
+            closes = cap.named("session_close")
+            assert closes and closes[0]["reason"] == "linger"
+        echo.close()
+
+    run_on("asyncio", main())
