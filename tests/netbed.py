@@ -650,8 +650,6 @@ table inet utbed {{
                 "listen_addr": f"{self.cloud.link_ip}:{SERVER_TCP_PORT}",
                 "lanes": 5,
                 "idle_seconds": 120,
-                "dial_backoff_min_seconds": 0.2,
-                "dial_backoff_max_seconds": 2,
             },
             "udp": {"wg_udp_addr": f"127.0.0.1:{self.cloud.wg_port}"},
             "metrics": {"listen_addr": f"127.0.0.1:{METRICS_PORT}", "path": "/metrics"},

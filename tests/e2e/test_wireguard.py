@@ -54,7 +54,7 @@ def _start_tunnel(bed: NetBed, homes=None, server=None, client=None):
     """Server in the cloud, a client per home, WireGuard pointed at the clients, fresh
     WireGuard sessions. Returns (server proc, [client procs])."""
     homes = homes or [bed.home]
-    srv = bed.start_server(_merge(FAST, server or {}))
+    srv = bed.start_server(server)
     clients = [bed.start_client(h, _merge(FAST, client or {})) for h in homes]
     for h in homes:
         bed.use_tunnel(h)
@@ -228,7 +228,7 @@ def test_server_kill9_midtransfer_resumes(tun, big_file, http_url):
     t_kill = time.monotonic()
     bed.kill9(srv)
     time.sleep(DOWNTIME)
-    srv2 = bed.start_server(FAST)  # same config; returns once its metrics answer
+    srv2 = bed.start_server()  # same config; returns once its metrics answer
     t_up = time.monotonic()
     bed.wait_ping(bed.home, bed.cloud, within=RESUME_BOUND + 20, interval=0.1)
     resumed = time.monotonic() - t_up

@@ -1,0 +1,23 @@
+"""Lint as part of the suite (uvloop and asyncpg run their linters as tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):
+            pytest.fail("ruff is not installed (pip install '.[test]')")
+        pytest.skip("ruff is not installed (pip install '.[test]')")
+    r = subprocess.run([ruff, "check", "ut", "tests", "bench", "scripts", "setup.py"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
