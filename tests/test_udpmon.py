@@ -152,13 +152,13 @@ def test_parsers():
     imix = udpmon.parse_sizes("imix")
     assert sorted((imix.count(n), n) for n in set(imix)) == [(1, 1472), (4, 548), (7, 36)]
     assert udpmon.parse_sizes("64,1500") == (64, 1500)
-    assert udpmon.parse_addr("127.0.0.1:9000") == ("127.0.0.1", 9000)
-    assert udpmon.parse_addr("[::1]:9000") == ("::1", 9000)
-    assert udpmon.parse_addr("9000", default_host="0.0.0.0") == ("0.0.0.0", 9000)
-    assert udpmon.parse_addr(":9000", default_host="0.0.0.0") == ("0.0.0.0", 9000)
-    assert udpmon.parse_addr("::1", need_port=False) == ("::1", 0)
+    assert udpmon.parse_cli_addr("127.0.0.1:9000") == ("127.0.0.1", 9000)
+    assert udpmon.parse_cli_addr("[::1]:9000") == ("::1", 9000)
+    assert udpmon.parse_cli_addr("9000", default_host="0.0.0.0") == ("0.0.0.0", 9000)
+    assert udpmon.parse_cli_addr(":9000", default_host="0.0.0.0") == ("0.0.0.0", 9000)
+    assert udpmon.parse_cli_addr("::1", need_port=False) == ("::1", 0)
     with pytest.raises(ValueError):
-        udpmon.parse_addr("localhost")
+        udpmon.parse_cli_addr("localhost")
     assert udpmon.HEADER_SIZE == 28
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ut
+from ut import runtime
 from ut.udp import UdpPort, open_udp_socket
 
 LOOP_KINDS = ("asyncio", "uvloop")
@@ -22,23 +23,7 @@ LOOP_KINDS = ("asyncio", "uvloop")
 
 def run_on(kind: str, coro: Any, timeout: float = 60.0) -> Any:
     """Run ``coro`` on a fresh ``kind`` loop, bounded by ``timeout`` seconds."""
-    if kind == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-    finally:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        asyncio.set_event_loop(None)
-        loop.close()
+    return runtime.run(asyncio.wait_for(coro, timeout), kind)
 
 
 class UdpEcho:

@@ -19,7 +19,8 @@ from typing import Any
 
 from . import fastpath
 from ._version import __version__
-from .config import Config, parse_addr
+from .addr import format_addr, parse_addr
+from .config import Config
 from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN, Hello
 from .lane import Lane, set_tcp_options
 from .logs import event
@@ -260,7 +261,7 @@ class Client:
         event(
             "start", role="client", version=__version__, implementation=fastpath.IMPLEMENTATION,
             client_cn=client_cn, session_id=f"{self.session.session_id:016x}",
-            udp_listen=_addr_text(self.udp_address), config=cfg.summary(),
+            udp_listen=format_addr(self.udp_address), config=cfg.summary(),
         )
 
     def _udp_error(self, exc: OSError) -> None:
@@ -324,8 +325,3 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _addr_text(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -33,10 +33,8 @@ Example::
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from ut.addr import HOSTNAME_RE, is_ip, parse_addr
 from ut.errors import ConfigError
 
 __all__ = [
@@ -72,65 +71,10 @@ QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any 
 QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
 QUEUE_MAX_BYTES = 1 << 30
 
-_HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-)
+
 
 
 # ---------------------------------------------------------------- addresses
-
-
-def parse_addr(text: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
-    """Split ``"host:port"`` into ``(host, port)``.
-
-    Accepts ``"example.com:5443"``, ``"1.2.3.4:5"`` and ``"[::1]:5443"``
-    (IPv6 in brackets; the returned host has no brackets). The port must be
-    0..65535 (0 asks the kernel for a free port when listening, useful in
-    tests), or 1..65535 with ``allow_port_zero=False`` (addresses to send or
-    dial to; ``load_config`` checks ``tcp.server_addr`` and ``udp.wg_udp_addr``
-    that way). Raises ``ValueError`` with a short explanation.
-
-    >>> parse_addr("[::1]:5443")
-    ('::1', 5443)
-    """
-    if not isinstance(text, str):
-        raise ValueError(f'expected a "host:port" string, got {_type_name(text)}')
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1 :].startswith(":"):
-            raise ValueError(f'bad address {text!r}: expected "[IPv6]:port", e.g. "[::1]:5443"')
-        host, port_text = text[1:end], text[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"bad address {text!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f'bad address {text!r}: expected "host:port", e.g. "127.0.0.1:5443"')
-        if ":" in host:
-            raise ValueError(f'bad address {text!r}: write IPv6 addresses in brackets, e.g. "[::1]:5443"')
-        if not host:
-            raise ValueError(f'bad address {text!r}: the host is missing (use "0.0.0.0:{port_text}" for all interfaces)')
-        if not _is_ip(host) and not _HOSTNAME_RE.fullmatch(host):
-            raise ValueError(f"bad address {text!r}: {host!r} is not a host name or IP address")
-    if not port_text.isdigit() or not port_text.isascii():
-        raise ValueError(f"bad address {text!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    low = 0 if allow_port_zero else 1
-    if not low <= port <= 65535:
-        raise ValueError(f"bad address {text!r}: port must be between {low} and 65535, got {port}")
-    return host, port
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_wildcard(host: str) -> bool:
@@ -394,7 +338,7 @@ def _metrics_path(value: str) -> str | None:
 
 
 def _server_name(value: str) -> str | None:
-    if _is_ip(value) or _HOSTNAME_RE.fullmatch(value):
+    if is_ip(value) or HOSTNAME_RE.fullmatch(value):
         return None
     return f"must be a DNS name or an IP address, got {value!r}"
 

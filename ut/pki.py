@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ut.addr import is_ip
+
 __all__ = [
     "CA_CERT_FILE",
     "CA_KEY_FILE",
@@ -158,14 +160,6 @@ def make_ca(
     return cert, key
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def make_cert(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
@@ -238,7 +232,7 @@ def make_cert(
             names.append(x509.IPAddress(ip))
 
     if server:
-        if _is_ip(cn):
+        if is_ip(cn):
             add_ip(cn)
         else:
             add_dns(cn)
@@ -389,10 +383,10 @@ def init_pki(
     """
     if not isinstance(server_name, str) or not server_name or len(server_name) > 253:
         raise PkiError(f"bad server name {server_name!r}")
-    if not _is_ip(server_name) and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", server_name):
+    if not is_ip(server_name) and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", server_name):
         raise PkiError(f"bad server name {server_name!r}: expected a DNS name or an IP address")
     for ip in ips:
-        if not _is_ip(str(ip)):
+        if not is_ip(str(ip)):
             raise PkiError(f"bad IP address {ip!r}")
     if days <= 0 or ca_days <= 0:
         raise PkiError("days must be a positive number")

@@ -21,17 +21,19 @@ def loop_name() -> str:
     return "uvloop"
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    if loop_name() == "uvloop":
+def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
+    """A new loop of ``kind`` (``"uvloop"`` or ``"asyncio"``; default ``loop_name()``)."""
+    if (kind or loop_name()) == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion on a new loop of the kind ``loop_name()`` names."""
-    loop = new_event_loop()
+def run(coro: Coroutine[Any, Any, T], kind: str | None = None) -> T:
+    """Run ``coro`` to completion on a new loop of ``kind`` (default ``loop_name()``),
+    then cancel whatever tasks it left behind and close the loop."""
+    loop = new_event_loop(kind)
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)

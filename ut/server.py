@@ -23,7 +23,8 @@ from typing import Any
 
 from . import fastpath
 from ._version import __version__
-from .config import Config, parse_addr
+from .addr import format_addr, parse_addr
+from .config import Config
 from .control import (
     ERR_BAD_HELLO,
     ERR_HELLO_TIMEOUT,
@@ -38,7 +39,7 @@ from .control import (
 from .errors import ControlError
 from .lane import Lane, set_tcp_options
 from .logs import Debounced, event
-from .session import Session, _fmt_addr
+from .session import Session
 from .stats import TunnelStats
 from .tls import failure_reason, peer_cn, server_context
 from .udp import UdpPort, open_udp_socket
@@ -60,7 +61,7 @@ class ServerSession(Session):
         self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error)
         self.udp.start()
         self.counters.sessions_active += 1
-        self.log("session_open", udp_local=_fmt_addr(self.udp.address))
+        self.log("session_open", udp_local=format_addr(self.udp.address))
 
     def on_udp_batch(self, batch: list) -> None:
         self.push_datagrams([d for d, _ in batch])
@@ -161,7 +162,7 @@ class Server:
             self.metrics = await start_metrics_server(self._stats, cfg.metrics)
         event(
             "start", role="server", version=__version__, implementation=fastpath.IMPLEMENTATION,
-            tcp_listen=_fmt_addr(self.address), config=cfg.summary(),
+            tcp_listen=format_addr(self.address), config=cfg.summary(),
         )
 
     @property
@@ -214,7 +215,7 @@ class Server:
             reason, text = failure_reason(exc, side="server")
             self._stats.handshake_failed(reason)
             event("tls_handshake_fail", logging.WARNING, role="server",
-                  peer=_fmt_addr(peer), reason=reason, err=text)
+                  peer=format_addr(peer), reason=reason, err=text)
             return
         self._stats.handshake_seconds.observe(self.loop.time() - t0)
         if lane in self._pending and self._pending[lane] is None and not lane.closing:
@@ -230,7 +231,7 @@ class Server:
         if timer is not None:
             timer.cancel()
         self._stats.protocol_error(reason)
-        event("lane_refused", logging.WARNING, role="server", peer=_fmt_addr(lane.peer),
+        event("lane_refused", logging.WARNING, role="server", peer=format_addr(lane.peer),
               client_cn=getattr(lane, "client_cn", None), reason=reason, err=text)
         lane.send_control(Err(code, text))
         lane.close(reason=reason)
@@ -311,7 +312,7 @@ class Server:
 
     def lane_broken(self, lane: Lane, err: Exception) -> None:
         self._stats.protocol_error(getattr(err, "reason", "protocol_error"))
-        event("protocol_error", logging.WARNING, role="server", peer=_fmt_addr(lane.peer),
+        event("protocol_error", logging.WARNING, role="server", peer=format_addr(lane.peer),
               err=str(err))
         self._pending.pop(lane, None)
         lane.abort(reason="protocol_error")
@@ -322,7 +323,7 @@ class Server:
         snap = self._stats.snapshot()
         snap["sessions"] = [
             {"client_cn": s.client_cn, "session_id": f"{s.session_id:016x}",
-             "lanes": s.active_lanes, "udp_local": _fmt_addr(s.udp.address)}
+             "lanes": s.active_lanes, "udp_local": format_addr(s.udp.address)}
             for s in self.sessions.values()
         ]
         return snap

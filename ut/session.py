@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from . import fastpath
+from .addr import format_addr
 from .control import GOODBYE_REPLACED, Goodbye, Hello, decode_control
 from .errors import ControlError
 from .lane import Lane
@@ -245,7 +246,7 @@ class Session:
             self.retire(old, goodbye_reason=GOODBYE_REPLACED, reason="replaced")
         self.lanes[lane.lane_id] = lane
         self.counters.lanes_active += 1
-        self.log("lane_open", lane_id=lane.lane_id, peer=_fmt_addr(lane.peer))
+        self.log("lane_open", lane_id=lane.lane_id, peer=format_addr(lane.peer))
         self._set_ready(lane, True)
 
     def _unregister(self, lane: Lane, reason: str, exc: BaseException | None = None) -> bool:
@@ -289,13 +290,3 @@ class Session:
         for lane in list(self.lanes):
             if lane is not None:
                 self.retire(lane, goodbye_reason, reason)
-
-
-def _fmt_addr(addr: Any) -> str | None:
-    if not addr:
-        return None
-    try:
-        host, port = addr[0], addr[1]
-    except (TypeError, IndexError):
-        return str(addr)
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

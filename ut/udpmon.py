@@ -53,6 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ut.addr import format_addr
+
 MAGIC = b"UTPM"
 HEADER = struct.Struct("!4sQQQ")
 HEADER_SIZE = HEADER.size  # 28
@@ -126,7 +128,7 @@ def _check_size(n: int) -> int:
     return n
 
 
-def parse_addr(text: str, *, default_host: str | None = None, need_port: bool = True) -> tuple[str, int]:
+def parse_cli_addr(text: str, *, default_host: str | None = None, need_port: bool = True) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"``, ``":port"`` or ``"port"`` -> ``(host, port)``.
 
     Without a port (``"127.0.0.1"``, ``"::1"``, ``"[::1]"``) the port is 0 unless
@@ -162,11 +164,6 @@ def parse_addr(text: str, *, default_host: str | None = None, need_port: bool = 
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"bad port in {text!r}")
     return host, int(port)
-
-
-def format_addr(addr: tuple[Any, ...]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _fmt_rate(bps: float) -> str:
@@ -740,9 +737,9 @@ async def run_probe(
     rate = float(rate)
 
     if isinstance(target, str):
-        target = parse_addr(target)
+        target = parse_cli_addr(target)
     host, port = target
-    bind_addr = parse_addr(bind, need_port=False) if isinstance(bind, str) else bind
+    bind_addr = parse_cli_addr(bind, need_port=False) if isinstance(bind, str) else bind
     loop = asyncio.get_running_loop()
     fam, sockaddr = await _resolve(host, port)
     sock = socket.socket(fam, socket.SOCK_DGRAM)
@@ -1027,7 +1024,7 @@ def _remove_signals(sigs: list[int]) -> None:
 
 
 async def _echo_main(args: argparse.Namespace) -> int:
-    host, port = parse_addr(args.listen, default_host="0.0.0.0")
+    host, port = parse_cli_addr(args.listen, default_host="0.0.0.0")
     stop = asyncio.Event()
     sigs = _install_signals(stop)
     out = sys.stdout
