@@ -368,11 +368,32 @@ def test_injected_faults_counted_exactly():
     assert res.exit_status == udpmon.EXIT_LOSS and not res.to_json()["loss_ok"]
 
 
-# Through a real loopback tunnel: the lead adds this test once the tunnel exists.
-# PLACEHOLDER (not a skipped test): start ut.Server and ut.Client on 127.0.0.1 with
-# test certificates, run UdpEcho behind the server's WireGuard-side UDP address, and
-# run_probe() against the client's UDP listen address at e.g. 2000 pps for 1 s,
-# 64-byte and imix; expect 0 loss, 0 foreign, duplicates 0, and kept_up.
+# Through a real loopback tunnel (server, client, TLS lanes); the tunnel's UdpEcho
+# stands in for WireGuard behind the server.
+
+
+@pytest.mark.parametrize("sizes", [None, "imix"])
+def test_probe_through_a_loopback_tunnel(tmp_path, sizes):
+    from tests.certs import make_test_pki
+    from tests.tunnelkit import run_on, tunnel
+
+    pki = make_test_pki(tmp_path)
+
+    async def main():
+        async with tunnel(pki, lanes=3) as t:
+            t.peer.close()  # the probe is the local WireGuard stand-in here
+            res = await udpmon.run_probe(
+                ("127.0.0.1", t.client.udp_address[1]), rate=1000, size=64, sizes=sizes,
+                duration=1.0, wait=2.0,
+            )
+            return res.to_json(), t.client.stats()
+
+    j, st = run_on("uvloop", main())
+    assert j["sent"] >= 900 and j["received"] == j["sent"], j
+    assert j["lost"] == 0 and j["duplicates"] == 0 and j["foreign"] == 0
+    assert st["udp_in_packets"] == j["sent"] and st["udp_out_packets"] == j["sent"]
+    assert st["dropped"] == 0
+    assert j["rtt_ms"]["p50"] is not None
 
 
 # ------------------------------------------------------------------------ CLI
