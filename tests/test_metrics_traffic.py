@@ -587,10 +587,12 @@ def test_logs_of_a_real_run(tmp_path, loop_kind, monkeypatch):
         assert e["reason"], e
         for k in ("tx_frames", "rx_frames", "tx_bytes", "rx_bytes"):
             assert isinstance(e[k], int) and e[k] >= 0, (k, e)
-    # The bytes carried add up to the five datagrams, both ways.
+    # Lane totals count every frame: the five datagrams plus one HELLO per lane (the
+    # line is written when the lane is retired, before its GOODBYE goes out).
     sent = sum(len(SECRET) + 1 for _ in range(5))
-    assert sum(e["tx_frames"] for e in client_closes) == 5
-    assert sum(e["tx_bytes"] for e in client_closes) == sent + HEADER_LEN * 5
+    hello_bytes = HEADER_LEN + 13
+    assert sum(e["tx_frames"] for e in client_closes) == 5 + lanes
+    assert sum(e["tx_bytes"] for e in client_closes) == sent + HEADER_LEN * 5 + hello_bytes * lanes
     assert sum(e["rx_bytes"] for e in client_closes) >= sent + HEADER_LEN * 5
     fails = named("tls_handshake_fail", "server")
     assert fails and fails[0]["reason"] == "unknown_ca", fails

@@ -130,6 +130,9 @@ def test_server_refuses_bad_client_certificates(tmp_path, loop_kind, case):
         want = {"other_ca": "unknown_ca", "expired": "expired",
                 "not_yet_valid": "not_yet_valid"}[case]
         assert server_fails[0]["reason"] == want, server_fails[0]
+        # The client learns it was refused too (TLS 1.3: the server closes silently).
+        client_fails = [e for e in cap.named("tls_handshake_fail") if e["role"] == "client"]
+        assert client_fails and client_fails[0]["reason"] in ("refused_by_server", want)
 
     run_on(loop_kind, main())
 

@@ -30,6 +30,20 @@ from .tls import client_context, failure_reason, own_cn
 from .udp import UdpPort, open_udp_socket
 
 
+class _RefusedByServer(Exception):
+    """The server closed a lane right after TLS, before its HELLO: it refused us."""
+
+    TEXT = (
+        "the server closed the connection right after the TLS handshake: it refused this "
+        "client's certificate (wrong CA, expired or revoked); see the server's "
+        "tls_handshake_fail log line for its reason"
+    )
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__(self.TEXT)
+        self.cause = cause if isinstance(cause, ssl.SSLError) else None
+
+
 class ClientSession(Session):
     role = "client"
 
@@ -114,7 +128,6 @@ class ClientSession(Session):
                 if lane is None or lane.transport is None:
                     sock.close()
                 raise
-            self.stats.handshake_seconds.observe(loop.time() - t0)
             stage = "hello"
             ack = loop.create_future()
             self._acks[lane] = ack
@@ -124,8 +137,15 @@ class ClientSession(Session):
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if ack not in done:
+                if lane.lost in done and lane.rx_bytes == 0:
+                    # TLS 1.3: our handshake "finished", then the server refused our
+                    # certificate and closed without a word (asyncio and uvloop send no
+                    # alert). A lane closed before any byte came back is that refusal.
+                    raise _RefusedByServer(lane.lost.result())
                 exc = lane.lost.result() if lane.lost in done else TimeoutError("no HELLO reply")
                 raise exc or ConnectionResetError("server closed the lane before HELLO")
+            # The handshake counts as done when the server has accepted us (its HELLO).
+            self.stats.handshake_seconds.observe(loop.time() - t0)
             return True
         except asyncio.CancelledError:
             if lane is not None:
@@ -141,6 +161,14 @@ class ClientSession(Session):
                 self._acks.pop(lane, None)
 
     def _dial_failed(self, lane_id: int, stage: str, exc: BaseException) -> None:
+        if isinstance(exc, _RefusedByServer):
+            reason, text = "refused_by_server", _RefusedByServer.TEXT
+            if exc.cause is not None:  # an alert, when the server's TLS stack sent one
+                reason, text = failure_reason(exc.cause, side="client")
+            self.stats.handshake_failed(reason)
+            self.log("tls_handshake_fail", logging.WARNING, lane_id=lane_id, stage=stage,
+                     reason=reason, err=text)
+            return
         reason, text = failure_reason(exc)
         tls_related = stage != "connect" and (
             isinstance(exc, ssl.SSLError) or reason not in ("closed", "timeout", "other")

@@ -118,7 +118,11 @@ class Lane(asyncio.BufferedProtocol):
 
     def send_control(self, msg: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(control_frame(msg))
+            frame = control_frame(msg)
+            # Lane totals count every frame both ways (DATA and CTRL), like rx_*.
+            self.tx_frames += 1
+            self.tx_bytes += len(frame)
+            self.transport.write(frame)
 
     def close(self, goodbye_reason: int | None = None, reason: str = "") -> None:
         """Close gracefully: optional GOODBYE, flush what is buffered, TLS close."""
