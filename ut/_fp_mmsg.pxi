@@ -201,6 +201,15 @@ def _recv_loop(sock, Py_ssize_t max_count, Py_ssize_t bufsize):
     return out
 
 
+# ``socket.family`` wraps the number in an IntEnum on every read (about a
+# microsecond); the base ``_socket.socket`` getter hands back the plain int.
+_family_getter = _socket.socket.__dict__["family"].__get__
+
+
+cdef inline int _family_of(sock) except? -1:
+    return _family_getter(sock)
+
+
 def _send_loop(sock, list items, addr):
     # Socket families other than IPv4/IPv6: the twin's sendto loop.
     cdef Py_ssize_t sent = 0
@@ -242,7 +251,7 @@ def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
     cdef list out = []
     if bufsize < 0:
         raise ValueError("negative buffersize in recvfrom")
-    family = sock.family
+    family = _family_of(sock)
     if family != AF_INET and family != AF_INET6:
         return _recv_loop(sock, max_count, bufsize)
     if max_count <= 0:
@@ -333,7 +342,7 @@ def send_batch(sock, datagrams, addr=None):
             if items is datagrams:
                 items = list(items)
             items[i] = bytes(memoryview(d))
-    family = sock.family
+    family = _family_of(sock)
     if addr is not None:
         if family != AF_INET and family != AF_INET6:
             return _send_loop(sock, items, addr)

@@ -22,10 +22,11 @@ from ._version import __version__
 from .addr import format_addr, parse_addr
 from .config import Config
 from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN, Hello
-from .lane import Lane, set_tcp_options
+from .lane import Lane, set_lane_liveness, set_tcp_options
 from .logs import event
 from .session import Session
 from .stats import TunnelStats
+from .server import rearm_udp
 from .tls import client_context, failure_reason, own_cn
 from .udp import UdpPort, open_udp_socket
 
@@ -116,6 +117,7 @@ class ClientSession(Session):
                 sock.setblocking(False)
                 # Buffer sizes must be set before connecting to shape the window.
                 set_tcp_options(sock, tcp.tcp_nodelay, tcp.tcp_buf)
+                set_lane_liveness(sock)  # notice a dead path (TCP_USER_TIMEOUT, keepalive)
                 await asyncio.wait_for(loop.sock_connect(sock, addr), tcp.connect_timeout_seconds)
                 stage = "tls"
                 lane = Lane(self, lane_id, peer=addr)
@@ -294,6 +296,10 @@ class Client:
 
     def _udp_error(self, exc: OSError) -> None:
         event("udp_error", logging.DEBUG, role="client", err=str(exc))
+        # uvloop stops polling a socket after an error event: register it again
+        # (see ut.server.rearm_udp).
+        if self.session is not None and not self._closed.is_set():
+            self.loop.call_soon(rearm_udp, self.session)
 
     async def _idle_watch(self) -> None:
         idle = self.config.tcp.idle_seconds

@@ -21,6 +21,22 @@ from .control import Goodbye, control_frame
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
+# Dead-path detection (hardening, issue 5). Without these a lane whose path
+# died keeps "working" for as long as TCP retransmits (about 15 minutes with
+# Linux's default tcp_retries2) and comes back only when an exponentially
+# backed-off retransmission happens to get through. TCP_USER_TIMEOUT closes a
+# lane whose written data stays unacknowledged this long (Linux also applies it
+# to zero-window probes, so a peer that stops reading is caught too); kernel
+# keepalive probes notice a silent dead path on a lane with nothing to send
+# (e.g. the server side of a lane while the client is quiet). Keepalives are
+# empty TCP segments, not protocol heartbeats: the PDU stream is unchanged.
+# Module constants for now; proposed config keys: tcp.user_timeout_seconds
+# and tcp.keepalive_seconds (see docs/security.md).
+LANE_USER_TIMEOUT_SECONDS = 30.0
+LANE_KEEPALIVE_IDLE_SECONDS = 30
+LANE_KEEPALIVE_INTERVAL_SECONDS = 10
+LANE_KEEPALIVE_COUNT = 3
+
 
 class LaneOwner(Protocol):
     def lane_frames(self, lane: Lane, frames: list) -> None: ...
@@ -40,6 +56,30 @@ def set_tcp_options(sock: socket.socket | None, nodelay: bool, buf_bytes: int) -
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buf_bytes)
     except OSError:
         pass  # not a TCP socket (tests may use socketpairs); nothing to tune
+
+
+def set_lane_liveness(sock: socket.socket | None) -> None:
+    """Keepalive and ``TCP_USER_TIMEOUT`` on a lane socket (see the constants above).
+
+    Read at call time, so a test or an embedding program may lower the module
+    constants before lanes open. Options the platform lacks are skipped.
+    """
+    if sock is None:
+        return
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (
+        ("TCP_KEEPIDLE", LANE_KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPINTVL", LANE_KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", LANE_KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", int(LANE_USER_TIMEOUT_SECONDS * 1000)),
+    ):
+        if hasattr(socket, name) and value:
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), int(value)))
+    for level, opt, value in opts:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass  # not TCP, or not supported here
 
 
 class Lane(asyncio.BufferedProtocol):
@@ -91,6 +131,15 @@ class Lane(asyncio.BufferedProtocol):
             self.deframer.eof()
         except fastpath.FrameError as err:
             self.owner.lane_broken(self, err)
+            return False
+        # The peer is gone: leave the picker now. Over TLS the transport is
+        # already shutting down and would drop later writes without a word
+        # (asyncio's and uvloop's SSL protocols discard app data once
+        # shutdown starts), so nothing more may be handed to this lane.
+        # ``lane_lost`` is idempotent; connection_lost calls it again.
+        self.closing = True
+        self.ready = False
+        self.owner.lane_lost(self, None)
         return False  # close the transport
 
     def pause_writing(self) -> None:
@@ -108,13 +157,20 @@ class Lane(asyncio.BufferedProtocol):
         self.owner.lane_lost(self, exc)
 
     # -- writing --------------------------------------------------------
-    def write(self, data: bytes, frames: int) -> None:
-        """Write ``frames`` already-encoded frames in one TLS write."""
-        if self.transport is None or self.closing:
-            return
+    def write(self, data: bytes, frames: int) -> bool:
+        """Write ``frames`` already-encoded frames in one TLS write.
+
+        Returns False (and writes nothing) when the lane is closing or its
+        transport is: the caller must count those frames as dropped
+        (``lane_closed``), since a closing TLS transport discards writes silently.
+        """
+        transport = self.transport
+        if transport is None or self.closing or transport.is_closing():
+            return False
         self.tx_frames += frames
         self.tx_bytes += len(data)
-        self.transport.write(data)
+        transport.write(data)
+        return True
 
     def send_control(self, msg: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -37,7 +37,7 @@ from .control import (
     decode_control,
 )
 from .errors import ControlError
-from .lane import Lane, set_tcp_options
+from .lane import Lane, set_lane_liveness, set_tcp_options
 from .logs import Debounced, event
 from .session import Session
 from .stats import TunnelStats
@@ -45,6 +45,36 @@ from .tls import failure_reason, peer_cn, server_context
 from .udp import UdpPort, open_udp_socket
 
 LISTEN_BACKLOG = 512
+# Most connections allowed at once that have not yet finished TLS + HELLO
+# (hardening, issue 5). Measured cost of one such connection: ~300 KiB RSS on
+# the stock asyncio loop (its SSL protocol allocates a 256 KiB read buffer per
+# connection), ~50 KiB on uvloop; 2000 idle TCP connections took an asyncio
+# server from 38 to 640 MiB, past the 512 MiB budget. Timeouts alone bound how
+# long each one lives, not how many arrive meanwhile. At the cap the *oldest*
+# pending connection is dropped to admit the new one: a real client finishes
+# TLS + HELLO in milliseconds, so a slowloris crowd has to churn the whole cap
+# within that time to push it out, whereas refusing the newest would let
+# 512 idle sockets lock every client out until their timeouts.
+MAX_PENDING_LANES = 512
+REFUSAL_LOG_WINDOW_SECONDS = 5.0  # one tls_handshake_fail / lane_refused line per reason per window
+
+
+def rearm_udp(session: Any) -> None:
+    """Register the session's UDP reader again after a socket error.
+
+    uvloop (libuv) stops polling a socket once the kernel flags an error on it
+    (a connected UDP socket's pending ICMP port unreachable is exactly that),
+    and says nothing: the session would never read WireGuard again, even after
+    WireGuard is back (found by tests/test_conservation.py, issue 5). Every such
+    error surfaces here, through a read or the next send, so re-adding the
+    reader here is enough; on the stock asyncio loop it is a no-op in effect.
+    (The natural home of this is ``ut.udp.UdpPort``.)
+    """
+    udp = getattr(session, "udp", None)
+    if udp is None or session.closed or udp.sock.fileno() < 0:
+        return
+    udp.pause()
+    udp.start()
 
 
 class ServerSession(Session):
@@ -74,6 +104,9 @@ class ServerSession(Session):
         due = self._udp_err_log.hit()
         if due:
             self.log("udp_error", logging.WARNING, err=str(exc), count=due)
+        if not self.closed:
+            self.loop.call_soon(rearm_udp, self)
+
 
     def admit(self, lane: Lane) -> None:
         lane.owner = self
@@ -130,7 +163,14 @@ class Server:
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._handshakes: set[asyncio.Task] = set()
-        self._pending: dict[Lane, asyncio.TimerHandle] = {}
+        # Lanes accepted but not yet through TLS + HELLO, oldest first (dicts
+        # keep insertion order): value = the HELLO timer once TLS is done.
+        self._pending: dict[Lane, asyncio.TimerHandle | None] = {}
+        self._pending_tasks: dict[Lane, asyncio.Task] = {}
+        self.max_pending = MAX_PENDING_LANES
+        # Refusals are logged at most once per reason per window (with a count),
+        # so a flood of garbage connections cannot flood the log.
+        self._refusal_logs: dict[tuple[str, str], Debounced] = {}
         self._closed = asyncio.Event()
 
     async def start(self) -> None:
@@ -189,16 +229,52 @@ class Server:
                 await asyncio.sleep(0.1)
                 continue
             set_tcp_options(conn, nodelay, 0)  # buffer sizes come from the listener
-            task = self.loop.create_task(self._handshake(conn, peer))
+            set_lane_liveness(conn)
+            while len(self._pending) >= self.max_pending:
+                self._evict_oldest_pending()
+            # The client sends HELLO right after its handshake, and the lane may
+            # get it before the handshake's await returns: it is pending from the start.
+            lane = Lane(self, -1, peer=peer)
+            self._pending[lane] = None
+            task = self.loop.create_task(self._handshake(lane, conn, peer))
+            self._pending_tasks[lane] = task
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+            # A task cancelled before it ever ran (evicted in a burst of accepts)
+            # never reaches its own clean-up: close its socket here.
+            task.add_done_callback(lambda t, c=conn: c.close() if t.cancelled() else None)
 
-    async def _handshake(self, conn: socket.socket, peer: Any) -> None:
+    def _log_refusal(self, name: str, reason: str, **fields: Any) -> None:
+        key = (name, reason)
+        deb = self._refusal_logs.get(key)
+        if deb is None:
+            deb = self._refusal_logs[key] = Debounced(REFUSAL_LOG_WINDOW_SECONDS)
+        due = deb.hit()
+        if due:
+            event(name, logging.WARNING, role="server", reason=reason, count=due, **fields)
+
+    def _evict_oldest_pending(self) -> None:
+        """Make room under ``max_pending``: drop the connection pending longest."""
+        lane = next(iter(self._pending))
+        timer = self._pending.pop(lane)
+        if timer is not None:
+            timer.cancel()
+        task = self._pending_tasks.pop(lane, None)
+        tls_done = lane.transport is not None
+        if task is not None and not task.done() and not tls_done:
+            task.cancel()  # mid-TLS: _handshake closes the socket
+        else:
+            lane.abort("evicted")
+        if tls_done:
+            self._stats.protocol_error("evicted")
+        else:
+            self._stats.handshake_failed("evicted")
+        self._log_refusal("lane_evicted", "evicted", peer=format_addr(lane.peer),
+                          tls_done=tls_done, pending=len(self._pending),
+                          err=f"more than {self.max_pending} connections without TLS + HELLO")
+
+    async def _handshake(self, lane: Lane, conn: socket.socket, peer: Any) -> None:
         tcp = self.config.tcp
-        lane = Lane(self, -1, peer=peer)
-        # The client sends HELLO right after its handshake, and the lane may get
-        # it before the await below returns: it is pending from the start.
-        self._pending[lane] = None
         t0 = self.loop.time()
         try:
             await self.loop.connect_accepted_socket(
@@ -214,9 +290,10 @@ class Server:
             conn.close()
             reason, text = failure_reason(exc, side="server")
             self._stats.handshake_failed(reason)
-            event("tls_handshake_fail", logging.WARNING, role="server",
-                  peer=format_addr(peer), reason=reason, err=text)
+            self._log_refusal("tls_handshake_fail", reason, peer=format_addr(peer), err=text)
             return
+        finally:
+            self._pending_tasks.pop(lane, None)
         self._stats.handshake_seconds.observe(self.loop.time() - t0)
         if lane in self._pending and self._pending[lane] is None and not lane.closing:
             self._pending[lane] = self.loop.call_later(
@@ -231,8 +308,8 @@ class Server:
         if timer is not None:
             timer.cancel()
         self._stats.protocol_error(reason)
-        event("lane_refused", logging.WARNING, role="server", peer=format_addr(lane.peer),
-              client_cn=getattr(lane, "client_cn", None), reason=reason, err=text)
+        self._log_refusal("lane_refused", reason, peer=format_addr(lane.peer),
+                          client_cn=getattr(lane, "client_cn", None), err=text)
         lane.send_control(Err(code, text))
         lane.close(reason=reason)
         # A hostile peer may never read our close: do not wait on it.
@@ -314,7 +391,9 @@ class Server:
         self._stats.protocol_error(getattr(err, "reason", "protocol_error"))
         event("protocol_error", logging.WARNING, role="server", peer=format_addr(lane.peer),
               err=str(err))
-        self._pending.pop(lane, None)
+        timer = self._pending.pop(lane, None)
+        if timer is not None:
+            timer.cancel()
         lane.abort(reason="protocol_error")
 
     # -- life cycle -------------------------------------------------------------

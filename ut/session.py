@@ -31,8 +31,10 @@ from .lane import Lane
 from .logs import Debounced, event
 from .stats import Counters, TunnelStats
 
-FLUSH_BATCH_PACKETS = 512  # datagrams per picker pass
+FLUSH_BATCH_PACKETS = 512  # hash strategy: datagrams per picker pass
 FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoot
+LANE_BURST_PACKETS = 64  # round-robin: whole datagrams one lane takes in one write
+LANE_BURST_BYTES = 64 * 1024  # four full TLS records
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
 MAX_PAYLOAD = fastpath.MAX_PAYLOAD
@@ -134,31 +136,38 @@ class Session:
 
     def _flush(self) -> None:
         self._flush_pending = False
-        queue, picker, lanes = self.queue, self.picker, self.lanes
+        queue, picker, lanes, c = self.queue, self.picker, self.lanes, self.counters
         sent = 0
         while len(queue) and picker.ready_count:
-            batch = queue.pop_batch(FLUSH_BATCH_PACKETS, FLUSH_BATCH_BYTES)
-            if picker.ready_count == 1 or (not self._hash and len(batch) == 1):
-                lane_id = picker.pick(fastpath.flow_key(batch[0]) if self._hash else 0)
-                per_lane = {lane_id: batch}
+            if self._hash:
+                per_lane = self._split_by_flow(queue.pop_batch(FLUSH_BATCH_PACKETS, FLUSH_BATCH_BYTES))
             else:
-                per_lane = {}
-                for d in batch:
-                    lane_id = picker.pick(fastpath.flow_key(d) if self._hash else 0)
-                    bucket = per_lane.get(lane_id)
-                    if bucket is None:
-                        per_lane[lane_id] = [d]
-                    else:
-                        bucket.append(d)
-            c = self.counters
+                # Round-robin by burst: the next lane takes up to a burst of whole
+                # datagrams in one write. Per-datagram rotation would cost one TLS
+                # record and one send per datagram per lane, and reorder the inner
+                # flow at every packet; bursts keep order within a burst.
+                per_lane = {picker.pick(0): queue.pop_batch(LANE_BURST_PACKETS, LANE_BURST_BYTES)}
             for lane_id, datagrams in per_lane.items():
                 data = fastpath.encode_data(datagrams)
                 lanes[lane_id].write(data, len(datagrams))  # type: ignore[union-attr]
                 c.lane_tx_frames[lane_id] += len(datagrams)
                 c.lane_tx_bytes[lane_id] += len(data)
-            sent += len(batch)
+                sent += len(datagrams)
         if sent:
-            self.counters.forward_latency[self.stats.dir_in].observe(time.perf_counter() - self._flush_t0, sent)
+            c.forward_latency[self.stats.dir_in].observe(time.perf_counter() - self._flush_t0, sent)
+
+    def _split_by_flow(self, batch: list) -> dict[int, list]:
+        """``lane_pick: hash``: each datagram to the lane its flow key names."""
+        picker, flow_key = self.picker, fastpath.flow_key
+        per_lane: dict[int, list] = {}
+        for d in batch:
+            lane_id = picker.pick(flow_key(d))
+            bucket = per_lane.get(lane_id)
+            if bucket is None:
+                per_lane[lane_id] = [d]
+            else:
+                bucket.append(d)
+        return per_lane
 
     # -- lanes -> UDP -------------------------------------------------------
     def lane_frames(self, lane: Lane, frames: list) -> None:
@@ -193,6 +202,11 @@ class Session:
             c.drop("no_peer", len(datagrams))
             return
         port, addr = target
+        if port.sock.fileno() < 0:
+            # Frames still arriving on a lane after the session closed its UDP
+            # port: the vocabulary's "no_session" (not a UDP write error).
+            c.drop("no_session", len(datagrams))
+            return
         sent, failed = port.send_many(datagrams, addr)
         c.udp_out_packets += sent
         if failed:

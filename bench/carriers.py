@@ -1,0 +1,454 @@
+"""The carriers the benchmark compares, each able to carry home's WireGuard to the cloud.
+
+Every carrier works on a ``tests/netbed.NetBed`` that is already up (namespaces, nftables
+UDP drop, wireguard-go, PKI). ``start(bed, limits)`` starts its processes (tracked by the
+bed, so the bed's teardown ends them by pid even on failure), points home's WireGuard at
+it and returns the processes whose CPU and RSS count as "the tunnel"; ``stop(bed)`` ends
+them by pid and restores the bed (UDP drop on).
+
+    direct        WireGuard over UDP, drop rule off: the limit (no tunnel processes)
+    ut            ut-tunnel, compiled fast path
+    ut-pure       ut-tunnel, pure-Python twin (UT_NO_EXTENSIONS=1)
+    v2ray         v2ray 4.34 (Debian): dokodemo-door UDP -> VLESS over TLS -> freedom
+    udptunnel     udptunnel 1.1 (Debian): one plain TCP connection, 16-bit length framing
+
+``Limits`` is the seed profile's budget: a CPU per process (``taskset -c``) and a memory
+cap (a cgroup v1/v2 memory limit when /sys/fs/cgroup is writable, else RLIMIT_AS via
+``prlimit --as``; ``Limits.memory_mode`` says which was used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import netbed  # tests/ is on sys.path (bench/run.py puts it there)
+from netbed import BedError, NetBed
+
+V2RAY_PORT = 5444  # cloud, TLS (VLESS)
+V2RAY_UDP_PORT = 15001  # home loopback, dokodemo-door
+UDPTUNNEL_TCP_PORT = 5445
+UDPTUNNEL_UDP_PORT = 40000
+UDPMON_PROBE_PORT = 51901  # udptunnel in the small profile: the probe's fixed source port
+UT_METRICS_PORT = netbed.METRICS_PORT
+
+
+# ---------------------------------------------------------------------- /proc readings
+def proc_cpu_seconds(pid: int) -> float:
+    """utime+stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    """A ``VmHWM``/``VmRSS``-style field of /proc/PID/status, in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------- limits (seed profile)
+def _memory_cgroup_parent() -> tuple[str, Path] | None:
+    """(version, directory) where we may create a child memory cgroup, or None."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    # cgroup v2 unified at /sys/fs/cgroup (cgroup.controllers present)
+    if (root / "cgroup.controllers").exists():
+        for line in lines:
+            if line.startswith("0::"):
+                d = root / line[3:].lstrip("/")
+                if os.access(d, os.W_OK):
+                    return "v2", d
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            d = root / "memory" / path.lstrip("/")
+            if (d / "memory.limit_in_bytes").exists() and os.access(d, os.W_OK):
+                return "v1", d
+    return None
+
+
+@dataclass
+class Limits:
+    """CPU pinning and a memory cap for tunnel processes (None: unlimited)."""
+
+    cpus: dict[str, str] = field(default_factory=dict)  # role ("server"/"client") -> taskset list
+    memory_bytes: int | None = None
+    memory_mode: str = "none"  # "cgroup-v1", "cgroup-v2", "rlimit-as" or "none"
+    _cgroups: list[Path] = field(default_factory=list)
+
+    def wrap(self, role: str, name: str, argv: list[str]) -> list[str]:
+        """``argv`` run under these limits (the final process keeps the pid: every step execs)."""
+        out = list(argv)
+        cpu = self.cpus.get(role)
+        if cpu is not None:
+            out = ["taskset", "-c", cpu, *out]
+        if self.memory_bytes:
+            parent = _memory_cgroup_parent()
+            if parent is not None:
+                ver, d = parent
+                cg = d / f"utbench-{os.getpid()}-{name}"
+                with contextlib.suppress(FileExistsError):
+                    cg.mkdir()
+                if ver == "v1":
+                    (cg / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
+                    with contextlib.suppress(OSError):  # no swap accounting on some kernels
+                        (cg / "memory.memsw.limit_in_bytes").write_text(str(self.memory_bytes))
+                else:
+                    (cg / "memory.max").write_text(str(self.memory_bytes))
+                    with contextlib.suppress(OSError):
+                        (cg / "memory.swap.max").write_text("0")
+                self._cgroups.append(cg)
+                self.memory_mode = f"cgroup-{ver}"
+                procs = shlex.quote(str(cg / "cgroup.procs"))
+                out = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *out]
+            else:
+                self.memory_mode = "rlimit-as"
+                out = ["prlimit", f"--as={self.memory_bytes}", "--", *out]
+        return out
+
+    def oom_events(self) -> dict[str, int]:
+        """Per cgroup: how often the limit was hit (v1 failcnt / v2 memory.events max)."""
+        out = {}
+        for cg in self._cgroups:
+            with contextlib.suppress(OSError, ValueError):
+                if (cg / "memory.failcnt").exists():
+                    out[cg.name] = int((cg / "memory.failcnt").read_text())
+                elif (cg / "memory.events").exists():
+                    ev = dict(line.split() for line in (cg / "memory.events").read_text().splitlines())
+                    out[cg.name] = int(ev.get("max", 0))
+        return out
+
+    def cleanup(self) -> None:
+        """Remove the cgroups made (after their processes ended)."""
+        for cg in self._cgroups:
+            for _ in range(20):
+                try:
+                    cg.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        self._cgroups.clear()
+
+
+NO_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------------- carriers
+class Carrier:
+    name = "?"
+    label = "?"
+    has_metrics = False  # ut-tunnel: Prometheus endpoints in both namespaces
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}  # role -> process
+
+    def available(self) -> str | None:
+        """None if it can run here, else why not."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    def start(self, bed: NetBed, limits: Limits = NO_LIMITS, echo_port: int | None = None) -> dict[str, subprocess.Popen]:
+        raise NotImplementedError
+
+    def stop(self, bed: NetBed) -> None:
+        for role, p in list(self.procs.items()):
+            bed.stop(p, timeout=5)
+        self.procs.clear()
+
+    # the UDP port on home's loopback where this carrier takes WireGuard's datagrams
+    home_udp_port: int | None = None
+
+    def udpmon_bind(self) -> str | None:
+        """The address a udpmon probe in home must send from (None: any)."""
+        return None
+
+    def udpmon_target(self, bed: NetBed, echo_port: int) -> str:
+        """Where a udpmon probe in home sends to reach the echo (carrier started with it)."""
+        return f"127.0.0.1:{self.home_udp_port}"
+
+    def _wait_tcp_listen(self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            if proc.poll() is not None:
+                raise BedError(f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}")
+            res = bed.run(node, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+            if res.stdout.strip():
+                return
+            if time.monotonic() > deadline:
+                raise BedError(f"{proc.bed_name}: nothing listens on TCP {port} after {wait}s:\n"
+                               f"{bed.log_text(proc, 30)}")
+            time.sleep(0.1)
+
+    def _wait_udp_bound(self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            if proc.poll() is not None:
+                raise BedError(f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}")
+            res = bed.run(node, ["ss", "-Hlun", f"sport = :{port}"], check=False)
+            if res.stdout.strip():
+                return
+            if time.monotonic() > deadline:
+                raise BedError(f"{proc.bed_name}: no UDP socket on {port} after {wait}s:\n"
+                               f"{bed.log_text(proc, 30)}")
+            time.sleep(0.1)
+
+
+class Direct(Carrier):
+    """WireGuard straight over the veth (UDP drop rule off): the ceiling."""
+
+    name = "direct"
+    label = "direct WireGuard (UDP)"
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        bed.set_drop_udp(False)
+        bed.use_direct()
+        return {}
+
+    def stop(self, bed):
+        bed.set_drop_udp(True)
+
+    def udpmon_target(self, bed, echo_port):
+        return f"{bed.cloud.link_ip}:{echo_port}"
+
+
+class UtTunnel(Carrier):
+    """ut-tunnel client in home, server in cloud (netbed's configs, 5 lanes by default)."""
+
+    has_metrics = True
+    home_udp_port = netbed.CLIENT_UDP_PORT
+
+    def __init__(self, pure: bool = False, lanes: int = 5, name: str | None = None) -> None:
+        super().__init__()
+        self.pure = pure
+        self.lanes = lanes
+        self.name = name or ("ut-pure" if pure else "ut")
+        impl = "pure-Python twin" if pure else "compiled"
+        self.label = f"ut-tunnel {impl}, {lanes} lane{'s' * (lanes != 1)}"
+
+    def env(self) -> dict:
+        return {"UT_NO_EXTENSIONS": "1"} if self.pure else {"UT_NO_EXTENSIONS": "0"}
+
+    def available(self):
+        try:
+            netbed.ut_tunnel_command()
+        except BedError as exc:
+            return str(exc)
+        if not self.pure:
+            res = subprocess.run([*netbed.ut_tunnel_command(), "--version"], capture_output=True,
+                                 text=True, env={**os.environ, **self.env()})
+            if "compiled" not in res.stdout:
+                return f"compiled fast path not importable: {res.stdout.strip()} {res.stderr.strip()}"
+        return None
+
+    def version(self):
+        res = subprocess.run([*netbed.ut_tunnel_command(), "--version"], capture_output=True,
+                             text=True, env={**os.environ, **self.env()})
+        return res.stdout.strip()
+
+    def _start_one(self, bed: NetBed, node, config: dict, limits: Limits) -> subprocess.Popen:
+        name = f"{self.name}-{config['role']}"
+        path = bed.wd / f"{name}.yaml"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        argv = limits.wrap(config["role"], name, [*netbed.ut_tunnel_command(), "-config", str(path)])
+        proc = bed.spawn(node, argv, name=name, env=self.env())
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise BedError(f"{name} exited with {proc.returncode}:\n{bed.log_text(proc, 40)}")
+            res = bed.run(node, ["curl", "-s", "-o", "/dev/null", "--max-time", "1",
+                                 f"http://127.0.0.1:{UT_METRICS_PORT}/metrics"], check=False)
+            if res.returncode == 0:
+                return proc
+            if time.monotonic() > deadline:
+                raise BedError(f"{name} metrics not up in 20s:\n{bed.log_text(proc, 40)}")
+            time.sleep(0.1)
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        tcp = {"lanes": self.lanes}
+        server_over = {"tcp": tcp}
+        if echo_port:
+            server_over["udp"] = {"wg_udp_addr": f"127.0.0.1:{echo_port}"}
+        self.procs["server"] = self._start_one(bed, bed.cloud, bed.server_config(server_over), limits)
+        self.procs["client"] = self._start_one(
+            bed, bed.home, bed.client_config(bed.home, {"tcp": tcp}), limits)
+        bed.use_tunnel()
+        return dict(self.procs)
+
+    def implementation(self, bed: NetBed) -> str | None:
+        for n, lab, _ in bed.metrics(bed.home):
+            if n == "ut_build_info":
+                return lab.get("implementation")
+        return None
+
+
+class V2Ray(Carrier):
+    """v2ray 4.34: dokodemo-door (UDP) in home -> VLESS over TLS 1.3 -> freedom in cloud.
+
+    The server certificate is the bed's PKI server certificate; the client verifies it
+    against the bed's CA (``certificates: [{usage: verify}]``), with the bed's server name.
+    """
+
+    name = "v2ray"
+    label = "v2ray 4.34 VLESS+TLS"
+    home_udp_port = V2RAY_UDP_PORT
+
+    def __init__(self, protocol: str = "vless") -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.uuid = str(uuid.uuid4())
+        if protocol != "vless":
+            self.name = f"v2ray-{protocol}"
+            self.label = f"v2ray 4.34 {protocol.upper()}+TLS"
+
+    def available(self):
+        return None if shutil.which("v2ray") else "v2ray not installed (apt-get install -y v2ray)"
+
+    def version(self):
+        res = subprocess.run(["v2ray", "-version"], capture_output=True, text=True)
+        return (res.stdout.splitlines() or [""])[0]
+
+    def configs(self, bed: NetBed, echo_port: int | None = None) -> tuple[dict, dict]:
+        d = bed.pki_dir
+        dest_port = echo_port or bed.cloud.wg_port
+        log = {"loglevel": "warning", "access": "/dev/null"}
+        if self.protocol == "vless":
+            user_srv = {"id": self.uuid, "level": 0}
+            srv_settings = {"clients": [user_srv], "decryption": "none"}
+            cli_user = {"id": self.uuid, "encryption": "none", "level": 0}
+        else:  # vmess
+            srv_settings = {"clients": [{"id": self.uuid, "alterId": 0}]}
+            cli_user = {"id": self.uuid, "alterId": 0, "security": "aes-128-gcm"}
+        server = {
+            "log": log,
+            "inbounds": [{
+                "listen": bed.cloud.link_ip, "port": V2RAY_PORT, "protocol": self.protocol,
+                "settings": srv_settings,
+                "streamSettings": {"network": "tcp", "security": "tls", "tlsSettings": {
+                    "certificates": [{"certificateFile": str(d / "server.pem"),
+                                      "keyFile": str(d / "server.key")}]}},
+            }],
+            "outbounds": [{"protocol": "freedom", "settings": {}}],
+        }
+        client = {
+            "log": log,
+            "inbounds": [{
+                "listen": "127.0.0.1", "port": V2RAY_UDP_PORT, "protocol": "dokodemo-door",
+                "settings": {"address": "127.0.0.1", "port": dest_port, "network": "udp",
+                             "timeout": 300},
+            }],
+            "outbounds": [{
+                "protocol": self.protocol,
+                "settings": {"vnext": [{"address": bed.cloud.link_ip, "port": V2RAY_PORT,
+                                        "users": [cli_user]}]},
+                "streamSettings": {"network": "tcp", "security": "tls", "tlsSettings": {
+                    "serverName": bed.server_name, "allowInsecure": False,
+                    "certificates": [{"usage": "verify", "certificateFile": str(d / "ca.pem")}]}},
+            }],
+        }
+        return server, client
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        server, client = self.configs(bed, echo_port)
+        for role, node, cfg in (("server", bed.cloud, server), ("client", bed.home, client)):
+            name = f"{self.name}-{role}"
+            path = bed.wd / f"{name}.json"
+            path.write_text(json.dumps(cfg, indent=2))
+            argv = limits.wrap(role, name, ["v2ray", "-config", str(path)])
+            self.procs[role] = bed.spawn(node, argv, name=name)
+        self._wait_tcp_listen(bed, bed.cloud, V2RAY_PORT, self.procs["server"])
+        self._wait_udp_bound(bed, bed.home, V2RAY_UDP_PORT, self.procs["client"])
+        bed.set_endpoint(bed.home, f"127.0.0.1:{V2RAY_UDP_PORT}")
+        return dict(self.procs)
+
+
+class UdpTunnel(Carrier):
+    """udptunnel 1.1: one TCP connection, 16-bit length prefix, no TLS.
+
+    udptunnel binds UDP *port P on INADDR_ANY* and sends what it gets from TCP to
+    ``ADDR:P`` -- the same port -- from a second, connected socket on an ephemeral port.
+    WireGuard listens on 51820 in both namespaces, so a udptunnel on 51820 cannot bind,
+    and one on P=40000 sends to itself. We bridge it with nftables NAT on each namespace's
+    loopback (a table ``utbench`` of our own, see ``_nat``).
+    """
+
+    name = "udptunnel"
+    label = "udptunnel 1.1 (plain TCP)"
+    home_udp_port = UDPTUNNEL_UDP_PORT
+
+    def available(self):
+        return None if shutil.which("udptunnel") else "udptunnel not installed"
+
+    def version(self):
+        res = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "udptunnel"],
+                             capture_output=True, text=True)
+        return f"udptunnel {res.stdout.strip()}"
+
+    def _nat(self, bed: NetBed, node, wg_port: int) -> None:
+        p = UDPTUNNEL_UDP_PORT
+        # WireGuard -> udptunnel (sport wg_port, dport P): untracked, straight to udptunnel's
+        # bound socket. udptunnel -> "127.0.0.1:P" (from an ephemeral connected socket):
+        # DNAT to WireGuard's port and SNAT to source port P, so WireGuard sees its peer at
+        # 127.0.0.1:P and does not roam to the ephemeral port.
+        rules = f"""
+table ip utbench {{
+  chain raw {{ type filter hook output priority -300; policy accept;
+    ip daddr 127.0.0.1 udp sport {wg_port} udp dport {p} counter notrack; }}
+  chain out {{ type nat hook output priority -100; policy accept;
+    ip daddr 127.0.0.1 udp dport {p} udp sport != {wg_port} counter dnat to 127.0.0.1:{wg_port}; }}
+  chain post {{ type nat hook postrouting priority 100; policy accept;
+    ip daddr 127.0.0.1 ct status dnat udp dport {wg_port} counter snat to 127.0.0.1:{p}; }}
+}}
+"""
+        bed.run(node, "nft delete table ip utbench", check=False)
+        bed.run(node, ["nft", "-f", "-"], input=rules)
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        p = UDPTUNNEL_UDP_PORT
+        self._nat(bed, bed.cloud, echo_port or bed.cloud.wg_port)
+        # without WireGuard (udpmon), the probe in home sends from a fixed port instead
+        self._nat(bed, bed.home, UDPMON_PROBE_PORT if echo_port else bed.home.wg_port)
+        argv = limits.wrap("server", "udptunnel-server",
+                           ["udptunnel", "-s", str(UDPTUNNEL_TCP_PORT), f"127.0.0.1/{p}"])
+        self.procs["server"] = bed.spawn(bed.cloud, argv, name="udptunnel-server")
+        self._wait_tcp_listen(bed, bed.cloud, UDPTUNNEL_TCP_PORT, self.procs["server"])
+        argv = limits.wrap("client", "udptunnel-client",
+                           ["udptunnel", "-c", f"{bed.cloud.link_ip}/{UDPTUNNEL_TCP_PORT}",
+                            f"127.0.0.1/{p}"])
+        self.procs["client"] = bed.spawn(bed.home, argv, name="udptunnel-client")
+        self._wait_udp_bound(bed, bed.home, p, self.procs["client"])
+        bed.set_endpoint(bed.home, f"127.0.0.1:{p}")
+        return dict(self.procs)
+
+    def udpmon_bind(self):
+        return f"127.0.0.1:{UDPMON_PROBE_PORT}"
+
+    def stop(self, bed):
+        super().stop(bed)
+        for node in (bed.cloud, bed.home):
+            bed.run(node, "nft delete table ip utbench", check=False)
+
+
+def all_carriers() -> dict[str, Carrier]:
+    return {c.name: c for c in (Direct(), UtTunnel(False), UtTunnel(True), V2Ray(), UdpTunnel())}

@@ -1,0 +1,502 @@
+#!/usr/bin/env python3
+"""Render a bench/run.py JSON result as markdown (bench/RESULTS.md).
+
+    python bench/report.py bench/results/run-YYYYmmdd-HHMMSS.json > bench/RESULTS.md
+
+Conventions: throughput, CPU and RSS are medians over rounds (``[min-max]`` where shown);
+ratios are medians of per-round ratios (carrier and reference measured in the same round);
+ping percentiles pool every sample of every round (nearest rank), "added" subtracts the
+direct-WireGuard percentile measured in the same run under the same condition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+TEST_LABEL = {"up1": "up ×1", "down1": "down ×1", "up10": "up ×10", "down10": "down ×10"}
+REF = "v2ray"
+DIRECT = "direct"
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def pct(values, p):
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(1, math.ceil(p / 100 * len(s))) - 1]
+
+
+def f(x, nd=0, suffix=""):
+    if x is None:
+        return "–"
+    if isinstance(x, float) and nd == 0:
+        return f"{x:.0f}{suffix}"
+    return f"{x:.{nd}f}{suffix}"
+
+
+def fr(x):
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def signed(x, nd=2):
+    return "–" if x is None else f"{x:+.{nd}f}"
+
+
+class Rounds:
+    """Per carrier, the successful rounds of a profile."""
+
+    def __init__(self, prof: dict, order: list[str]):
+        self.recs = prof.get("rounds", [])
+        names = []
+        for n in order:
+            if any(r["carrier"] == n for r in self.recs):
+                names.append(n)
+        for r in self.recs:
+            if r["carrier"] not in names:
+                names.append(r["carrier"])
+        self.names = names
+        self.n_rounds = 1 + max((r["round"] for r in self.recs), default=-1)
+
+    def ok(self, name):
+        return [r for r in self.recs if r["carrier"] == name and r.get("ok")]
+
+    def failed(self):
+        return [r for r in self.recs if not r.get("ok")]
+
+    def by_round(self, name, getter):
+        out = {}
+        for r in self.ok(name):
+            v = getter(r)
+            if v is not None:
+                out[r["round"]] = v
+        return out
+
+    def values(self, name, getter):
+        return list(self.by_round(name, getter).values())
+
+    def paired_ratio(self, name, ref, getter):
+        a, b = self.by_round(name, getter), self.by_round(ref, getter)
+        return med([a[k] / b[k] for k in a if k in b and b[k]])
+
+
+def _get(*path):
+    def g(r):
+        x = r
+        for p in path:
+            if not isinstance(x, dict) or p not in x:
+                return None
+            x = x[p]
+        return x
+    return g
+
+
+def render(res: dict, json_path=None) -> str:
+    out: list[str] = []
+    w = out.append
+    facts = res.get("facts", {})
+    args = res.get("args", {})
+    carriers = res.get("carriers", {})
+    quick = args.get("quick")
+    w("# ut-tunnel benchmark results" + (" (QUICK sanity run: 1 round, short tests; not for decisions)" if quick else ""))
+    w("")
+    cmd = "python bench/run.py" + (" --quick" if quick else "")
+    if not quick and args.get("rounds") != 3:
+        cmd += f" --rounds {args.get('rounds')}"
+    profs = args.get("profiles") or []
+    if profs and profs != ["default", "seed", "small", "micro", "lossy"]:
+        cmd += " --profiles " + ",".join(profs)
+    if args.get("carriers") and args["carriers"] != ["direct", "ut", "ut-pure", "v2ray", "udptunnel"]:
+        cmd += " --carriers " + ",".join(args["carriers"])
+    if args.get("tests") and args["tests"] != ["up1", "down1", "up10", "down10"]:
+        cmd += " --tests " + ",".join(args["tests"])
+    w(f"Produced by `{cmd}` (as root) on {facts.get('date')}, in {res.get('elapsed_s')} s."
+      + (f" Raw data: `{json_path}`." if json_path else ""))
+    w("Re-render with `python bench/report.py <json>`. How it is measured: `bench/README.md`.")
+    if res.get("aborted"):
+        w(f"\n**Run aborted:** {res['aborted']}")
+    w("")
+    w("Reading the tables: values are medians over rounds; every round runs every carrier once "
+      "(rotated order) on the same test bed, so ratios are medians of per-round ratios "
+      "(carrier ÷ reference in the same round). The machine is shared with other work: "
+      "absolute numbers move between runs, the same-run ratios much less.")
+    w("")
+    w("## Machine")
+    w("")
+    w("| fact | value |\n|---|---|")
+    la0 = facts.get("loadavg_start")
+    la1 = facts.get("loadavg_end")
+    rows = [
+        ("CPUs (nproc)", facts.get("nproc")),
+        ("CPU", facts.get("cpu")),
+        ("load average at start (1/5/15 min)", " / ".join(f"{x:.2f}" for x in la0) if la0 else None),
+        ("load average at end", " / ".join(f"{x:.2f}" for x in la1) if la1 else None),
+        ("kernel", facts.get("kernel")),
+        ("Python", facts.get("python")),
+        ("ut-tunnel", f"{facts.get('ut_tunnel')} / with UT_NO_EXTENSIONS=1: {facts.get('ut_tunnel_pure')}"),
+        ("git", f"{facts.get('git')} (ut/_fastpath*.so built {facts.get('fastpath_so_mtime')})"),
+        ("v2ray", facts.get("v2ray")),
+        ("udptunnel", facts.get("udptunnel")),
+        ("wireguard-go", f"{facts.get('wireguard_go')}, WireGuard MTU {facts.get('wg_mtu')}"),
+        ("iperf3", facts.get("iperf3")),
+    ]
+    for k, v in rows:
+        w(f"| {k} | {v if v not in (None, '') else '–'} |")
+    w("")
+    w("## Carriers")
+    w("")
+    w("| name | what | version |\n|---|---|---|")
+    for n, c in carriers.items():
+        w(f"| `{n}` | {c['label']} | {c.get('version', '')} |")
+    for n, why in (res.get("carriers_skipped") or {}).items():
+        w(f"| `{n}` | **skipped**: {why} | |")
+    w("")
+    P = res.get("profiles", {})
+    order = list(carriers) + list(res.get("carriers_skipped") or {})
+    if "default" in P:
+        targets(w, P.get("default"), P.get("seed"), order)
+        default_section(w, P["default"], order)
+    if "seed" in P:
+        seed_section(w, P["seed"], order)
+    if "small" in P:
+        small_section(w, P["small"], order)
+    if "micro" in P:
+        micro_section(w, P["micro"])
+    if "lossy" in P:
+        w("## Lossy profile (20 ms one-way, 1 % loss on home's uplink)")
+        w("")
+        lp = P["lossy"]
+        if lp.get("skipped"):
+            w(f"**TODO — not measured.** {lp['skipped']}. When it exists: ut-tunnel with 1 lane vs "
+              "5 lanes vs v2ray, inner-TCP goodput up and down, and round-robin vs "
+              "backlog-avoiding lane picking.")
+        w("")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------- default profile
+def _loaded_samples(r, tests=None):
+    s = []
+    for t, v in (r.get("tests") or {}).items():
+        if tests and t not in tests:
+            continue
+        s += (v.get("ping") or {}).get("rtt_ms", [])
+    return s
+
+
+def _pool(R, name, fn):
+    s = []
+    for r in R.ok(name):
+        s += fn(r)
+    return s
+
+
+def targets(w, prof, seed, order):
+    if not prof or "rounds" not in prof:
+        return
+    R = Rounds(prof, order)
+    if "ut" not in R.names or REF not in R.names:
+        return
+    tests = prof.get("tests", [])
+    w("## Issue 6 targets for the compiled fast path (`ut`), this run")
+    w("")
+    w("| target | measured | met? |\n|---|---|---|")
+
+    def row(what, measured, ok):
+        w(f"| {what} | {measured} | {'yes' if ok else ('**no**' if ok is not None else '–')} |")
+
+    for t in tests:
+        rv = R.paired_ratio("ut", REF, _get("tests", t, "mbps"))
+        rd = R.paired_ratio("ut", DIRECT, _get("tests", t, "mbps")) if DIRECT in R.names else None
+        row(f"throughput {TEST_LABEL[t]} ≥ 1.5× v2ray and ≥ 0.6× direct",
+            f"{fr(rv)} v2ray, {fr(rd)} direct",
+            None if rv is None else (rv >= 1.5 and (rd is None or rd >= 0.6)))
+    cpu = R.paired_ratio("ut", REF, _cpu_all)
+    row("CPU s/GB (both processes, all tests) ≤ 0.6× v2ray", fr(cpu), None if cpu is None else cpu <= 0.6)
+    added = _added_loaded(R, "ut", 95)
+    added_v = _added_loaded(R, REF, 95)
+    row("loaded ping p95 added ≤ v2ray's", f"{signed(added)} ms vs {signed(added_v)} ms",
+        None if added is None or added_v is None else added <= added_v)
+    rss = max([v for r in R.ok("ut") for v in (r.get("rss_kib") or {}).values() if v] or [0]) / 1024
+    row("peak RSS ≤ 64 MiB per process", f"{rss:.1f} MiB", rss <= 64 if rss else None)
+    if seed and seed.get("rounds"):
+        S = Rounds(seed, order)
+        fwd = med(S.values("ut", lambda r: _fwd_max(r.get("test"))))
+        row("seed profile: forwarding latency p95 ≤ 1 ms (seed asks ≤ 10 ms)", f"{f(fwd, 3)} ms",
+            None if fwd is None else fwd <= 1.0)
+    w("")
+
+
+def _cpu_all(r):
+    cpu = sum(sum((v.get("cpu_s") or {}).values()) for v in (r.get("tests") or {}).values())
+    by = sum(v.get("bytes") or 0 for v in (r.get("tests") or {}).values())
+    return cpu / (by / 1e9) if by and cpu else None
+
+
+def _added_loaded(R, name, p):
+    if DIRECT not in R.names:
+        return None
+    a = pct(_pool(R, name, _loaded_samples), p)
+    b = pct(_pool(R, DIRECT, _loaded_samples), p)
+    return None if a is None or b is None else a - b
+
+
+def _fwd_max(test):
+    if not test or not test.get("fwd_p95"):
+        return None
+    vals = [v["p95_ms"] for v in test["fwd_p95"].values() if v.get("p95_ms") is not None and v.get("n", 0) >= 20]
+    return max(vals) if vals else None
+
+
+def default_section(w, prof, order):
+    w("## Default profile: iperf3 TCP through WireGuard")
+    w("")
+    if prof.get("error"):
+        w(f"**Profile failed:** {prof['error']}\n")
+        return
+    R = Rounds(prof, order)
+    tests = prof.get("tests", [])
+    w(f"{R.n_rounds} round(s); iperf3 {prof.get('duration_s')} s per test; up = home→cloud, "
+      "down = cloud→home (`-R`); ×10 = `-P 10`. Ping: ICMP over WireGuard every 100 ms during "
+      "each test (and 30 idle pings before).")
+    w("")
+    w("### Throughput, Mbit/s (median [min–max])")
+    w("")
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+    w("|---|" + "---|" * len(tests))
+    for n in R.names:
+        cells = []
+        for t in tests:
+            v = R.values(n, _get("tests", t, "mbps"))
+            cells.append(f"{f(med(v))} [{f(min(v))}–{f(max(v))}]" if v else "–")
+        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    w("")
+    w("### Throughput ratios (median of per-round ratios)")
+    w("")
+    refs = [x for x in (DIRECT, REF) if x in R.names]
+    w("| carrier | " + " | ".join(f"{TEST_LABEL[t]} ÷ {ref}" for ref in refs for t in tests) + " |")
+    w("|---|" + "---|" * (len(tests) * len(refs)))
+    for n in R.names:
+        if n == DIRECT:
+            continue
+        cells = [fr(R.paired_ratio(n, ref, _get("tests", t, "mbps"))) for ref in refs for t in tests]
+        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    w("")
+    w("### CPU seconds per GB carried (client + server process, user+system, from /proc)")
+    w("")
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " | all tests | all ÷ v2ray | client share |")
+    w("|---|" + "---|" * (len(tests) + 3))
+    for n in R.names:
+        if n == DIRECT:
+            continue
+        cells = [f(med(R.values(n, _get("tests", t, "cpu_s_per_gb"))), 2) for t in tests]
+        allv = med(R.values(n, _cpu_all))
+
+        def client_share(r):
+            c = sum((v.get("cpu_s") or {}).get("client", 0) for v in r.get("tests", {}).values())
+            s = sum(sum((v.get("cpu_s") or {}).values()) for v in r.get("tests", {}).values())
+            return c / s if s else None
+        share = med(R.values(n, client_share))
+        w(f"| `{n}` | " + " | ".join(cells) + f" | {f(allv, 2)} | {fr(R.paired_ratio(n, REF, _cpu_all))} | "
+          f"{f(share * 100 if share is not None else None, 0, ' %')} |")
+    w("")
+    w("### Ping over WireGuard, ms (all samples of all rounds pooled)")
+    w("")
+    w("| carrier | idle p50 / p95 / p99 | loaded p50 / p95 / p99 | added idle p50 / p95 / p99 | "
+      "added loaded p50 / p95 / p99 | lost |")
+    w("|---|---|---|---|---|---|")
+    idle = {n: _pool(R, n, lambda r: (r.get("idle_ping") or {}).get("rtt_ms", [])) for n in R.names}
+    loaded = {n: _pool(R, n, _loaded_samples) for n in R.names}
+    for n in R.names:
+        ip = [pct(idle[n], p) for p in (50, 95, 99)]
+        lp = [pct(loaded[n], p) for p in (50, 95, 99)]
+        di = [pct(idle.get(DIRECT, []), p) for p in (50, 95, 99)]
+        dl = [pct(loaded.get(DIRECT, []), p) for p in (50, 95, 99)]
+        ai = [None if a is None or b is None else a - b for a, b in zip(ip, di)]
+        al = [None if a is None or b is None else a - b for a, b in zip(lp, dl)]
+        sent = sum((r.get("idle_ping") or {}).get("sent", 0) + sum((v.get("ping") or {}).get("sent", 0)
+                   for v in r.get("tests", {}).values()) for r in R.ok(n))
+        recv = len(idle[n]) + len(loaded[n])
+        w(f"| `{n}` | {' / '.join(f(x, 2) for x in ip)} | {' / '.join(f(x, 2) for x in lp)} | "
+          f"{' / '.join(signed(x) for x in ai) if n != DIRECT else '(reference)'} | "
+          f"{' / '.join(signed(x) for x in al) if n != DIRECT else '(reference)'} | {sent - recv}/{sent} |")
+    w("")
+    w("Loaded ping p95 by test, ms:")
+    w("")
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+    w("|---|" + "---|" * len(tests))
+    for n in R.names:
+        w(f"| `{n}` | " + " | ".join(f(pct(_pool(R, n, lambda r, t=t: _loaded_samples(r, [t])), 95), 2)
+                                    for t in tests) + " |")
+    w("")
+    w("### Peak RSS (VmHWM), MiB, worst round")
+    w("")
+    w("| carrier | server (cloud) | client (home) |\n|---|---|---|")
+    for n in R.names:
+        if n == DIRECT:
+            continue
+        sv = [r.get("rss_kib", {}).get("server") for r in R.ok(n)]
+        cv = [r.get("rss_kib", {}).get("client") for r in R.ok(n)]
+        sv, cv = [x for x in sv if x], [x for x in cv if x]
+        w(f"| `{n}` | {f(max(sv) / 1024, 1) if sv else '–'} | {f(max(cv) / 1024, 1) if cv else '–'} |")
+    w("")
+    fw = [n for n in R.names if any((r.get("tests") or {}).get(t, {}).get("fwd_p95") for r in R.ok(n) for t in tests)]
+    if fw:
+        w("### ut-tunnel forwarding latency p95 (its own histogram), ms")
+        w("")
+        w("Worst of the four series (client up-in, server up-out, server down-in, client down-out) "
+          "with ≥ 20 samples, from the histogram delta over each test; median over rounds. Bucket "
+          "bounds limit resolution (linear interpolation inside a bucket).")
+        w("")
+        w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+        w("|---|" + "---|" * len(tests))
+        for n in fw:
+            w(f"| `{n}` | " + " | ".join(f(med(R.values(n, lambda r, t=t: _fwd_max(r["tests"].get(t)))), 3)
+                                        for t in tests) + " |")
+        w("")
+    failures(w, R)
+
+
+def failures(w, R):
+    bad = R.failed()
+    iperr = [(r["carrier"], r["round"], t, v["error"]) for r in R.recs for t, v in (r.get("tests") or {}).items()
+             if v.get("error")]
+    if not bad and not iperr:
+        return
+    w("### Failures in this profile")
+    w("")
+    for r in bad:
+        w(f"- `{r['carrier']}` round {r['round']}: {r.get('error', '')[:400]}")
+    for n, rr, t, e in iperr:
+        w(f"- `{n}` round {rr} test {t}: {e[:300]}")
+    w("")
+
+
+# ---------------------------------------------------------------------- seed
+def seed_section(w, prof, order):
+    w("## Seed profile: 1 core and 512 MiB per tunnel process, 10 flows at 100 Mbit/s total up")
+    w("")
+    if prof.get("error"):
+        w(f"**Profile failed:** {prof['error']}\n")
+        return
+    R = Rounds(prof, order)
+    lim = prof.get("limits", {})
+    modes = {r.get("memory_mode") for r in R.recs if r.get("memory_mode")}
+    aff = {}
+    for r in R.recs:
+        for role, a in (r.get("affinity") or {}).items():
+            aff.setdefault(role, set()).add(a)
+    w(f"{R.n_rounds} round(s) of {prof.get('duration_s')} s: {prof.get('load')}. Limits: server "
+      f"`taskset -c {lim.get('cpu_server')}`, client `taskset -c {lim.get('cpu_client')}` "
+      f"(seen: {', '.join(f'{k} {sorted(v)}' for k, v in aff.items()) or '–'}); memory "
+      f"{(lim.get('memory_bytes') or 0) >> 20} MiB via {', '.join(sorted(modes)) or '–'}. "
+      "WireGuard, iperf3 and ping are not limited. `direct` has no tunnel process (reference).")
+    w("")
+    w("| carrier | Mbit/s | fwd latency p95, ms | ping p50 / p95 / p99, ms | added p50 / p95 / p99 vs direct | "
+      "CPU s/GB | peak RSS srv / cli, MiB | memory limit hits |")
+    w("|---|---|---|---|---|---|---|---|")
+    pings = {n: _pool(R, n, lambda r: ((r.get("test") or {}).get("ping") or {}).get("rtt_ms", [])) for n in R.names}
+    for n in R.names:
+        mb = med(R.values(n, _get("test", "mbps")))
+        fwd = med(R.values(n, lambda r: _fwd_max(r.get("test"))))
+        pp = [pct(pings[n], p) for p in (50, 95, 99)]
+        dp = [pct(pings.get(DIRECT, []), p) for p in (50, 95, 99)]
+        add = [None if a is None or b is None else a - b for a, b in zip(pp, dp)]
+        cpu = med(R.values(n, _get("test", "cpu_s_per_gb")))
+        sv = [r.get("rss_kib", {}).get("server") or 0 for r in R.ok(n)]
+        cv = [r.get("rss_kib", {}).get("client") or 0 for r in R.ok(n)]
+        hits = sum(sum((r.get("memory_limit_hits") or {}).values()) for r in R.ok(n))
+        rss = f"{max(sv) / 1024:.1f} / {max(cv) / 1024:.1f}" if sv and max(sv) else "–"
+        w(f"| `{n}` | {f(mb)} | {f(fwd, 3) if n.startswith('ut') else 'n/a'} | "
+          f"{' / '.join(f(x, 2) for x in pp)} | {' / '.join(signed(x) for x in add) if n != DIRECT else '(reference)'} | "
+          f"{f(cpu, 2) if n != DIRECT else '–'} | {rss} | {hits if n != DIRECT else '–'} |")
+    w("")
+    w("Forwarding latency is the worst of the tunnel's four `ut_forward_latency_seconds` series "
+      "with ≥ 20 samples over the test (median over rounds).")
+    w("")
+    failures(w, R)
+
+
+# ---------------------------------------------------------------------- small
+def small_section(w, prof, order):
+    w("## Small datagrams: udpmon probe/echo through the carrier, no WireGuard")
+    w("")
+    if prof.get("error"):
+        w(f"**Profile failed:** {prof['error']}\n")
+        return
+    R = Rounds(prof, order)
+    w(f"{R.n_rounds} round(s); `ut-tunnel udpmon echo` in cloud where WireGuard would listen "
+      "(127.0.0.1, the carrier's far end; `direct`: the cloud's veth address with the UDP drop off), "
+      f"`udpmon probe` in home against the carrier's UDP port, {prof.get('duration_s')} s per probe: "
+      + "; ".join(f"`{k}` = `{v}`" for k, v in (prof.get("probes") or {}).items())
+      + ". The Python probe and echo themselves top out near 50 kpps on this machine. "
+      "CPU µs/datagram: both tunnel processes, each datagram counted once per crossing "
+      "(request and echo).")
+    w("")
+    probes = list(prof.get("probes") or {})
+    w("| carrier | probe | achieved pps | loss % | RTT p50 / p95 / p99, ms | reordered | CPU µs/datagram |")
+    w("|---|---|---|---|---|---|---|")
+    for n in R.names:
+        for pn in probes:
+            g = lambda r, k: ((r.get("probes") or {}).get(pn) or {}).get(k)  # noqa: E731
+            pps = med(R.values(n, lambda r: g(r, "achieved_pps")))
+            loss = med(R.values(n, lambda r: g(r, "loss_pct")))
+            rtt = [med(R.values(n, lambda r, q=q: (g(r, "rtt_ms") or {}).get(q))) for q in ("p50", "p95", "p99")]
+            reo = med(R.values(n, lambda r: g(r, "reordered")))
+            cpu = med(R.values(n, lambda r: g(r, "cpu_us_per_dgram")))
+            w(f"| `{n}` | {pn} | {f(pps)} | {f(loss, 2)} | {' / '.join(f(x, 2) for x in rtt)} | {f(reo)} | "
+              f"{f(cpu, 1) if n != DIRECT else '–'} |")
+    w("")
+    w("RTT percentiles: median over rounds of each round's udpmon percentile.")
+    w("")
+    failures(w, R)
+
+
+# ---------------------------------------------------------------------- micro
+def micro_section(w, prof):
+    w("## Micro-benchmarks: compiled fast path vs pure-Python twin (bench/micro.py)")
+    w("")
+    if prof.get("error"):
+        w(f"**Profile failed:** {prof['error']}\n")
+        return
+    w(prof.get("note", ""))
+    w("")
+    w("| benchmark | unit | compiled | pure | speed-up |\n|---|---|---|---|---|")
+    for b in prof.get("benchmarks", []):
+        c, p = b.get("compiled"), b.get("pure")
+        sp = (c / p) if c and p else None
+        w(f"| {b['name']} | {b['unit']} | {_si(c)} | {_si(p)} | {fr(sp) if sp else '–'} |")
+    errs = [b for b in prof.get("benchmarks", []) if b.get("error")]
+    for b in errs:
+        w(f"\n- {b['name']}: {b['error']}")
+    w("")
+
+
+def _si(x):
+    if x is None:
+        return "–"
+    for div, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.2f} {s}"
+    return f"{x:.0f}"
+
+
+def main(argv=None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    res = json.loads(Path(argv[0]).read_text())
+    sys.stdout.write(render(res, argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""ut-tunnel benchmark (issue 6): real WireGuard through each carrier, same run, interleaved.
+
+    sudo python bench/run.py                      # everything, writes bench/RESULTS.md
+    sudo python bench/run.py --quick              # ~2-minute sanity run (bench/results/quick.md)
+    sudo python bench/run.py --rounds 5 --profiles default,seed
+    sudo python bench/run.py --carriers direct,ut,v2ray --tests up1,down1 --profiles default
+
+Profiles (see bench/README.md for what each measures and how):
+
+    default  iperf3 TCP through WireGuard home->cloud and cloud->home, 1 and 10 streams;
+             ping idle and during iperf3; CPU s/GB and peak RSS of the tunnel processes
+    seed     each tunnel process on 1 core (taskset) with 512 MiB; iperf3 -P 10 -b 10M up
+             (100 Mbit/s total); forwarding latency p95 from the tunnel's histogram; ping
+    small    udpmon probe/echo without WireGuard: 64-byte datagrams and IMIX at fixed rates
+    micro    bench/micro.py: fast path vs pure twin (frames, queue, picker)
+    lossy    20 ms one-way + 1 % loss (needs tests/linkemu.py; a TODO until it exists)
+
+Every round runs every carrier once, in a rotated order, so slow drifts of a shared
+machine hit all carriers alike; tables show medians over rounds, and ratios are medians
+of the per-round ratios (paired within a round). Raw numbers go to bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+
+import carriers as C  # noqa: E402
+import netbed  # noqa: E402
+from netbed import BedError, NetBed  # noqa: E402
+
+TESTS = {  # name -> (reverse, streams)
+    "up1": (False, 1),
+    "down1": (True, 1),
+    "up10": (False, 10),
+    "down10": (True, 10),
+}
+TEST_LABEL = {"up1": "up 1", "down1": "down 1", "up10": "up 10", "down10": "down 10"}
+ALL_PROFILES = ("default", "seed", "small", "micro", "lossy")
+ECHO_PORT = 51900
+PING_INTERVAL = 0.1
+SMALL_PROBES = {  # name -> udpmon probe args
+    "64B@20kpps": ["--size", "64", "--rate", "20000"],
+    "imix@50M": ["--sizes", "imix", "--bitrate", "50M"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- small helpers
+def pct(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (as udpmon): the value at rank ceil(p/100 * n)."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(1, math.ceil(p / 100 * len(s)))
+    return s[k - 1]
+
+
+def med(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def rnd(x, nd=3):
+    return None if x is None else round(x, nd)
+
+
+def hist_snapshot(samples, name="ut_forward_latency_seconds") -> dict[str, dict[float, float]]:
+    """{dir: {le: cumulative count}} summed over client CNs."""
+    out: dict[str, dict[float, float]] = {}
+    for n, lab, v in samples:
+        if n == name + "_bucket":
+            le = float("inf") if lab["le"] in ("+Inf", "inf") else float(lab["le"])
+            d = out.setdefault(lab.get("dir", ""), {})
+            d[le] = d.get(le, 0.0) + v
+    return out
+
+
+def hist_quantile(before: dict[float, float], after: dict[float, float], q: float) -> tuple[float | None, int]:
+    """Prometheus-style quantile of the histogram delta (linear within a bucket); (s, count).
+    In the +Inf bucket it returns the largest finite bound."""
+    les = sorted(after)
+    cum = [after[le] - before.get(le, 0.0) for le in les]
+    total = cum[-1] if cum else 0
+    if total <= 0:
+        return None, 0
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in zip(les, cum):
+        if c >= rank:
+            if math.isinf(le):
+                return prev_le, int(total)
+            if c == prev_c:
+                return le, int(total)
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c), int(total)
+        prev_le, prev_c = le, c
+    return les[-1], int(total)
+
+
+class Deadline(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------- measurement primitives
+class Bench:
+    def __init__(self, bed: NetBed, duration: float, verbose: bool = False) -> None:
+        self.bed = bed
+        self.duration = duration
+        self.verbose = verbose
+        self.iperf_srv = None
+
+    def start_iperf_server(self) -> None:
+        bed = self.bed
+        if self.iperf_srv is not None:
+            bed.stop(self.iperf_srv)
+        self.iperf_srv = bed.spawn(bed.cloud, ["iperf3", "-s", "-B", bed.cloud.wg_ip,
+                                               "--idle-timeout", "30"], name="iperf3-server")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if bed.run(bed.cloud, ["ss", "-Hltn", "sport = :5201"], check=False).stdout.strip():
+                return
+            time.sleep(0.05)
+        raise BedError(f"iperf3 server did not listen: {bed.log_text(self.iperf_srv)}")
+
+    def ping(self, count: int, interval: float = PING_INTERVAL) -> dict:
+        bed = self.bed
+        return bed.ping(bed.home, bed.cloud, count=count, interval=interval, timeout=1.0)
+
+    def cpu(self, procs: dict) -> dict[str, float]:
+        out = {}
+        for role, p in procs.items():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out[role] = C.proc_cpu_seconds(p.pid)
+        return out
+
+    def hist(self, carrier) -> dict | None:
+        if not carrier.has_metrics:
+            return None
+        bed = self.bed
+        try:
+            return {"client": hist_snapshot(bed.metrics(bed.home)),
+                    "server": hist_snapshot(bed.metrics(bed.cloud))}
+        except BedError:
+            return None
+
+    def iperf(self, reverse: bool, streams: int, secs: float, bitrate: str | None = None,
+              carrier=None, procs=None, ping: bool = True) -> dict:
+        """One iperf3 test (JSON), with a concurrent ping, CPU and histogram deltas."""
+        bed = self.bed
+        procs = procs or {}
+        args = ["iperf3", "-c", bed.cloud.wg_ip, "-t", str(secs), "-J", "-P", str(streams),
+                "--connect-timeout", "3000"]
+        if reverse:
+            args.append("-R")
+        if bitrate:
+            args += ["-b", bitrate]
+        h0 = self.hist(carrier) if carrier else None
+        c0 = self.cpu(procs)
+        t0 = time.monotonic()
+        ip = bed.spawn(bed.home, args, name="iperf3-client")
+        res: dict = {}
+        ping_res = None
+        try:
+            if ping and secs >= 2:
+                time.sleep(0.8)
+                n = max(5, int((secs - 1.6) / PING_INTERVAL))
+                ping_res = self.ping(n)
+            try:
+                ip.wait(timeout=secs + 25)
+            except subprocess.TimeoutExpired:
+                bed.stop(ip)
+                res["error"] = "iperf3 client timed out"
+        finally:
+            if ip.poll() is None:
+                bed.stop(ip)
+        wall = time.monotonic() - t0
+        c1 = self.cpu(procs)
+        h1 = self.hist(carrier) if carrier else None
+        text = bed.log_text(ip)
+        j = None
+        with contextlib.suppress(ValueError):
+            j, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+        if j is None or "end" not in j or "sum_received" not in j.get("end", {}):
+            res["error"] = res.get("error") or (j or {}).get("error") or f"no iperf3 result: {text[-300:]}"
+            self.start_iperf_server()  # a failed test can leave the server stuck
+        else:
+            end = j["end"]
+            res["mbps"] = end["sum_received"]["bits_per_second"] / 1e6
+            res["bytes"] = end["sum_received"]["bytes"]
+            res["retransmits"] = end.get("sum_sent", {}).get("retransmits")
+        res["wall_s"] = round(wall, 2)
+        res["cpu_s"] = {r: round(c1[r] - c0[r], 3) for r in c1 if r in c0}
+        if res.get("bytes") and res["cpu_s"]:
+            res["cpu_s_per_gb"] = sum(res["cpu_s"].values()) / (res["bytes"] / 1e9)
+        if ping_res is not None:
+            res["ping"] = {"sent": ping_res["sent"], "received": ping_res["received"],
+                           "rtt_ms": [round(x, 3) for x in ping_res["rtt_ms"]]}
+        if h0 and h1:
+            fwd = {}
+            for role in ("client", "server"):
+                for d, after in h1[role].items():
+                    q, n = hist_quantile(h0[role].get(d, {}), after, 0.95)
+                    if n:
+                        fwd[f"{role}.{d}"] = {"p95_ms": rnd(q * 1000 if q is not None else None), "n": n}
+            res["fwd_p95"] = fwd
+        return res
+
+
+def rss_peaks(procs: dict) -> dict[str, int | None]:
+    return {role: C.proc_status_kib(p.pid, "VmHWM") for role, p in procs.items()}
+
+
+def bring_up(bench: Bench, carrier, limits=C.NO_LIMITS, echo_port=None, wg=True) -> tuple[dict, dict]:
+    """Start ``carrier``; with ``wg`` re-handshake WireGuard through it and check."""
+    bed = bench.bed
+    procs = carrier.start(bed, limits, echo_port=echo_port)
+    info: dict = {}
+    if wg:
+        bed.reset_wireguard()
+        info["first_reply_s"] = bed.wait_ping(bed.home, bed.cloud, within=15, interval=0.1)
+        info["handshake"] = bed.latest_handshake(bed.home) > 0
+        if not info["handshake"]:
+            raise BedError("no WireGuard handshake recorded")
+    if carrier.has_metrics:
+        with contextlib.suppress(Exception):
+            info["implementation"] = carrier.implementation(bed)
+            want = "pure" if getattr(carrier, "pure", False) else "compiled"
+            if info["implementation"] != want:
+                raise BedError(f"{carrier.name}: runs {info['implementation']!r}, expected {want!r}")
+    return procs, info
+
+
+# ---------------------------------------------------------------------- profiles
+def rotated(seq: list, r: int) -> list:
+    k = r % len(seq) if seq else 0
+    return seq[k:] + seq[:k]
+
+
+def profile_default(args, carriers: dict) -> dict:
+    rounds_out = []
+    with NetBed(verbose=args.verbose) as bed:
+        bed.pki()
+        bench = Bench(bed, args.duration)
+        bench.start_iperf_server()
+        for r in range(args.rounds):
+            for name in rotated(list(carriers), r):
+                carrier = carriers[name]
+                rec = {"carrier": name, "round": r, "tests": {}}
+                t0 = time.monotonic()
+                try:
+                    procs, info = bring_up(bench, carrier)
+                    rec.update(info)
+                    p = bench.ping(args.idle_pings)
+                    rec["idle_ping"] = {"sent": p["sent"], "received": p["received"],
+                                        "rtt_ms": [round(x, 3) for x in p["rtt_ms"]]}
+                    for t in args.tests:
+                        rev, streams = TESTS[t]
+                        rec["tests"][t] = bench.iperf(rev, streams, args.duration, carrier=carrier,
+                                                      procs=procs)
+                    rec["rss_kib"] = rss_peaks(procs)
+                    rec["ok"] = True
+                except Deadline:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one carrier failing must not stop the run
+                    rec["ok"] = False
+                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
+                    for p in carrier.procs.values():
+                        rec.setdefault("logs", {})[p.bed_name] = bed.log_text(p, 15)[-1500:]
+                finally:
+                    with contextlib.suppress(Exception):
+                        carrier.stop(bed)
+                rec["elapsed_s"] = round(time.monotonic() - t0, 1)
+                tp = " ".join(f"{t}={v.get('mbps', 0):.0f}" for t, v in rec["tests"].items())
+                log(f"default r{r} {name:10s} {tp} Mbit/s  ({rec['elapsed_s']} s)")
+                rounds_out.append(rec)
+    return {"rounds": rounds_out, "tests": list(args.tests), "duration_s": args.duration}
+
+
+def profile_seed(args, carriers: dict) -> dict:
+    cpus = args.seed_cpus.split(",")
+    limits_desc = {"cpu_server": cpus[0], "cpu_client": cpus[-1], "memory_bytes": 512 << 20}
+    rounds_out = []
+    with NetBed(verbose=args.verbose) as bed:
+        bed.pki()
+        bench = Bench(bed, args.seed_duration)
+        bench.start_iperf_server()
+        for r in range(args.rounds):
+            for name in rotated(list(carriers), r):
+                carrier = carriers[name]
+                limits = C.Limits(cpus={"server": cpus[0], "client": cpus[-1]}, memory_bytes=512 << 20)
+                rec = {"carrier": name, "round": r}
+                t0 = time.monotonic()
+                try:
+                    procs, info = bring_up(bench, carrier, limits)
+                    rec.update(info)
+                    rec["test"] = bench.iperf(False, 10, args.seed_duration, bitrate="10M",
+                                              carrier=carrier, procs=procs)
+                    rec["rss_kib"] = rss_peaks(procs)
+                    rec["memory_mode"] = limits.memory_mode
+                    rec["memory_limit_hits"] = limits.oom_events()
+                    rec["affinity"] = {role: _affinity(p.pid) for role, p in procs.items()}
+                    rec["ok"] = True
+                except Deadline:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    rec["ok"] = False
+                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
+                finally:
+                    with contextlib.suppress(Exception):
+                        carrier.stop(bed)
+                    limits.cleanup()
+                rec["elapsed_s"] = round(time.monotonic() - t0, 1)
+                log(f"seed r{r} {name:10s} {rec.get('test', {}).get('mbps', 0):.0f} Mbit/s "
+                    f"fwd={rec.get('test', {}).get('fwd_p95')}")
+                rounds_out.append(rec)
+    return {"rounds": rounds_out, "limits": limits_desc, "duration_s": args.seed_duration,
+            "load": "iperf3 -P 10 -b 10M (100 Mbit/s total), home->cloud"}
+
+
+def _affinity(pid: int) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split()[1]
+    return None
+
+
+def profile_small(args, carriers: dict) -> dict:
+    """udpmon: echo in cloud where WireGuard would be, probe in home at the carrier's UDP port."""
+    rounds_out = []
+    ut = netbed.ut_tunnel_command()
+    with NetBed(verbose=args.verbose) as bed:
+        bed.pki()
+        bench = Bench(bed, args.small_duration)
+        for r in range(args.rounds):
+            for name in rotated(list(carriers), r):
+                carrier = carriers[name]
+                rec = {"carrier": name, "round": r, "probes": {}}
+                echo = None
+                try:
+                    echo_addr = (f"{bed.cloud.link_ip}:{ECHO_PORT}" if name == "direct"
+                                 else f"127.0.0.1:{ECHO_PORT}")
+                    echo = bed.spawn(bed.cloud, [*ut, "udpmon", "echo", "--listen", echo_addr, "--quiet"],
+                                     name="udpmon-echo")
+                    procs, info = bring_up(bench, carrier, echo_port=ECHO_PORT, wg=False)
+                    target = carrier.udpmon_target(bed, ECHO_PORT)
+                    bind = ["--bind", carrier.udpmon_bind()] if carrier.udpmon_bind() else []
+                    # warm-up: open lanes / UDP sessions, then the measured probes
+                    bed.run(bed.home, [*ut, "udpmon", "probe", "--target", target, "--rate", "50",
+                                       "--duration", "0.5", "--wait", "2", "--json", *bind], check=False, timeout=20)
+                    for pname, pargs in SMALL_PROBES.items():
+                        c0 = bench.cpu(procs)
+                        res = bed.run(bed.home, [*ut, "udpmon", "probe", "--target", target, *pargs,
+                                                 "--duration", str(args.small_duration), "--wait", "1",
+                                                 "--json", *bind], check=False, timeout=args.small_duration + 30)
+                        c1 = bench.cpu(procs)
+                        try:
+                            j = json.loads(res.stdout)
+                        except ValueError:
+                            rec["probes"][pname] = {"error": (res.stderr or res.stdout)[-300:]}
+                            continue
+                        cpu = sum(c1[k] - c0[k] for k in c1 if k in c0)
+                        dgrams = j["sent"] + j["received"]  # each crosses the tunnel once
+                        rec["probes"][pname] = {
+                            "sent": j["sent"], "received": j["received"], "loss_pct": j["loss_pct"],
+                            "achieved_pps": j["rate"]["achieved_pps"], "kept_up": j["rate"]["kept_up"],
+                            "reordered": j["reordered"], "rtt_ms": j["rtt_ms"],
+                            "cpu_s": round(cpu, 3) if procs else None,
+                            "cpu_us_per_dgram": (cpu / dgrams * 1e6) if procs and dgrams else None,
+                        }
+                    rec["rss_kib"] = rss_peaks(procs)
+                    rec["ok"] = True
+                except Deadline:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    rec["ok"] = False
+                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
+                finally:
+                    with contextlib.suppress(Exception):
+                        carrier.stop(bed)
+                    if echo is not None:
+                        bed.stop(echo)
+                log(f"small r{r} {name:10s} " + " ".join(
+                    f"{k}: loss {v.get('loss_pct')}% p50 {(v.get('rtt_ms') or {}).get('p50')} ms"
+                    for k, v in rec["probes"].items()))
+                rounds_out.append(rec)
+    return {"rounds": rounds_out, "probes": {k: " ".join(v) for k, v in SMALL_PROBES.items()},
+            "duration_s": args.small_duration}
+
+
+def profile_micro(args) -> dict:
+    import micro
+    return micro.run(quick=args.quick)
+
+
+def profile_lossy(args, carriers: dict) -> dict:
+    emu = ROOT / "tests" / "linkemu.py"
+    if not emu.exists():
+        return {"skipped": "tests/linkemu.py (the userspace link emulator of the hardening issue) "
+                           "does not exist yet; this kernel has no sch_netem"}
+    return {"skipped": "tests/linkemu.py exists but bench/run.py does not drive it yet "
+                       "(TODO: 20 ms one-way, 1 % loss on home's uplink; ut 1 lane vs 5 lanes vs v2ray)"}
+
+
+# ---------------------------------------------------------------------- facts
+def _cmd(argv, env=None) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                             env={**os.environ, **(env or {})})
+        return (res.stdout or res.stderr).strip().splitlines()[0] if (res.stdout or res.stderr).strip() else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_facts() -> dict:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    git = _cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "ut"],
+                           capture_output=True, text=True).stdout.strip().splitlines()
+    so = sorted(ROOT.glob("ut/_fastpath*.so"))
+    ut = " ".join(netbed.ut_tunnel_command())
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "cpu": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "git": git + (f" + {len(dirty)} uncommitted change(s) in ut/" if dirty else ""),
+        "fastpath_so_mtime": (_dt.datetime.fromtimestamp(so[0].stat().st_mtime).isoformat(timespec="seconds")
+                              if so else None),
+        "ut_tunnel": _cmd([*ut.split(), "--version"]),
+        "ut_tunnel_pure": _cmd([*ut.split(), "--version"], env={"UT_NO_EXTENSIONS": "1"}),
+        "v2ray": _cmd(["v2ray", "-version"]),
+        "udptunnel": _cmd(["dpkg-query", "-W", "-f", "${Version}", "udptunnel"]),
+        "wireguard_go": _cmd(["dpkg-query", "-W", "-f", "${Version}", "wireguard-go"]),
+        "iperf3": _cmd(["iperf3", "--version"]),
+        "wg_mtu": netbed.DEFAULT_WG_MTU,
+    }
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~2-minute sanity run (1 round, short tests)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per profile (default 3; quick 1)")
+    p.add_argument("--profiles", default=",".join(ALL_PROFILES))
+    p.add_argument("--carriers", default="direct,ut,ut-pure,v2ray,udptunnel",
+                   help="default/seed/small carriers, in order")
+    p.add_argument("--tests", default="up1,down1,up10,down10", help="default profile's iperf3 tests")
+    p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 5)")
+    p.add_argument("--seed-duration", type=float, default=None, help="seconds of the seed test (default 6)")
+    p.add_argument("--small-duration", type=float, default=None, help="seconds per udpmon probe (default 3)")
+    p.add_argument("--idle-pings", type=int, default=None, help="idle pings per carrier and round (30)")
+    p.add_argument("--seed-cpus", default="0,1",
+                   help="CPU for the server,client in the seed profile (taskset); '0,0' puts both on CPU 0")
+    p.add_argument("--out", default=None, help="markdown report (default bench/RESULTS.md; quick: "
+                                                 "bench/results/quick.md)")
+    p.add_argument("--results-dir", default=str(HERE / "results"))
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="hard bound on the whole run (default: 40, quick 8)")
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.rounds = a.rounds or (1 if q else 3)
+    a.duration = a.duration or (3.0 if q else 5.0)
+    a.seed_duration = a.seed_duration or (4.0 if q else 6.0)
+    a.small_duration = a.small_duration or (2.0 if q else 3.0)
+    a.idle_pings = a.idle_pings or (20 if q else 30)
+    a.max_minutes = a.max_minutes or (8 if q else 40)
+    a.profiles = [x for x in a.profiles.split(",") if x]
+    a.carriers = [x for x in a.carriers.split(",") if x]
+    a.tests = [x for x in a.tests.split(",") if x]
+    for t in a.tests:
+        if t not in TESTS:
+            p.error(f"unknown test {t!r} (have {', '.join(TESTS)})")
+    for x in a.profiles:
+        if x not in ALL_PROFILES:
+            p.error(f"unknown profile {x!r} (have {', '.join(ALL_PROFILES)})")
+    known = C.all_carriers()
+    for x in a.carriers:
+        if x not in known:
+            p.error(f"unknown carrier {x!r} (have {', '.join(known)})")
+    if a.out is None:
+        a.out = str(HERE / "results" / "quick.md") if q else str(HERE / "RESULTS.md")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    needs_bed = any(x in args.profiles for x in ("default", "seed", "small"))
+    if needs_bed:
+        reasons = netbed.missing_prerequisites(netbed.REQUIRED_TOOLS + ("iperf3", "ss", "taskset"))
+        if reasons:
+            sys.exit("bench: cannot run: " + "; ".join(reasons))
+    with contextlib.suppress(Exception):
+        for ns in netbed.remove_stale_beds():
+            log(f"removed stale namespace {ns}")
+
+    def on_signal(signum, _frame):
+        raise SystemExit(f"bench: signal {signum}")
+
+    def on_alarm(_signum, _frame):
+        raise Deadline(f"run exceeded --max-minutes {args.max_minutes}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(args.max_minutes * 60))
+
+    known = C.all_carriers()
+    carriers, skipped = {}, {}
+    for name in args.carriers:
+        why = known[name].available()
+        if why:
+            skipped[name] = why
+            log(f"carrier {name} skipped: {why}")
+        else:
+            carriers[name] = known[name]
+    facts = machine_facts()
+    log(f"nproc {facts['nproc']}, load {facts['loadavg_start']}, {facts['ut_tunnel']}")
+    results = {"schema": "ut-bench/1", "facts": facts, "args": {
+        k: v for k, v in vars(args).items() if k not in ("out", "results_dir")},
+        "carriers": {n: {"label": c.label, "version": c.version()} for n, c in carriers.items()},
+        "carriers_skipped": skipped, "profiles": {}}
+    t_start = time.monotonic()
+    try:
+        for prof in args.profiles:
+            t0 = time.monotonic()
+            log(f"profile {prof} ...")
+            try:
+                if prof == "default":
+                    out = profile_default(args, carriers)
+                elif prof == "seed":
+                    seed_carriers = {k: v for k, v in carriers.items()}
+                    out = profile_seed(args, seed_carriers)
+                elif prof == "small":
+                    out = profile_small(args, carriers)
+                elif prof == "micro":
+                    out = profile_micro(args)
+                else:
+                    out = profile_lossy(args, carriers)
+            except Deadline:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+                log(f"profile {prof} FAILED: {exc}")
+            out["elapsed_s"] = round(time.monotonic() - t0, 1)
+            results["profiles"][prof] = out
+    except Deadline as exc:
+        results["aborted"] = str(exc)
+        log(str(exc))
+    finally:
+        signal.alarm(0)
+        results["facts"]["loadavg_end"] = os.getloadavg()
+        results["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        import report
+        rd = Path(args.results_dir)
+        rd.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        jpath = rd / (f"quick-{stamp}.json" if args.quick else f"run-{stamp}.json")
+        jpath.write_text(json.dumps(results, separators=(",", ":")) + "\n")
+        md = report.render(results, jpath.relative_to(ROOT) if jpath.is_relative_to(ROOT) else jpath)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md)
+        log(f"wrote {args.out} and {jpath} in {results['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
