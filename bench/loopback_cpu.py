@@ -79,14 +79,14 @@ def main() -> int:
         server, sev = start({
             "role": "server", "tcp": {"listen_addr": "127.0.0.1:0", **tcp},
             "udp": {"wg_udp_addr": f"127.0.0.1:{echo.getsockname()[1]}"},
-            "metrics": {"enabled": False}, 
+            "metrics": {"enabled": False},
             "tls": {**tls, "cert": str(d / "server.pem"), "key": str(d / "server.key")},
         }, d / "s.json", env)
         port = int(sev["tcp_listen"].rsplit(":", 1)[1])
         client, cev = start({
             "role": "client", "tcp": {"server_addr": f"127.0.0.1:{port}", **tcp},
             "udp": {"listen_addr": "127.0.0.1:0"}, "metrics": {"enabled": False},
-            
+
             "tls": {**tls, "cert": str(d / "bench.pem"), "key": str(d / "bench.key"),
                     "server_name": "localhost"},
         }, d / "c.json", env)
