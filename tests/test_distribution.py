@@ -516,7 +516,8 @@ def test_sdist_carries_the_sources_and_no_build_output(dist: SimpleNamespace) ->
                 "deploy/compose.yaml", "deploy/systemd/ut-tunnel@.service", "docs/guide.md"}
     for pattern in ("ut/*.py", "ut/*.pyx", "ut/*.pxd", "ut/*.pxi", "tests/*.py", "tests/e2e/*.py",
                     "docs/*.md", "examples/*", "deploy/*/*"):
-        required |= {str(p.relative_to(ROOT)) for p in ROOT.glob(pattern) if p.is_file()}
+        # From the copy the build saw (the tree may change while the tests run).
+        required |= {str(p.relative_to(dist.src)) for p in dist.src.glob(pattern) if p.is_file()}
     assert {"ut/_fastpath.pyx", "ut/_fastpath.pxd", "ut/_fp_mmsg.pxi"} <= required
     missing = sorted(required - names)
     assert not missing, f"the sdist lacks {missing}"

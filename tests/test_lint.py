@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff_clean():
+    if not (ROOT / "ut").is_dir():
+        pytest.skip("no source tree here (tests run against an installed wheel)")
     ruff = shutil.which("ruff")
     if ruff is None:
         if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):

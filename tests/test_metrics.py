@@ -25,6 +25,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import ut
 from ut._version import __version__
 from ut.metrics import (
     METRIC_NAMES,
@@ -396,7 +397,7 @@ def test_describe_detects_clashes() -> None:
 def test_drop_reasons_used_in_code_are_in_the_vocabulary() -> None:
     """``.drop("reason", ...)`` in the package only uses DROP_REASONS words."""
     used = {}
-    for path in (ROOT / "ut").glob("*.py"):
+    for path in Path(ut.__file__).parent.glob("*.py"):
         for m in re.finditer(r"""\.drop\(\s*["']([^"']+)["']""", path.read_text()):
             used.setdefault(m.group(1), path.name)
     unknown = {r: f for r, f in used.items() if r not in DROP_REASONS}
