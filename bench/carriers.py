@@ -94,35 +94,51 @@ class Limits:
     memory_mode: str = "none"  # "cgroup-v1", "cgroup-v2", "rlimit-as" or "none"
     _cgroups: list[Path] = field(default_factory=list)
 
-    def wrap(self, role: str, name: str, argv: list[str]) -> list[str]:
-        """``argv`` run under these limits (the final process keeps the pid: every step execs)."""
-        out = list(argv)
+    def spawn(
+        self, bed: NetBed, node, role: str, name: str, argv: list[str], env: dict | None = None
+    ) -> subprocess.Popen:
+        """``bed.spawn`` of ``argv`` in ``node`` under these limits; the pid is the final
+        program's (every wrapper execs). The cgroup is joined *outside* the namespace:
+        ``ip netns exec`` mounts a fresh /sys, where the cgroup hierarchy is not visible."""
+        inner = list(argv)
         cpu = self.cpus.get(role)
         if cpu is not None:
-            out = ["taskset", "-c", cpu, *out]
-        if self.memory_bytes:
-            parent = _memory_cgroup_parent()
-            if parent is not None:
-                ver, d = parent
-                cg = d / f"utbench-{os.getpid()}-{name}"
-                with contextlib.suppress(FileExistsError):
-                    cg.mkdir()
-                if ver == "v1":
-                    (cg / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
-                    with contextlib.suppress(OSError):  # no swap accounting on some kernels
-                        (cg / "memory.memsw.limit_in_bytes").write_text(str(self.memory_bytes))
-                else:
-                    (cg / "memory.max").write_text(str(self.memory_bytes))
-                    with contextlib.suppress(OSError):
-                        (cg / "memory.swap.max").write_text("0")
-                self._cgroups.append(cg)
-                self.memory_mode = f"cgroup-{ver}"
-                procs = shlex.quote(str(cg / "cgroup.procs"))
-                out = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *out]
-            else:
-                self.memory_mode = "rlimit-as"
-                out = ["prlimit", f"--as={self.memory_bytes}", "--", *out]
-        return out
+            inner = ["taskset", "-c", cpu, *inner]
+        if not self.memory_bytes:
+            return bed.spawn(node, inner, name=name, env=env)
+        parent = _memory_cgroup_parent()
+        if parent is None:
+            self.memory_mode = "rlimit-as"
+            return bed.spawn(
+                node, ["prlimit", f"--as={self.memory_bytes}", "--", *inner], name=name, env=env
+            )
+        ver, d = parent
+        cg = d / f"utbench-{os.getpid()}-{name}"
+        with contextlib.suppress(FileExistsError):
+            cg.mkdir()
+        self._cgroups.append(cg)
+        if ver == "v1":
+            (cg / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
+            with contextlib.suppress(OSError):  # no swap accounting on some kernels
+                (cg / "memory.memsw.limit_in_bytes").write_text(str(self.memory_bytes))
+        else:
+            (cg / "memory.max").write_text(str(self.memory_bytes))
+            with contextlib.suppress(OSError):
+                (cg / "memory.swap.max").write_text("0")
+        self.memory_mode = f"cgroup-{ver}"
+        procs = shlex.quote(str(cg / "cgroup.procs"))
+        full = [
+            "sh",
+            "-c",
+            f'echo $$ > {procs} && exec "$@"',
+            "sh",
+            "ip",
+            "netns",
+            "exec",
+            node.ns,
+            *inner,
+        ]
+        return bed.spawn(None, full, name=name, env=env)
 
     def oom_events(self) -> dict[str, int]:
         """Per cgroup: how often the limit was hit (v1 failcnt / v2 memory.events max)."""
@@ -132,7 +148,9 @@ class Limits:
                 if (cg / "memory.failcnt").exists():
                     out[cg.name] = int((cg / "memory.failcnt").read_text())
                 elif (cg / "memory.events").exists():
-                    ev = dict(line.split() for line in (cg / "memory.events").read_text().splitlines())
+                    ev = dict(
+                        line.split() for line in (cg / "memory.events").read_text().splitlines()
+                    )
                     out[cg.name] = int(ev.get("max", 0))
         return out
 
@@ -161,6 +179,12 @@ class Carrier:
 
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}  # role -> process
+        # the cloud address the carrier (and direct WireGuard) uses; None: the veth address.
+        # The lossy profile sets the link emulator's cloud address here.
+        self.server_ip: str | None = None
+
+    def cloud_ip(self, bed: NetBed) -> str:
+        return self.server_ip or bed.cloud.link_ip
 
     def available(self) -> str | None:
         """None if it can run here, else why not."""
@@ -169,11 +193,13 @@ class Carrier:
     def version(self) -> str:
         return ""
 
-    def start(self, bed: NetBed, limits: Limits = NO_LIMITS, echo_port: int | None = None) -> dict[str, subprocess.Popen]:
+    def start(
+        self, bed: NetBed, limits: Limits = NO_LIMITS, echo_port: int | None = None
+    ) -> dict[str, subprocess.Popen]:
         raise NotImplementedError
 
     def stop(self, bed: NetBed) -> None:
-        for role, p in list(self.procs.items()):
+        for p in list(self.procs.values()):
             bed.stop(p, timeout=5)
         self.procs.clear()
 
@@ -188,30 +214,42 @@ class Carrier:
         """Where a udpmon probe in home sends to reach the echo (carrier started with it)."""
         return f"127.0.0.1:{self.home_udp_port}"
 
-    def _wait_tcp_listen(self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15) -> None:
+    def _wait_tcp_listen(
+        self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15
+    ) -> None:
         deadline = time.monotonic() + wait
         while True:
             if proc.poll() is not None:
-                raise BedError(f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}")
+                raise BedError(
+                    f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}"
+                )
             res = bed.run(node, ["ss", "-Hltn", f"sport = :{port}"], check=False)
             if res.stdout.strip():
                 return
             if time.monotonic() > deadline:
-                raise BedError(f"{proc.bed_name}: nothing listens on TCP {port} after {wait}s:\n"
-                               f"{bed.log_text(proc, 30)}")
+                raise BedError(
+                    f"{proc.bed_name}: nothing listens on TCP {port} after {wait}s:\n"
+                    f"{bed.log_text(proc, 30)}"
+                )
             time.sleep(0.1)
 
-    def _wait_udp_bound(self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15) -> None:
+    def _wait_udp_bound(
+        self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15
+    ) -> None:
         deadline = time.monotonic() + wait
         while True:
             if proc.poll() is not None:
-                raise BedError(f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}")
+                raise BedError(
+                    f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}"
+                )
             res = bed.run(node, ["ss", "-Hlun", f"sport = :{port}"], check=False)
             if res.stdout.strip():
                 return
             if time.monotonic() > deadline:
-                raise BedError(f"{proc.bed_name}: no UDP socket on {port} after {wait}s:\n"
-                               f"{bed.log_text(proc, 30)}")
+                raise BedError(
+                    f"{proc.bed_name}: no UDP socket on {port} after {wait}s:\n"
+                    f"{bed.log_text(proc, 30)}"
+                )
             time.sleep(0.1)
 
 
@@ -223,14 +261,14 @@ class Direct(Carrier):
 
     def start(self, bed, limits=NO_LIMITS, echo_port=None):
         bed.set_drop_udp(False)
-        bed.use_direct()
+        bed.set_endpoint(bed.home, f"{self.cloud_ip(bed)}:{bed.cloud.wg_port}")
         return {}
 
     def stop(self, bed):
         bed.set_drop_udp(True)
 
     def udpmon_target(self, bed, echo_port):
-        return f"{bed.cloud.link_ip}:{echo_port}"
+        return f"{self.cloud_ip(bed)}:{echo_port}"
 
 
 class UtTunnel(Carrier):
@@ -239,13 +277,26 @@ class UtTunnel(Carrier):
     has_metrics = True
     home_udp_port = netbed.CLIENT_UDP_PORT
 
-    def __init__(self, pure: bool = False, lanes: int = 5, name: str | None = None) -> None:
+    def __init__(
+        self,
+        pure: bool = False,
+        lanes: int = 5,
+        name: str | None = None,
+        lane_pick: str | None = None,
+        tcp: dict | None = None,
+    ) -> None:
         super().__init__()
         self.pure = pure
         self.lanes = lanes
+        self.lane_pick = lane_pick
+        self.extra_tcp = dict(tcp or {})
         self.name = name or ("ut-pure" if pure else "ut")
         impl = "pure-Python twin" if pure else "compiled"
-        self.label = f"ut-tunnel {impl}, {lanes} lane{'s' * (lanes != 1)}"
+        self.label = (
+            f"ut-tunnel {impl}, {lanes} lane{'s' * (lanes != 1)}"
+            + (f", lane_pick {lane_pick}" if lane_pick else "")
+            + "".join(f", tcp.{k}={v}" for k, v in self.extra_tcp.items())
+        )
 
     def env(self) -> dict:
         return {"UT_NO_EXTENSIONS": "1"} if self.pure else {"UT_NO_EXTENSIONS": "0"}
@@ -256,29 +307,56 @@ class UtTunnel(Carrier):
         except BedError as exc:
             return str(exc)
         if not self.pure:
-            res = subprocess.run([*netbed.ut_tunnel_command(), "--version"], capture_output=True,
-                                 text=True, env={**os.environ, **self.env()})
+            res = subprocess.run(
+                [*netbed.ut_tunnel_command(), "--version"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **self.env()},
+            )
             if "compiled" not in res.stdout:
-                return f"compiled fast path not importable: {res.stdout.strip()} {res.stderr.strip()}"
+                return (
+                    f"compiled fast path not importable: {res.stdout.strip()} {res.stderr.strip()}"
+                )
         return None
 
     def version(self):
-        res = subprocess.run([*netbed.ut_tunnel_command(), "--version"], capture_output=True,
-                             text=True, env={**os.environ, **self.env()})
+        res = subprocess.run(
+            [*netbed.ut_tunnel_command(), "--version"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env()},
+        )
         return res.stdout.strip()
 
     def _start_one(self, bed: NetBed, node, config: dict, limits: Limits) -> subprocess.Popen:
         name = f"{self.name}-{config['role']}"
         path = bed.wd / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2) + "\n")
-        argv = limits.wrap(config["role"], name, [*netbed.ut_tunnel_command(), "-config", str(path)])
-        proc = bed.spawn(node, argv, name=name, env=self.env())
+        proc = limits.spawn(
+            bed,
+            node,
+            config["role"],
+            name,
+            [*netbed.ut_tunnel_command(), "-config", str(path)],
+            env=self.env(),
+        )
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
                 raise BedError(f"{name} exited with {proc.returncode}:\n{bed.log_text(proc, 40)}")
-            res = bed.run(node, ["curl", "-s", "-o", "/dev/null", "--max-time", "1",
-                                 f"http://127.0.0.1:{UT_METRICS_PORT}/metrics"], check=False)
+            res = bed.run(
+                node,
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "1",
+                    f"http://127.0.0.1:{UT_METRICS_PORT}/metrics",
+                ],
+                check=False,
+            )
             if res.returncode == 0:
                 return proc
             if time.monotonic() > deadline:
@@ -286,13 +364,22 @@ class UtTunnel(Carrier):
             time.sleep(0.1)
 
     def start(self, bed, limits=NO_LIMITS, echo_port=None):
-        tcp = {"lanes": self.lanes}
-        server_over = {"tcp": tcp}
+        tcp = {"lanes": self.lanes, **self.extra_tcp}
+        if self.lane_pick:
+            tcp["lane_pick"] = self.lane_pick
+        server_over = {"tcp": dict(tcp)}
+        client_over = {"tcp": dict(tcp)}
+        if self.server_ip:
+            server_over["tcp"]["listen_addr"] = f"{self.server_ip}:{netbed.SERVER_TCP_PORT}"
+            client_over["tcp"]["server_addr"] = f"{self.server_ip}:{netbed.SERVER_TCP_PORT}"
         if echo_port:
             server_over["udp"] = {"wg_udp_addr": f"127.0.0.1:{echo_port}"}
-        self.procs["server"] = self._start_one(bed, bed.cloud, bed.server_config(server_over), limits)
+        self.procs["server"] = self._start_one(
+            bed, bed.cloud, bed.server_config(server_over), limits
+        )
         self.procs["client"] = self._start_one(
-            bed, bed.home, bed.client_config(bed.home, {"tcp": tcp}), limits)
+            bed, bed.home, bed.client_config(bed.home, client_over), limits
+        )
         bed.use_tunnel()
         return dict(self.procs)
 
@@ -342,30 +429,64 @@ class V2Ray(Carrier):
             cli_user = {"id": self.uuid, "alterId": 0, "security": "aes-128-gcm"}
         server = {
             "log": log,
-            "inbounds": [{
-                "listen": bed.cloud.link_ip, "port": V2RAY_PORT, "protocol": self.protocol,
-                "settings": srv_settings,
-                "streamSettings": {"network": "tcp", "security": "tls", "tlsSettings": {
-                    "certificates": [{"certificateFile": str(d / "server.pem"),
-                                      "keyFile": str(d / "server.key")}]}},
-            }],
+            "inbounds": [
+                {
+                    "listen": self.cloud_ip(bed),
+                    "port": V2RAY_PORT,
+                    "protocol": self.protocol,
+                    "settings": srv_settings,
+                    "streamSettings": {
+                        "network": "tcp",
+                        "security": "tls",
+                        "tlsSettings": {
+                            "certificates": [
+                                {
+                                    "certificateFile": str(d / "server.pem"),
+                                    "keyFile": str(d / "server.key"),
+                                }
+                            ]
+                        },
+                    },
+                }
+            ],
             "outbounds": [{"protocol": "freedom", "settings": {}}],
         }
         client = {
             "log": log,
-            "inbounds": [{
-                "listen": "127.0.0.1", "port": V2RAY_UDP_PORT, "protocol": "dokodemo-door",
-                "settings": {"address": "127.0.0.1", "port": dest_port, "network": "udp",
-                             "timeout": 300},
-            }],
-            "outbounds": [{
-                "protocol": self.protocol,
-                "settings": {"vnext": [{"address": bed.cloud.link_ip, "port": V2RAY_PORT,
-                                        "users": [cli_user]}]},
-                "streamSettings": {"network": "tcp", "security": "tls", "tlsSettings": {
-                    "serverName": bed.server_name, "allowInsecure": False,
-                    "certificates": [{"usage": "verify", "certificateFile": str(d / "ca.pem")}]}},
-            }],
+            "inbounds": [
+                {
+                    "listen": "127.0.0.1",
+                    "port": V2RAY_UDP_PORT,
+                    "protocol": "dokodemo-door",
+                    "settings": {
+                        "address": "127.0.0.1",
+                        "port": dest_port,
+                        "network": "udp",
+                        "timeout": 300,
+                    },
+                }
+            ],
+            "outbounds": [
+                {
+                    "protocol": self.protocol,
+                    "settings": {
+                        "vnext": [
+                            {"address": self.cloud_ip(bed), "port": V2RAY_PORT, "users": [cli_user]}
+                        ]
+                    },
+                    "streamSettings": {
+                        "network": "tcp",
+                        "security": "tls",
+                        "tlsSettings": {
+                            "serverName": bed.server_name,
+                            "allowInsecure": False,
+                            "certificates": [
+                                {"usage": "verify", "certificateFile": str(d / "ca.pem")}
+                            ],
+                        },
+                    },
+                }
+            ],
         }
         return server, client
 
@@ -375,8 +496,7 @@ class V2Ray(Carrier):
             name = f"{self.name}-{role}"
             path = bed.wd / f"{name}.json"
             path.write_text(json.dumps(cfg, indent=2))
-            argv = limits.wrap(role, name, ["v2ray", "-config", str(path)])
-            self.procs[role] = bed.spawn(node, argv, name=name)
+            self.procs[role] = limits.spawn(bed, node, role, name, ["v2ray", "-config", str(path)])
         self._wait_tcp_listen(bed, bed.cloud, V2RAY_PORT, self.procs["server"])
         self._wait_udp_bound(bed, bed.home, V2RAY_UDP_PORT, self.procs["client"])
         bed.set_endpoint(bed.home, f"127.0.0.1:{V2RAY_UDP_PORT}")
@@ -401,8 +521,9 @@ class UdpTunnel(Carrier):
         return None if shutil.which("udptunnel") else "udptunnel not installed"
 
     def version(self):
-        res = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "udptunnel"],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", "udptunnel"], capture_output=True, text=True
+        )
         return f"udptunnel {res.stdout.strip()}"
 
     def _nat(self, bed: NetBed, node, wg_port: int) -> None:
@@ -429,14 +550,21 @@ table ip utbench {{
         self._nat(bed, bed.cloud, echo_port or bed.cloud.wg_port)
         # without WireGuard (udpmon), the probe in home sends from a fixed port instead
         self._nat(bed, bed.home, UDPMON_PROBE_PORT if echo_port else bed.home.wg_port)
-        argv = limits.wrap("server", "udptunnel-server",
-                           ["udptunnel", "-s", str(UDPTUNNEL_TCP_PORT), f"127.0.0.1/{p}"])
-        self.procs["server"] = bed.spawn(bed.cloud, argv, name="udptunnel-server")
+        self.procs["server"] = limits.spawn(
+            bed,
+            bed.cloud,
+            "server",
+            "udptunnel-server",
+            ["udptunnel", "-s", str(UDPTUNNEL_TCP_PORT), f"127.0.0.1/{p}"],
+        )
         self._wait_tcp_listen(bed, bed.cloud, UDPTUNNEL_TCP_PORT, self.procs["server"])
-        argv = limits.wrap("client", "udptunnel-client",
-                           ["udptunnel", "-c", f"{bed.cloud.link_ip}/{UDPTUNNEL_TCP_PORT}",
-                            f"127.0.0.1/{p}"])
-        self.procs["client"] = bed.spawn(bed.home, argv, name="udptunnel-client")
+        self.procs["client"] = limits.spawn(
+            bed,
+            bed.home,
+            "client",
+            "udptunnel-client",
+            ["udptunnel", "-c", f"{self.cloud_ip(bed)}/{UDPTUNNEL_TCP_PORT}", f"127.0.0.1/{p}"],
+        )
         self._wait_udp_bound(bed, bed.home, p, self.procs["client"])
         bed.set_endpoint(bed.home, f"127.0.0.1:{p}")
         return dict(self.procs)
@@ -451,4 +579,20 @@ table ip utbench {{
 
 
 def all_carriers() -> dict[str, Carrier]:
-    return {c.name: c for c in (Direct(), UtTunnel(False), UtTunnel(True), V2Ray(), UdpTunnel())}
+    """Every carrier run.py knows, by name (fresh instances)."""
+    return {
+        c.name: c
+        for c in (
+            Direct(),
+            UtTunnel(False),
+            UtTunnel(True),
+            V2Ray(),
+            UdpTunnel(),
+            UtTunnel(False, lanes=1, name="ut-1lane"),
+            UtTunnel(False, lanes=5, name="ut-hash", lane_pick="hash"),
+            # kernel socket-buffer autotuning instead of the default tcp.tcp_buf 16 KiB
+            UtTunnel(False, lanes=5, name="ut-autobuf", tcp={"tcp_buf": 0}),
+            UtTunnel(False, lanes=1, name="ut-1lane-autobuf", tcp={"tcp_buf": 0}),
+            V2Ray("vmess"),
+        )
+    }

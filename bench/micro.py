@@ -29,9 +29,11 @@ BATCH = 32
 
 def _impls():
     import ut._purepy as pure
+
     out = {"pure": pure}
     try:
         import ut._fastpath as fast
+
         out["compiled"] = fast
     except ImportError as exc:  # noqa: F841
         pass
@@ -50,6 +52,7 @@ def b_encode_data(size):
         dg = [_wg_datagram(size, i) for i in range(BATCH)]
         enc = m.encode_data
         return (lambda: enc(dg)), BATCH, "frames/s"
+
     return make
 
 
@@ -58,13 +61,16 @@ def b_encode_frame(size):
         d = _wg_datagram(size)
         enc, t = m.encode_frame, m.TYPE_DATA
         return (lambda: enc(t, d)), 1, "frames/s"
+
     return make
 
 
 def b_deframe_feed(size, chunk=65536):
     def make(m):
-        stream = m.encode_data([_wg_datagram(size, i) for i in range(max(BATCH, 4 * chunk // (size + 9)))])
-        chunks = [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+        stream = m.encode_data(
+            [_wg_datagram(size, i) for i in range(max(BATCH, 4 * chunk // (size + 9)))]
+        )
+        chunks = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
         n = len(stream) // (size + 9)
         D = m.Deframer
 
@@ -72,15 +78,20 @@ def b_deframe_feed(size, chunk=65536):
             d = D()
             for c in chunks:
                 d.feed(c)
+
         return run, n, "frames/s"
+
     return make
 
 
 def b_deframe_buffered(size, chunk=65536):
     """asyncio.BufferedProtocol style: get_buffer, copy the received bytes in, buffer_updated."""
+
     def make(m):
-        stream = m.encode_data([_wg_datagram(size, i) for i in range(max(BATCH, 4 * chunk // (size + 9)))])
-        chunks = [memoryview(stream[i:i + chunk]) for i in range(0, len(stream), chunk)]
+        stream = m.encode_data(
+            [_wg_datagram(size, i) for i in range(max(BATCH, 4 * chunk // (size + 9)))]
+        )
+        chunks = [memoryview(stream[i : i + chunk]) for i in range(0, len(stream), chunk)]
         n = len(stream) // (size + 9)
         D = m.Deframer
 
@@ -94,9 +105,11 @@ def b_deframe_buffered(size, chunk=65536):
                 if k < len(c):
                     rest = c[k:]
                     buf = d.get_buffer(len(rest))
-                    buf[:len(rest)] = rest
+                    buf[: len(rest)] = rest
                     d.buffer_updated(len(rest))
+
         return run, n, "frames/s"
+
     return make
 
 
@@ -110,7 +123,9 @@ def b_queue(size):
             for d in dg:
                 push(d, 1.0)
             pop_batch(BATCH)
+
         return run, BATCH, "push+pop/s"
+
     return make
 
 
@@ -123,7 +138,9 @@ def b_queue_single(size):
         def run():
             push(d, 1.0)
             pop()
+
         return run, 1, "push+pop/s"
+
     return make
 
 
@@ -135,14 +152,18 @@ def b_picker(strategy):
         pick = p.pick
         keys = [m.flow_key(_wg_datagram(64, i)) for i in range(BATCH)]
         if strategy == "hash":
+
             def run():
                 for k in keys:
                     pick(k)
         else:
+
             def run():
                 for _ in keys:
                     pick()
+
         return run, BATCH, "picks/s"
+
     return make
 
 
@@ -154,12 +175,15 @@ def b_flow_key():
         def run():
             for d in dg:
                 fk(d)
+
         return run, BATCH, "keys/s"
+
     return make
 
 
 def b_udp_batch(size):
     """send_batch of 32 datagrams to a loopback UDP socket, then recv_batch them back."""
+
     def make(m):
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("127.0.0.1", 0))
@@ -177,7 +201,9 @@ def b_udp_batch(size):
             got = 0
             while got < n:
                 got += len(recv(rx, BATCH))
+
         return run, BATCH, "datagrams/s"
+
     return make
 
 
@@ -230,17 +256,21 @@ def run(quick: bool = False) -> dict:
             rec["error"] = f"{type(exc).__name__}: {exc}"
             rec.setdefault("unit", "")
         out.append(rec)
-    impl_note = ("compiled module not importable: only the pure twin was timed"
-                 if "compiled" not in impls else
-                 f"{repeats} alternating repeats of ~{target * 1000:.0f} ms each; median rate; "
-                 f"compiled `ut._fastpath` (HAVE_MMSG={getattr(impls['compiled'], 'HAVE_MMSG', '?')}) vs "
-                 "pure `ut._purepy` in one process (Python "
-                 f"{sys.version.split()[0]}). Speed-up = compiled ÷ pure.")
+    impl_note = (
+        "compiled module not importable: only the pure twin was timed"
+        if "compiled" not in impls
+        else f"{repeats} alternating repeats of ~{target * 1000:.0f} ms each; median rate; "
+        f"compiled `ut._fastpath` (HAVE_MMSG={getattr(impls['compiled'], 'HAVE_MMSG', '?')}) vs "
+        "pure `ut._purepy` in one process (Python "
+        f"{sys.version.split()[0]}). Speed-up = compiled ÷ pure."
+    )
     return {"benchmarks": out, "note": impl_note}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -253,8 +283,10 @@ def main(argv=None) -> int:
     for b in res["benchmarks"]:
         c, q = b.get("compiled"), b.get("pure")
         sp = f"{c / q:.2f}x" if c and q else "-"
-        print(f"{b['name']:58s} {b['unit']:12s} {c or 0:12.0f} {q or 0:12.0f} {sp:>9s}"
-              + (f"  ERROR {b['error']}" if b.get("error") else ""))
+        print(
+            f"{b['name']:58s} {b['unit']:12s} {c or 0:12.0f} {q or 0:12.0f} {sp:>9s}"
+            + (f"  ERROR {b['error']}" if b.get("error") else "")
+        )
     return 0
 
 

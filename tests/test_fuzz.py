@@ -145,7 +145,7 @@ def spec_decode(stream: bytes, max_payload: int = 65535) -> tuple[list, str | No
 def big_streams(draw):
     """Frames of every size up to the maximum (payloads are cheap zero-filled bytes with
     a marker), the odd corrupted header or garbage, and random cut points."""
-    parts, frames = [], []
+    parts = []
     for i in range(draw(st.integers(0, 6))):
         kind = draw(st.sampled_from(["small", "small", "big", "max", "garbage", "flip"]))
         if kind == "garbage":
@@ -409,7 +409,7 @@ def test_random_first_frames_into_the_server(stream, hello_first, lane_id):
             refused = lane.transport.is_closing()
             assert admitted or refused or lane in server._pending or not data
             if admitted:
-                assert lane.lane_id < 3 and not (lane in server._pending)
+                assert lane.lane_id < 3 and lane not in server._pending
         finally:
             for s in list(server.sessions.values()):
                 server.end_session(s, "test")

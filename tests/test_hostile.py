@@ -636,7 +636,7 @@ def test_peer_that_stops_reading_is_dropped_by_tcp_user_timeout(pki):
                     t0 = time.monotonic()
                     got = 0
                     for _round in range(40):
-                        for i in range(30):
+                        for _ in range(30):
                             peer.send(b"big" + bytes(30000))
                         got += len(await peer.drain(30, timeout=0.5))
                         if session.active_lanes == CLIENT_LANES:

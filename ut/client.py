@@ -26,7 +26,6 @@ from .lane import Lane, set_lane_liveness, set_tcp_options
 from .logs import event
 from .session import Session
 from .stats import TunnelStats
-from .server import rearm_udp
 from .tls import client_context, failure_reason, own_cn
 from .udp import UdpPort, open_udp_socket
 
@@ -151,7 +150,15 @@ class ClientSession(Session):
             return True
         except asyncio.CancelledError:
             if lane is not None:
-                lane.abort("cancelled")
+                if stage == "hello" and lane.transport is not None:
+                    # Shut down or gone idle while waiting for the server's HELLO:
+                    # the server may already have admitted this lane, so say GOODBYE
+                    # (after our HELLO, in order) rather than vanish; it then logs
+                    # the lane's end as a goodbye, not as a broken connection.
+                    lane.close(goodbye_reason=GOODBYE_SHUTDOWN if self.closed else GOODBYE_IDLE,
+                               reason="cancelled")
+                else:
+                    lane.abort("cancelled")
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is logged and retried
             if lane is not None:
@@ -297,9 +304,9 @@ class Client:
     def _udp_error(self, exc: OSError) -> None:
         event("udp_error", logging.DEBUG, role="client", err=str(exc))
         # uvloop stops polling a socket after an error event: register it again
-        # (see ut.server.rearm_udp).
+        # (see Session.rearm_udp).
         if self.session is not None and not self._closed.is_set():
-            self.loop.call_soon(rearm_udp, self.session)
+            self.loop.call_soon(self.session.rearm_udp)
 
     async def _idle_watch(self) -> None:
         idle = self.config.tcp.idle_seconds

@@ -123,7 +123,9 @@ class Lane(asyncio.BufferedProtocol):
         if frames:
             self.rx_frames += len(frames)
             self.owner.lane_frames(self, frames)
-        if self.deframer.error is not None:
+        if self.deframer.error is not None and not self.closing:
+            # (not if a frame before the bad header already broke the lane: one
+            # protocol error per lane)
             self.owner.lane_broken(self, self.deframer.error)
 
     def eof_received(self) -> bool:

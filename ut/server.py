@@ -59,24 +59,6 @@ MAX_PENDING_LANES = 512
 REFUSAL_LOG_WINDOW_SECONDS = 5.0  # one tls_handshake_fail / lane_refused line per reason per window
 
 
-def rearm_udp(session: Any) -> None:
-    """Register the session's UDP reader again after a socket error.
-
-    uvloop (libuv) stops polling a socket once the kernel flags an error on it
-    (a connected UDP socket's pending ICMP port unreachable is exactly that),
-    and says nothing: the session would never read WireGuard again, even after
-    WireGuard is back (found by tests/test_conservation.py, issue 5). Every such
-    error surfaces here, through a read or the next send, so re-adding the
-    reader here is enough; on the stock asyncio loop it is a no-op in effect.
-    (The natural home of this is ``ut.udp.UdpPort``.)
-    """
-    udp = getattr(session, "udp", None)
-    if udp is None or session.closed or udp.sock.fileno() < 0:
-        return
-    udp.pause()
-    udp.start()
-
-
 class ServerSession(Session):
     role = "server"
 
@@ -105,8 +87,7 @@ class ServerSession(Session):
         if due:
             self.log("udp_error", logging.WARNING, err=str(exc), count=due)
         if not self.closed:
-            self.loop.call_soon(rearm_udp, self)
-
+            self.loop.call_soon(self.rearm_udp)
 
     def admit(self, lane: Lane) -> None:
         lane.owner = self
