@@ -189,7 +189,7 @@ class LoosePeer(UdpPeer):
     """A UdpPeer on an *unconnected* socket, as WireGuard's is: while the client's port
     is closed (a restart), its datagrams vanish without ICMP errors coming back to it.
     (A connected socket would get them, and on uvloop an error event stops its reader:
-    see ``ut.server.rearm_udp``.)"""
+    see ``ut.udp.UdpPort._error``.)"""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue()

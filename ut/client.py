@@ -303,10 +303,6 @@ class Client:
 
     def _udp_error(self, exc: OSError) -> None:
         event("udp_error", logging.DEBUG, role="client", err=str(exc))
-        # uvloop stops polling a socket after an error event: register it again
-        # (see Session.rearm_udp).
-        if self.session is not None and not self._closed.is_set():
-            self.loop.call_soon(self.session.rearm_udp)
 
     async def _idle_watch(self) -> None:
         idle = self.config.tcp.idle_seconds

@@ -86,8 +86,6 @@ class ServerSession(Session):
         due = self._udp_err_log.hit()
         if due:
             self.log("udp_error", logging.WARNING, err=str(exc), count=due)
-        if not self.closed:
-            self.loop.call_soon(self.rearm_udp)
 
     def admit(self, lane: Lane) -> None:
         lane.owner = self

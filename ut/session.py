@@ -85,23 +85,6 @@ class Session:
     def lanes_ready(self) -> int:
         return sum(1 for lane in self.lanes if lane is not None and lane.ready)
 
-    def rearm_udp(self) -> None:
-        """Register the session's UDP reader again after a socket error.
-
-        uvloop (libuv) stops polling a socket once the kernel flags an error on
-        it -- a connected UDP socket's pending ICMP port unreachable is exactly
-        that -- and says nothing: the server session would never read WireGuard
-        again, even after WireGuard is back (found by tests/test_conservation.py,
-        issue 5). Every such error surfaces in the port's error hook, through a
-        read or the next send, and the roles call this from there. On the stock
-        asyncio loop it changes nothing. (Its natural home is ``ut.udp.UdpPort``.)
-        """
-        udp = getattr(self, "udp", None)
-        if udp is None or self.closed or udp.sock.fileno() < 0:
-            return
-        udp.pause()
-        udp.start()
-
     # -- UDP -> lanes -------------------------------------------------------
     def push_datagrams(self, datagrams: list) -> None:
         """Queue datagrams read from UDP and schedule a flush."""

@@ -96,8 +96,7 @@ class UdpPort:
         try:
             batch = self._recv_batch(self.sock, BATCH_MAX)
         except OSError as exc:
-            if self.on_error is not None:
-                self.on_error(exc)
+            self._error(exc)
             return
         if batch:
             self.on_batch(batch)
@@ -118,8 +117,7 @@ class UdpPort:
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                     break
-                if self.on_error is not None:
-                    self.on_error(exc)
+                self._error(exc)
                 done += 1  # the datagram at ``done`` failed: skip it, go on with the rest
                 continue
             if n <= 0:
@@ -127,6 +125,22 @@ class UdpPort:
             done += n
             sent += n
         return sent, total - sent
+
+    def _error(self, exc: OSError) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
+        # uvloop (libuv) stops polling a socket once the kernel flags an error on
+        # it -- a connected UDP socket's pending ICMP port unreachable is one --
+        # and says nothing: the port would never read again, even after the peer
+        # is back (found by tests/test_conservation.py). Register the reader anew
+        # once this callback is done; on the stock asyncio loop it changes nothing.
+        if self._reading:
+            self.loop.call_soon(self._rearm)
+
+    def _rearm(self) -> None:
+        if self._reading and self.sock.fileno() >= 0:
+            self.pause()
+            self.start()
 
     def close(self) -> None:
         self.pause()
