@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.tunnelkit import VARIANTS
+
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
@@ -52,3 +54,25 @@ def fp(request: pytest.FixtureRequest) -> ModuleType:
     if request.param == "compiled":
         return _compiled_fastpath()
     return importlib.import_module("ut._purepy")
+
+
+# -- tunnel tests --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway PKI (CA, server and client certificates) shared by a test module."""
+    from tests.certs import make_test_pki
+
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(params=VARIANTS)
+def loop_kind(request: pytest.FixtureRequest):
+    """The event loop to run a tunnel test on (tests.tunnelkit.VARIANTS); the fast path
+    is switched to the named implementation for the test's duration."""
+    from tests.tunnelkit import use_implementation
+
+    loop, impl = request.param.split("-")
+    with use_implementation(impl):
+        yield loop

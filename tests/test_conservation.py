@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 
 import ut
-from tests.certs import make_test_pki
 from tests.faultproxy import FaultProxy
 from tests.tunnelkit import (
     UdpEcho,
@@ -53,9 +52,6 @@ IN_REASONS = {r for r, path in DROP_PATH.items() if path == "in"}
 OUT_REASONS = {r for r, path in DROP_PATH.items() if path == "out"}
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from pathlib import Path
 import pytest
 
 import ut
-from tests.certs import make_test_pki
 from tests.tunnelkit import (
     LOOP_KINDS,
     UdpEcho,
@@ -57,9 +56,6 @@ from ut.tls import client_context
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def raise_fd_limit(want: int = 8192) -> None:

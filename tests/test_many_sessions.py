@@ -16,7 +16,6 @@ from collections import Counter
 import pytest
 
 import ut
-from tests.certs import make_test_pki
 from tests.tunnelkit import LOOP_KINDS, UdpEcho, UdpPeer, client_config, run_on, server_config
 
 CNS = 60
@@ -24,9 +23,6 @@ PER_CN = 2
 ROUNDS = 20
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.mark.parametrize("loop_kind", LOOP_KINDS)

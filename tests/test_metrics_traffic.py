@@ -27,14 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 import ut
 from tests.certs import make_test_pki
 from tests.tunnelkit import (
-    VARIANTS,
     UdpEcho,
     UdpPeer,
     client_config,
     run_on,
     server_config,
     tunnel,
-    use_implementation,
     wait_for,
 )
 from ut._version import __version__
@@ -49,17 +47,8 @@ ALLOWED_PROMTOOL = {
 HEADER_LEN = 9  # PDU header bytes per DATA frame (docs/metrics.md, ut_lane_bytes_total)
 
 
-@pytest.fixture(params=VARIANTS)
-def loop_kind(request):
-    """The event loop to run on; the fast path is switched for the test's duration."""
-    loop, impl = request.param.split("-")
-    with use_implementation(impl):
-        yield loop
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def metrics_on(**keys: Any) -> dict:

@@ -8,7 +8,6 @@ import asyncio
 import pytest
 
 import ut
-from tests.certs import make_test_pki
 from tests.tunnelkit import (
     UdpEcho,
     UdpPeer,
@@ -28,11 +27,6 @@ from ut.control import (
     decode_control,
 )
 from ut.tls import client_context
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 class RawLane:

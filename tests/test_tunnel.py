@@ -16,7 +16,6 @@ import pytest
 import ut
 from tests.certs import make_test_pki
 from tests.tunnelkit import (
-    VARIANTS,
     UdpEcho,
     UdpPeer,
     capture_events,
@@ -24,22 +23,8 @@ from tests.tunnelkit import (
     run_on,
     server_config,
     tunnel,
-    use_implementation,
     wait_for,
 )
-
-
-@pytest.fixture(params=VARIANTS)
-def loop_kind(request):
-    """The event loop to run on; the fast path is switched for the test's duration."""
-    loop, impl = request.param.split("-")
-    with use_implementation(impl):
-        yield loop
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_datagrams_of_every_size_arrive_whole_both_ways(pki, loop_kind):
