@@ -285,16 +285,22 @@ def test_two_clients_share_one_server(tun, http_url):
     opened = {e.get("client_cn") for e in _events(srv, "session_open")}
     assert {"home", "home2"} <= opened, f"session_open CNs: {opened}"
 
-    # No mixing: what each client handed to its WireGuard is what that WireGuard accepted
-    # (a datagram of the other peer would be rejected and missing from the WireGuard count).
+    # No mixing: each client delivered to its WireGuard at most what the server read from
+    # cloud WireGuard for that client's own session (a datagram of the other session would
+    # push it over). WireGuard's own receive count is no exact referee: under load
+    # wireguard-go drops datagrams its socket buffer cannot hold.
+    s = bed.metrics(bed.cloud)
     for h in (h1, h2):
         rx = bed.wg_transfer(h)[0] - before[h.name][0]
         delivered = metric_sum(bed.metrics(h), "ut_udp_out_bytes_total", dir="down")
-        print(f"{h.name}: WireGuard rx {rx} B, client delivered {delivered} B in total")
+        sent_for_cn = metric_sum(s, "ut_udp_in_bytes_total", client_cn=h.name, dir="down")
+        print(f"{h.name}: WireGuard rx {rx} B, client delivered {delivered} B, "
+              f"server read {sent_for_cn} B for this CN")
         assert rx >= size, f"{h.name} WireGuard received only {rx} bytes"
-        assert delivered is not None and delivered <= 1.05 * bed.wg_transfer(h)[0] + (1 << 16), (
-            f"{h.name}: client delivered {delivered} B but WireGuard accepted "
-            f"{bed.wg_transfer(h)[0]} B: foreign datagrams?"
+        assert delivered is not None and sent_for_cn is not None
+        assert delivered <= sent_for_cn, (
+            f"{h.name}: client delivered {delivered} B, more than the server read for its "
+            f"session ({sent_for_cn} B): foreign datagrams"
         )
     _alive(srv, c1, c2)
 
