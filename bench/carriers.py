@@ -284,8 +284,10 @@ class UtTunnel(Carrier):
         name: str | None = None,
         lane_pick: str | None = None,
         tcp: dict | None = None,
+        env: dict | None = None,
     ) -> None:
         super().__init__()
+        self.extra_env = dict(env or {})  # reaches the ut-tunnel processes
         self.pure = pure
         self.lanes = lanes
         self.lane_pick = lane_pick
@@ -296,10 +298,12 @@ class UtTunnel(Carrier):
             f"ut-tunnel {impl}, {lanes} lane{'s' * (lanes != 1)}"
             + (f", lane_pick {lane_pick}" if lane_pick else "")
             + "".join(f", tcp.{k}={v}" for k, v in self.extra_tcp.items())
+            + "".join(f", {k}={v}" for k, v in self.extra_env.items())
         )
 
     def env(self) -> dict:
-        return {"UT_NO_EXTENSIONS": "1"} if self.pure else {"UT_NO_EXTENSIONS": "0"}
+        base = {"UT_NO_EXTENSIONS": "1"} if self.pure else {"UT_NO_EXTENSIONS": "0"}
+        return {**base, **self.extra_env}
 
     def available(self):
         try:
@@ -594,5 +598,18 @@ def all_carriers() -> dict[str, Carrier]:
             UtTunnel(False, lanes=5, name="ut-autobuf", tcp={"tcp_buf": 0}),
             UtTunnel(False, lanes=1, name="ut-1lane-autobuf", tcp={"tcp_buf": 0}),
             V2Ray("vmess"),
+            *_variants(),
         )
     }
+
+
+def _variants() -> list[Carrier]:
+    """Ad-hoc ut variants for experiments: BENCH_UT_VARIANTS='{"name": {"lanes": 5,
+    "tcp": {...}, "env": {...}}}' (env reaches the ut-tunnel processes)."""
+    out = []
+    for name, spec in json.loads(os.environ.get("BENCH_UT_VARIANTS") or "{}").items():
+        out.append(
+            UtTunnel(False, lanes=spec.get("lanes", 5), name=name, tcp=spec.get("tcp"),
+                     env=spec.get("env"))
+        )
+    return out

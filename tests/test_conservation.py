@@ -667,7 +667,7 @@ def test_flood_beyond_the_link_rss_bounded_oldest_dropped_newest_flow(pki, tmp_p
     for end in result["phase_ends"]:
         window = [r for t, r in rss if end - 1.5 <= t <= end]
         assert window and max(window) - min(window) < 6, (end, window)
-    # Bounded by the queue limits: 8 MiB of queue + 5 lanes x (256 KiB high water +
+    # Bounded by the queue limits: 8 MiB of queue + 5 lanes x (64 KiB high water +
     # 1 MiB flush batch) + buffers and interpreter noise.
     assert peak - base < 80, (base, peak)
     assert udp_in == lane_up + drops_up + queue  # the client's own ledger

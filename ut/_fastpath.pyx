@@ -26,6 +26,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+import _socket as _csocket  # the C base class: its ``family`` getter returns a plain int
 import socket as _socket
 
 from ut.errors import FrameError

@@ -140,9 +140,11 @@ cdef object _sockaddr_to_py(sockaddr_storage* ss):
     return None
 
 
-cdef socklen_t _py_to_sockaddr(int family, object addr, sockaddr_storage* ss) except 0:
+cdef socklen_t _py_to_sockaddr(int family, object addr, sockaddr_storage* ss,
+                               bint* numeric) except 0:
     # Parse an (host, port[, flowinfo[, scope_id]]) tuple as socket.sendto() does:
     # numeric hosts directly, names through socket.getaddrinfo (blocking, like sendto).
+    # ``numeric[0]`` says whether the host was an address (the result may be cached).
     cdef sockaddr_in* sin = <sockaddr_in*>ss
     cdef sockaddr_in6* sin6 = <sockaddr_in6*>ss
     cdef bytes hostb
@@ -171,7 +173,9 @@ cdef socklen_t _py_to_sockaddr(int family, object addr, sockaddr_storage* ss) ex
     memset(ss, 0, sizeof(sockaddr_storage))
     dst = <void*>&sin.sin_addr if family == AF_INET else <void*>&sin6.sin6_addr
     hostb = host.encode("idna") if isinstance(host, str) else bytes(host)
+    numeric[0] = True
     if inet_pton(family, hostb, dst) != 1:
+        numeric[0] = False
         resolved = _socket.getaddrinfo(host, port, family, _socket.SOCK_DGRAM)[0][4][0]
         if inet_pton(family, resolved.encode("ascii"), dst) != 1:
             raise OSError(f"cannot parse resolved address {resolved!r}")
@@ -203,7 +207,32 @@ def _recv_loop(sock, Py_ssize_t max_count, Py_ssize_t bufsize):
 
 # ``socket.family`` wraps the number in an IntEnum on every read (about a
 # microsecond); the base ``_socket.socket`` getter hands back the plain int.
-_family_getter = _socket.socket.__dict__["family"].__get__
+_family_getter = _csocket.socket.__dict__["family"].__get__
+
+# The last numeric destination ``send_batch`` parsed: a client sends every batch to
+# the same WireGuard address, and parsing it (idna encode + inet_pton) each time
+# showed in profiles. Reused only for an equal tuple in the same family.
+cdef object _dest_key = None
+cdef int _dest_family = -1
+cdef sockaddr_storage _dest_cached
+cdef socklen_t _dest_cached_len = 0
+
+
+cdef socklen_t _dest_sockaddr(int family, object addr, sockaddr_storage* ss) except 0:
+    global _dest_key, _dest_family, _dest_cached_len
+    cdef bint numeric = False
+    cdef socklen_t n
+    if family == _dest_family and _dest_key is not None and (
+            addr is _dest_key or addr == _dest_key):
+        memcpy(ss, &_dest_cached, _dest_cached_len)
+        return _dest_cached_len
+    n = _py_to_sockaddr(family, addr, ss, &numeric)
+    if numeric:
+        memcpy(&_dest_cached, ss, n)
+        _dest_cached_len = n
+        _dest_key = addr
+        _dest_family = family
+    return n
 
 
 cdef inline int _family_of(sock) except? -1:
@@ -346,7 +375,7 @@ def send_batch(sock, datagrams, addr=None):
     if addr is not None:
         if family != AF_INET and family != AF_INET6:
             return _send_loop(sock, items, addr)
-        destlen = _py_to_sockaddr(family, addr, &dest)
+        destlen = _dest_sockaddr(family, addr, &dest)
     if count == 0:
         return 0
     fd = sock.fileno()

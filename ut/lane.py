@@ -18,8 +18,11 @@ from .control import Goodbye, control_frame
 # Above this many bytes waiting in the TLS transport the lane reports itself
 # busy and the picker skips it, so a backlog builds in the session queue
 # (where drop-oldest applies), not in per-lane buffers.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+# 64 KiB: a burst (LANE_BURST_BYTES in ut.session) and change. 256 KiB carried no
+# more in the benchmark (bench/RESULTS.md) and held 4x as much per lane outside
+# the drop-oldest queue.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
 
 # Dead-path detection (hardening, issue 5). Without these a lane whose path
 # died keeps "working" for as long as TCP retransmits (about 15 minutes with

@@ -4,8 +4,9 @@ Theory of operation (both roles share it; ``ut.client`` and ``ut.server`` add
 dialling and accepting):
 
 * Datagrams read from UDP go through ``push_datagrams`` into the session's
-  ``RingQueue`` (drop-oldest when full) and a flush is scheduled with
-  ``call_soon``, so everything read in one loop iteration leaves together.
+  ``RingQueue`` (drop-oldest when full) and are flushed to the lanes at once
+  when a lane can take them; otherwise they wait there until a lane is ready
+  or writable again (``schedule_flush``).
 * ``_flush`` pops batches and gives each datagram to the lane the
   ``LanePicker`` names (whole datagrams only, one DATA frame each), then writes
   each lane's frames as one buffer. Lanes are "ready" once HELLO is exchanged
@@ -104,10 +105,18 @@ class Session:
             self._count_oversize(oversize)
         if dropped:
             self._count_oldest(dropped)
-        if not self._flush_pending and len(queue):
-            self._flush_pending = True
-            self._flush_t0 = time.perf_counter()
-            self.loop.call_soon(self._flush)
+        if len(queue):
+            if self.picker.ready_count:
+                # Hand the batch to the lanes now rather than on the next loop pass:
+                # what else is ready in this pass (a lane's read and its UDP writes,
+                # other sessions) would otherwise sit in this batch's forwarding time.
+                if not self._flush_pending:  # else keep the older batch's start
+                    self._flush_t0 = time.perf_counter()
+                self._flush()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                self._flush_t0 = time.perf_counter()
+                self.loop.call_soon(self._flush)
         self.wants_lanes()
 
     def _count_oversize(self, n: int) -> None:
