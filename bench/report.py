@@ -196,7 +196,30 @@ def render(res: dict, json_path=None) -> str:
         micro_section(w, P["micro"])
     if "lossy" in P:
         lossy_section(w, P["lossy"], order)
+    if json_path:
+        cpu_profiles_section(w, Path(json_path).parent)
     return "\n".join(out) + "\n"
+
+
+def cpu_profiles_section(w, results_dir: Path) -> None:
+    """``bench/cpuprofile.py --json results/profile-*.json`` runs kept next to the run."""
+    files = sorted(results_dir.glob("profile-*.json"))
+    if not files:
+        return
+    from cpuprofile import markdown  # noqa: PLC0415 - only when there is something to show
+
+    w("## Where the time goes (bench/cpuprofile.py, separate runs)")
+    w("")
+    w(
+        "`perf` samples of the two tunnel processes while one iperf3 test runs through "
+        "them on the same bed. Raw data: " + ", ".join(f"`{f.name}`" for f in files) + "."
+    )
+    w("")
+    for f in files:
+        res = json.loads(f.read_text())
+        w(f"Command: `{res.get('command', 'python bench/cpuprofile.py')}` ({res.get('date', '?')})")
+        w("")
+        w(markdown(res))
 
 
 # ---------------------------------------------------------------------- default profile

@@ -14,9 +14,9 @@ while it runs samples the two tunnel processes with ``perf``:
   counts from the carrier's own metrics);
 * ``/proc``: CPU seconds per GB and context switches per MB.
 
-    sudo python bench/profile.py                       # ut, up, 1 stream, 12 s
-    sudo python bench/profile.py --carrier ut-autobuf --direction down
-    sudo python bench/profile.py --carrier v2ray       # no datagram counts (no metrics)
+    sudo python bench/cpuprofile.py                       # ut, up, 1 stream, 12 s
+    sudo python bench/cpuprofile.py --carrier ut-autobuf --direction down
+    sudo python bench/cpuprofile.py --carrier v2ray       # no datagram counts (no metrics)
 
 Needs what ``bench/run.py`` needs, plus ``perf`` (linux-perf). Results: one JSON
 object on stdout (``--json FILE`` to keep it) and a markdown summary on stderr.
@@ -197,7 +197,9 @@ def profile(args) -> dict:
         mbps = j["end"]["sum_received"]["bits_per_second"] / 1e6
         carrier.stop(bed)
     span = t1 - t0
-    out: dict = {"carrier": args.carrier, "label": carrier.label, "direction": args.direction,
+    out: dict = {"command": "python bench/cpuprofile.py " + " ".join(sys.argv[1:]),
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "carrier": args.carrier, "label": carrier.label, "direction": args.direction,
                  "streams": args.streams, "seconds": args.seconds, "mbps": round(mbps, 1),
                  "window_s": round(span, 2), "roles": {}}
     for role in pids:
