@@ -198,7 +198,32 @@ def render(res: dict, json_path=None) -> str:
         lossy_section(w, P["lossy"], order)
     if json_path:
         cpu_profiles_section(w, Path(json_path).parent)
+        tls_paths_section(w, Path(json_path).parent / "tls-paths.json")
     return "\n".join(out) + "\n"
+
+
+def tls_paths_section(w, path: Path) -> None:
+    """``bench/tls_paths.py --json results/tls-paths.json``: which TLS driver to use."""
+    if not path.exists():
+        return
+    res = json.loads(path.read_text())
+    w("## TLS drivers (bench/tls_paths.py, a separate run)")
+    w("")
+    w(
+        f"One process runs both ends of a loopback TLS 1.3 mTLS stream (the product's contexts), "
+        f"{res['config']['rounds']} rounds, medians; Python {res['python']}, uvloop {res['uvloop']}, "
+        f"{res['openssl']}. `sslsocket` = non-blocking `ssl.SSLSocket` driven by add_reader/add_writer. "
+        "Raw data: `tls-paths.json`."
+    )
+    w("")
+    w("| write size | path | MB/s | CPU s/GB | CPU ÷ uvloop (median of per-round ratios) |")
+    w("|---:|---|---:|---:|---:|")
+    for r in res["summary"]:
+        w(
+            f"| {r['size']} | {r['path']} | {r['mb_per_s']:.0f} | {r['cpu_s_per_gb']:.2f} | "
+            f"{r['cpu_vs_uvloop']:.2f}× |"
+        )
+    w("")
 
 
 def cpu_profiles_section(w, results_dir: Path) -> None:
