@@ -217,39 +217,30 @@ class Carrier:
     def _wait_tcp_listen(
         self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15
     ) -> None:
-        deadline = time.monotonic() + wait
-        while True:
-            if proc.poll() is not None:
-                raise BedError(
-                    f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}"
-                )
-            res = bed.run(node, ["ss", "-Hltn", f"sport = :{port}"], check=False)
-            if res.stdout.strip():
-                return
-            if time.monotonic() > deadline:
-                raise BedError(
-                    f"{proc.bed_name}: nothing listens on TCP {port} after {wait}s:\n"
-                    f"{bed.log_text(proc, 30)}"
-                )
-            time.sleep(0.1)
+        self._wait_socket(bed, node, port, proc, "-Hltn", f"nothing listens on TCP {port}", wait)
 
     def _wait_udp_bound(
         self, bed: NetBed, node, port: int, proc: subprocess.Popen, wait: float = 15
     ) -> None:
+        self._wait_socket(bed, node, port, proc, "-Hlun", f"no UDP socket on {port}", wait)
+
+    @staticmethod
+    def _wait_socket(
+        bed: NetBed, node, port: int, proc: subprocess.Popen, ss_flags: str, missing: str,
+        wait: float,
+    ) -> None:
+        """Until ``ss ss_flags`` in ``node`` shows a socket on ``port`` (or ``proc`` dies)."""
         deadline = time.monotonic() + wait
         while True:
             if proc.poll() is not None:
                 raise BedError(
                     f"{proc.bed_name} exited {proc.returncode}:\n{bed.log_text(proc, 30)}"
                 )
-            res = bed.run(node, ["ss", "-Hlun", f"sport = :{port}"], check=False)
+            res = bed.run(node, ["ss", ss_flags, f"sport = :{port}"], check=False)
             if res.stdout.strip():
                 return
             if time.monotonic() > deadline:
-                raise BedError(
-                    f"{proc.bed_name}: no UDP socket on {port} after {wait}s:\n"
-                    f"{bed.log_text(proc, 30)}"
-                )
+                raise BedError(f"{proc.bed_name}: {missing} after {wait}s:\n{bed.log_text(proc, 30)}")
             time.sleep(0.1)
 
 

@@ -171,6 +171,15 @@ class Bench:
         )
         return json.loads(res.stdout.strip().splitlines()[-1])
 
+    def idle_ping(self, count: int) -> dict:
+        """``count`` pings 50 ms apart with no load: sent, received, RTTs (ms, 2 decimals)."""
+        p = self.ping(count, interval=0.05)
+        return {
+            "sent": p["sent"],
+            "received": p["received"],
+            "rtt_ms": [round(x, 2) for x in p["rtt_ms"]],
+        }
+
     def cpu(self, procs: dict) -> dict[str, float]:
         out = {}
         for role, p in procs.items():
@@ -322,6 +331,31 @@ def bring_up(
     return procs, info
 
 
+@contextlib.contextmanager
+def carrier_round(bed: NetBed, carrier, rec: dict, label: str, keep_logs: bool = False):
+    """One carrier's turn in a round. Sets ``rec["ok"]`` (and ``rec["error"]``); a failure
+    is recorded and the run goes on (``Deadline`` is not caught); the carrier is stopped,
+    then the callables the body appended to the yielded list are called, whatever happens."""
+    cleanups: list = []
+    try:
+        yield cleanups
+        rec["ok"] = True
+    except Deadline:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one carrier failing must not stop the run
+        rec["ok"] = False
+        rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        log(f"  {label}: FAILED {rec['error'][:200]}")
+        if keep_logs:
+            for p in carrier.procs.values():
+                rec.setdefault("logs", {})[p.bed_name] = bed.log_text(p, 15)[-1500:]
+    finally:
+        with contextlib.suppress(Exception):
+            carrier.stop(bed)
+        for fn in cleanups:
+            fn()
+
+
 # ---------------------------------------------------------------------- profiles
 def rotated(seq: list, r: int) -> list:
     k = r % len(seq) if seq else 0
@@ -339,15 +373,10 @@ def profile_default(args, carriers: dict) -> dict:
                 carrier = carriers[name]
                 rec = {"carrier": name, "round": r, "tests": {}}
                 t0 = time.monotonic()
-                try:
+                with carrier_round(bed, carrier, rec, f"{name} round {r}", keep_logs=True):
                     procs, info = bring_up(bench, carrier)
                     rec.update(info)
-                    p = bench.ping(args.idle_pings, interval=0.05)
-                    rec["idle_ping"] = {
-                        "sent": p["sent"],
-                        "received": p["received"],
-                        "rtt_ms": [round(x, 2) for x in p["rtt_ms"]],
-                    }
+                    rec["idle_ping"] = bench.idle_ping(args.idle_pings)
                     for t in args.tests:
                         rev, streams = TESTS[t]
                         rec["tests"][t] = bench.iperf(
@@ -358,18 +387,6 @@ def profile_default(args, carriers: dict) -> dict:
                                 rec["tests"][rest] = {"error": f"skipped after {t} failed"}
                             break
                     rec["rss_kib"] = rss_peaks(procs)
-                    rec["ok"] = True
-                except Deadline:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one carrier failing must not stop the run
-                    rec["ok"] = False
-                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-                    log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
-                    for p in carrier.procs.values():
-                        rec.setdefault("logs", {})[p.bed_name] = bed.log_text(p, 15)[-1500:]
-                finally:
-                    with contextlib.suppress(Exception):
-                        carrier.stop(bed)
                 rec["elapsed_s"] = round(time.monotonic() - t0, 1)
                 tp = " ".join(f"{t}={v.get('mbps', 0):.0f}" for t, v in rec["tests"].items())
                 log(f"default r{r} {name:10s} {tp} Mbit/s  ({rec['elapsed_s']} s)")
@@ -393,15 +410,11 @@ def profile_seed(args, carriers: dict) -> dict:
                 )
                 rec = {"carrier": name, "round": r}
                 t0 = time.monotonic()
-                try:
+                with carrier_round(bed, carrier, rec, f"{name} round {r}") as cleanups:
+                    cleanups.append(limits.cleanup)
                     procs, info = bring_up(bench, carrier, limits)
                     rec.update(info)
-                    p = bench.ping(args.idle_pings, interval=0.05)
-                    rec["idle_ping"] = {
-                        "sent": p["sent"],
-                        "received": p["received"],
-                        "rtt_ms": [round(x, 2) for x in p["rtt_ms"]],
-                    }
+                    rec["idle_ping"] = bench.idle_ping(args.idle_pings)
                     rec["test"] = bench.iperf(
                         False, 10, args.seed_duration, bitrate="10M", carrier=carrier, procs=procs
                     )
@@ -409,17 +422,6 @@ def profile_seed(args, carriers: dict) -> dict:
                     rec["memory_mode"] = limits.memory_mode
                     rec["memory_limit_hits"] = limits.oom_events()
                     rec["affinity"] = {role: _affinity(p.pid) for role, p in procs.items()}
-                    rec["ok"] = True
-                except Deadline:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    rec["ok"] = False
-                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-                    log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
-                finally:
-                    with contextlib.suppress(Exception):
-                        carrier.stop(bed)
-                    limits.cleanup()
                 rec["elapsed_s"] = round(time.monotonic() - t0, 1)
                 log(
                     f"seed r{r} {name:10s} {rec.get('test', {}).get('mbps', 0):.0f} Mbit/s "
@@ -453,8 +455,7 @@ def profile_small(args, carriers: dict) -> dict:
             for name in rotated(list(carriers), r):
                 carrier = carriers[name]
                 rec = {"carrier": name, "round": r, "probes": {}}
-                echo = None
-                try:
+                with carrier_round(bed, carrier, rec, f"{name} round {r}") as cleanups:
                     echo_addr = (
                         f"{bed.cloud.link_ip}:{ECHO_PORT}"
                         if name == "direct"
@@ -465,6 +466,7 @@ def profile_small(args, carriers: dict) -> dict:
                         [*ut, "udpmon", "echo", "--listen", echo_addr, "--quiet"],
                         name="udpmon-echo",
                     )
+                    cleanups.append(lambda echo=echo: bed.stop(echo))
                     procs, info = bring_up(bench, carrier, echo_port=ECHO_PORT, wg=False)
                     target = carrier.udpmon_target(bed, ECHO_PORT)
                     bind = ["--bind", carrier.udpmon_bind()] if carrier.udpmon_bind() else []
@@ -530,18 +532,6 @@ def profile_small(args, carriers: dict) -> dict:
                             "cpu_us_per_dgram": (cpu / dgrams * 1e6) if procs and dgrams else None,
                         }
                     rec["rss_kib"] = rss_peaks(procs)
-                    rec["ok"] = True
-                except Deadline:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    rec["ok"] = False
-                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-                    log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
-                finally:
-                    with contextlib.suppress(Exception):
-                        carrier.stop(bed)
-                    if echo is not None:
-                        bed.stop(echo)
                 log(
                     f"small r{r} {name:10s} "
                     + " ".join(
@@ -610,7 +600,7 @@ def profile_lossy(args, carriers: dict) -> dict:
                         carrier = carriers[name]
                         rec = {"carrier": name, "round": r, "tests": {}}
                         t0 = time.monotonic()
-                        try:
+                        with carrier_round(bed, carrier, rec, f"{name} round {r}"):
                             procs, info = bring_up(bench, carrier)
                             rec.update(info)
                             for t in args.lossy_tests:
@@ -629,16 +619,6 @@ def profile_lossy(args, carriers: dict) -> dict:
                                 if rec["tests"][t].get("error"):
                                     break
                             rec["rss_kib"] = rss_peaks(procs)
-                            rec["ok"] = True
-                        except Deadline:
-                            raise
-                        except Exception as exc:  # noqa: BLE001
-                            rec["ok"] = False
-                            rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-                            log(f"  {name} round {r}: FAILED {rec['error'][:200]}")
-                        finally:
-                            with contextlib.suppress(Exception):
-                                carrier.stop(bed)
                         rec["elapsed_s"] = round(time.monotonic() - t0, 1)
                         tp = " ".join(
                             f"{t}={v.get('mbps', 0):.1f}" for t, v in rec["tests"].items()
