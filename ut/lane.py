@@ -19,8 +19,8 @@ from .control import Goodbye, control_frame
 # busy and the picker skips it, so a backlog builds in the session queue
 # (where drop-oldest applies), not in per-lane buffers.
 # 64 KiB: a burst (LANE_BURST_BYTES in ut.session) and change. 256 KiB carried no
-# more in the benchmark (bench/RESULTS.md) and held 4x as much per lane outside
-# the drop-oldest queue.
+# more on the benchmark bed (A/B in bench/README.md) and held 4x as much per lane
+# outside the drop-oldest queue.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
 
