@@ -264,12 +264,18 @@ def test_two_clients_share_one_server(tun, http_url):
     dests = {h.name: bed.wd / f"mid-{h.name}.bin" for h in (h1, h2)}
     curls = [bed.spawn(h, bed.curl_download_cmd(f"{http_url}/mid.bin", dests[h.name], 120),
                        name=f"curl-{h.name}") for h in (h1, h2)]
-    pings = {h.name: bed.ping(h, bed.cloud, count=5, interval=0.1) for h in (h1, h2)}
+    # Both paths stay interactive while both downloads run. Not "every echo": a
+    # saturated wireguard-go (and the kernel's UDP buffers in front of it) may drop a
+    # packet whatever carries it -- the benchmark loses loaded pings on direct
+    # WireGuard too -- and a CI run once lost 1 of 5 with no drop inside ut-tunnel.
+    pings = {h.name: bed.ping(h, bed.cloud, count=10, interval=0.1) for h in (h1, h2)}
     for c in curls:
         assert c.wait(timeout=130) == 0, NetBed.log_text(c)
     for h in (h1, h2):
         assert sha256_file(dests[h.name]) == digest, f"{h.name} got a corrupt file"
-        assert pings[h.name]["received"] == 5, (h.name, pings[h.name])
+        drops = {n.name: metric_sum(bed.metrics(n), "ut_udp_drop_total") for n in bed.nodes}
+        assert pings[h.name]["received"] >= 8, (h.name, pings[h.name], "ut drops", drops)
+        print(f"{h.name}: {pings[h.name]}, ut drops {drops}")
         dests[h.name].unlink()
 
     # One session per CN on the server, each with its own UDP socket (own WireGuard endpoint).
