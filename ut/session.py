@@ -113,10 +113,8 @@ class Session:
                 if not self._flush_pending:  # else keep the older batch's start
                     self._flush_t0 = time.perf_counter()
                 self._flush()
-            elif not self._flush_pending:
-                self._flush_pending = True
-                self._flush_t0 = time.perf_counter()
-                self.loop.call_soon(self._flush)
+            else:
+                self.schedule_flush()  # when a lane is ready or writable again
         self.wants_lanes()
 
     def _count_oversize(self, n: int) -> None:
