@@ -12,9 +12,10 @@ Profiles (see bench/README.md for what each measures and how):
              ping idle and during iperf3; CPU s/GB and peak RSS of the tunnel processes
     seed     each tunnel process on 1 core (taskset) with 512 MiB; iperf3 -P 10 -b 10M up
              (100 Mbit/s total); forwarding latency p95 from the tunnel's histogram; ping
+    seed-apart  the same, with each wireguard-go kept off its own tunnel process's CPU
     small    udpmon probe/echo without WireGuard: 64-byte datagrams and IMIX at fixed rates
     micro    bench/micro.py: fast path vs pure twin (frames, queue, picker)
-    lossy    20 ms one-way + 1 % loss (needs tests/linkemu.py; a TODO until it exists)
+    lossy    20 ms one-way + 1 % loss through tests/linkemu.py: 1 lane vs 5 lanes vs the peers
 
 Every round runs every carrier once, in a rotated order, so slow drifts of a shared
 machine hit all carriers alike; tables show medians over rounds, and ratios are medians
@@ -54,7 +55,7 @@ TESTS = {  # name -> (reverse, streams)
     "down10": (True, 10),
 }
 TEST_LABEL = {"up1": "up 1", "down1": "down 1", "up10": "up 10", "down10": "down 10"}
-ALL_PROFILES = ("default", "seed", "small", "micro", "lossy")
+ALL_PROFILES = ("default", "seed", "seed-apart", "small", "micro", "lossy")
 ECHO_PORT = 51900
 PING_INTERVAL = 0.1
 SMALL_PROBES = {  # name -> udpmon probe args
@@ -394,12 +395,16 @@ def profile_default(args, carriers: dict) -> dict:
     return {"rounds": rounds_out, "tests": list(args.tests), "duration_s": args.duration}
 
 
-def profile_seed(args, carriers: dict) -> dict:
+def profile_seed(args, carriers: dict, wg_apart: bool = False) -> dict:
+    """The seed's budget. ``wg_apart``: each side's wireguard-go may run on every CPU but the
+    one its own tunnel process is pinned to (``seed-apart``); otherwise it floats (``seed``)."""
     cpus = args.seed_cpus.split(",")
     limits_desc = {"cpu_server": cpus[0], "cpu_client": cpus[-1], "memory_bytes": 512 << 20}
     rounds_out = []
     with NetBed(verbose=args.verbose) as bed:
         bed.pki()
+        if wg_apart:
+            limits_desc["wireguard_go_cpus"] = _pin_wireguard_apart(bed, int(cpus[0]), int(cpus[-1]))
         bench = Bench(bed, args.seed_duration)
         bench.start_iperf_server()
         for r in range(args.rounds):
@@ -434,6 +439,31 @@ def profile_seed(args, carriers: dict) -> dict:
         "duration_s": args.seed_duration,
         "load": "iperf3 -P 10 -b 10M (100 Mbit/s total), home->cloud",
     }
+
+
+def _pin_wireguard_apart(bed: NetBed, server_cpu: int, client_cpu: int) -> dict:
+    """Keep each wireguard-go off the CPU of the tunnel process on its own side.
+
+    On a shared core the tunnel's ``sendmmsg`` wakes wireguard-go, which preempts it
+    mid-batch: the rest of the batch waits for the whole WireGuard/iperf3 chain to run
+    (bench/README.md, "Seed profile"). On two real hosts, or with kernel WireGuard,
+    the two do not compete for one core like this.
+    """
+    allowed = os.sched_getaffinity(0)
+    out = {}
+    for node in bed.nodes:
+        own = server_cpu if node is bed.cloud else client_cpu
+        cpus = allowed - {own}
+        if not cpus:
+            raise BedError(f"no CPU left for wireguard-go besides {own}: seed-apart needs 2 CPUs")
+        proc = node.wg_proc
+        if proc is None:
+            raise BedError(f"no wireguard-go process for {node.name}")
+        # Every thread: the Go runtime's later threads inherit the affinity of their creator.
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            os.sched_setaffinity(int(tid), cpus)
+        out[node.name] = ",".join(map(str, sorted(cpus)))
+    return out
 
 
 def _affinity(pid: int) -> str | None:
@@ -841,7 +871,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    needs_bed = any(x in args.profiles for x in ("default", "seed", "small"))
+    needs_bed = any(x in args.profiles for x in ("default", "seed", "seed-apart", "small"))
     if needs_bed:
         reasons = netbed.missing_prerequisites(netbed.REQUIRED_TOOLS + ("iperf3", "ss", "taskset"))
         if reasons:
@@ -896,8 +926,8 @@ def main(argv=None) -> int:
             try:
                 if prof == "default":
                     out = profile_default(args, pick(args.carriers))
-                elif prof == "seed":
-                    out = profile_seed(args, pick(args.seed_carriers))
+                elif prof in ("seed", "seed-apart"):
+                    out = profile_seed(args, pick(args.seed_carriers), prof == "seed-apart")
                 elif prof == "small":
                     out = profile_small(args, pick(args.carriers))
                 elif prof == "micro":
@@ -913,7 +943,7 @@ def main(argv=None) -> int:
                 }
                 log(f"profile {prof} FAILED: {exc}")
             out["elapsed_s"] = round(time.monotonic() - t0, 1)
-            if prof in ("default", "seed", "small", "lossy"):
+            if prof in ("default", "seed", "seed-apart", "small", "lossy"):
                 out.setdefault(
                     "carriers",
                     list(
@@ -921,6 +951,7 @@ def main(argv=None) -> int:
                             {
                                 "default": args.carriers,
                                 "seed": args.seed_carriers,
+                                "seed-apart": args.seed_carriers,
                                 "small": args.carriers,
                                 "lossy": args.lossy_carriers,
                             }[prof]
