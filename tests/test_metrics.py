@@ -265,7 +265,7 @@ def test_every_metric_per_client_cn(run: Any) -> None:
     drops = {"alice": {"oldest": 2, "udp_write_error": 1}, "bob": {"oldest": 1, "oversize": 3}}
     for cn, got in drops.items():
         for reason in DROP_REASONS:
-            d = "down" if DROP_PATH[reason] == "in" else "up"
+            d = "up" if DROP_PATH[reason] == "out" else "down"  # a server's in dir is down
             assert value(s, "ut_udp_drop_total", client_cn=cn, dir=d, reason=reason) == \
                 got.get(reason, 0)
     assert len(series_of(s, "ut_udp_drop_total")) == 2 * len(DROP_REASONS)

@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import urllib.request
 from typing import Any
 
@@ -29,6 +31,7 @@ from tests.certs import make_test_pki
 from tests.tunnelkit import (
     UdpEcho,
     UdpPeer,
+    capture_events,
     client_config,
     run_on,
     server_config,
@@ -107,11 +110,13 @@ async def scrape(node: Any) -> Scrape:
 
 def assert_conserved(s: Scrape, role: str, **cn: str) -> None:
     """docs/metrics.md, accounting identity, in one process (per CN if given):
-    in = handed to lanes + drops on the in path + queued."""
+    in = handed to lanes + drops on the in path + queued (drops at the kernel's full
+    socket were never read, so they are not in ``in``)."""
     d_in = "up" if role == "client" else "down"
     udp_in = s.total("ut_udp_in_packets_total", dir=d_in, **cn)
     handed = s.total("ut_lane_frames_total", dir=d_in, **cn)
-    drops = s.total("ut_udp_drop_total", dir=d_in, **cn)
+    drops = s.total("ut_udp_drop_total", dir=d_in, **cn) - s.total(
+        "ut_udp_drop_total", dir=d_in, reason="udp_socket_full", **cn)
     queued = s.total("ut_queue_len", **cn)
     assert udp_in == handed + drops + queued, (role, cn, udp_in, handed, drops, queued)
 
@@ -312,6 +317,50 @@ def test_drop_oldest_counted_exactly_with_a_stalled_server(pki, loop_kind):
     assert closed.value("ut_queue_len", **cn) == 0
     assert closed.value("ut_udp_drop_total", dir="up", reason="no_lane", **cn) == cap
     assert_conserved(closed, "client", **cn)  # 1000 = 0 + 900 + 100 + 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="per-socket drop counters are Linux's /proc/net/udp")
+def test_kernel_drops_at_the_client_socket_are_counted(pki, loop_kind):
+    """The client falls behind (its UDP socket shrunk and not read) while WireGuard sends
+    a burst: what the kernel drops at the socket is ``udp_socket_full``, exactly the
+    kernel's own count, with a ``udp_socket_drop`` log line; the rest goes through."""
+    from ut.sockdrops import read_drop_table
+
+    burst = 300
+    extra = {"_extra": metrics_on()}
+
+    async def main():
+        async with tunnel(pki, lanes=2, server_tcp=dict(extra), client_tcp=dict(extra)) as t:
+            t.peer.send(b"first")
+            assert await t.peer.recv() == b"first"
+            port = t.client.session.udp
+            inode = os.fstat(port.sock.fileno()).st_ino
+            port.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            port.pause()
+            for i in range(burst):
+                t.peer.send(i.to_bytes(4, "big") + bytes(996))
+            kernel = read_drop_table()[inode]
+            port.start()
+            echoes = await t.peer.drain(burst - kernel, timeout=10)
+            for _ in range(50):  # the count is read every second
+                s = await scrape(t.client)
+                if s.value("ut_udp_drop_total", dir="up", reason="udp_socket_full",
+                           client_cn="home") >= kernel:
+                    break
+                await asyncio.sleep(0.1)
+            return s, kernel, len(echoes)
+
+    with capture_events() as cap:
+        s, kernel, echoed = run_on(loop_kind, main())
+    cn = {"client_cn": "home"}
+    assert kernel > 0
+    assert s.value("ut_udp_drop_total", dir="up", reason="udp_socket_full", **cn) == kernel
+    assert s.value("ut_udp_in_packets_total", dir="up", **cn) == 1 + burst - kernel
+    assert echoed == burst - kernel
+    assert_conserved(s, "client", **cn)
+    lines = cap.named("udp_socket_drop")
+    assert lines and lines[0]["dropped"] > 0
 
 
 # -- 3: labels switch as configured ----------------------------------------------------------

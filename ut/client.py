@@ -288,7 +288,8 @@ class Client:
         )
         self._stats.sessions[self.session.session_id] = self.session
         sock = open_udp_socket(bind=parse_addr(cfg.udp.listen_addr))
-        self.session.udp = UdpPort(self.loop, sock, self.session.on_udp_batch, self._udp_error)
+        self.session.udp = UdpPort(self.loop, sock, self.session.on_udp_batch, self._udp_error,
+                                   self.session.count_socket_drops)
         self.session.udp.start()
         if cfg.metrics.enabled:
             from .metrics import start_metrics_server

@@ -70,7 +70,8 @@ class ServerSession(Session):
         self._linger: asyncio.TimerHandle | None = None
         self._udp_err_log = Debounced(5.0)
         sock = open_udp_socket(connect=server.wg_addr)
-        self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error)
+        self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error,
+                           self.count_socket_drops)
         self.udp.start()
         self.counters.sessions_active += 1
         self.log("session_open", udp_local=format_addr(self.udp.address))

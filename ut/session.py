@@ -73,6 +73,7 @@ class Session:
         self._flush_t0 = 0.0
         self._drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._oversize_log = Debounced(DROP_LOG_WINDOW_SECONDS)
+        self._socket_drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self.closed = False
 
     # -- log helper ---------------------------------------------------------
@@ -122,6 +123,13 @@ class Session:
         due = self._oversize_log.hit(n)
         if due:
             self.log("pdu_too_large", logging.WARNING, dropped=due, limit=MAX_PAYLOAD)
+
+    def count_socket_drops(self, n: int) -> None:
+        """The UdpPort's ``on_kernel_drops``: datagrams lost at our full UDP socket."""
+        self.counters.drop("udp_socket_full", n)
+        due = self._socket_drop_log.hit(n)
+        if due:
+            self.log("udp_socket_drop", logging.WARNING, dropped=due)
 
     def _count_oldest(self, n: int) -> None:
         self.counters.drop("oldest", n)

@@ -30,10 +30,13 @@ DIRECTIONS = ("up", "down")
 
 # Every reason a datagram can be lost, and the path it is lost on (docs/metrics.md):
 # "in"  = read from the role's UDP socket, lost before a lane carried it (dir = dir_in);
-# "out" = read from a lane, lost before it left the role's UDP socket (dir = dir_out).
+# "out" = read from a lane, lost before it left the role's UDP socket (dir = dir_out);
+# "socket" = lost by the kernel at the role's full UDP socket, never read (dir = dir_in;
+#            outside the in/out identity, which starts at the datagrams read).
 # A fixed vocabulary keeps ``ut_udp_drop_total{reason}`` bounded and lets
 # "UDP in = UDP out + drops + in flight" be checked per direction.
 DROP_PATH: dict[str, str] = {
+    "udp_socket_full": "socket",  # the kernel dropped it at our full UDP socket (Linux)
     "oldest": "in",  # session queue full (packets or bytes): the oldest datagram made room
     "oversize": "in",  # datagram larger than one PDU can carry (logged as pdu_too_large)
     "no_lane": "in",  # still queued when the session closed (idle, linger, shutdown)

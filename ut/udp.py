@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 
 from . import fastpath
+from .sockdrops import watcher_for
 
 BATCH_MAX = 64  # datagrams read per wake-up: bounds latency added to other work
 SOCKET_BUF_BYTES = 4 << 20  # ask the kernel for roomy UDP buffers (it may cap lower)
@@ -60,6 +61,8 @@ class UdpPort:
 
     ``on_error(exc)`` is called for a read error (for example ICMP port
     unreachable reported on a connected socket); the port keeps running.
+    ``on_kernel_drops(n)`` is called with datagrams the kernel dropped at the socket
+    because it was full (Linux; checked every second while started, and at close).
     """
 
     def __init__(
@@ -68,11 +71,14 @@ class UdpPort:
         sock: socket.socket,
         on_batch: BatchHandler,
         on_error: Callable[[OSError], None] | None = None,
+        on_kernel_drops: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.on_batch = on_batch
         self.on_error = on_error
+        self._drop_watcher = watcher_for(loop) if on_kernel_drops is not None else None
+        self._on_kernel_drops = on_kernel_drops
         self._fd = sock.fileno()
         self._reading = False
         self._recv_batch = fastpath.recv_batch
@@ -86,6 +92,8 @@ class UdpPort:
         if not self._reading:
             self.loop.add_reader(self._fd, self._on_readable)
             self._reading = True
+            if self._drop_watcher is not None and self._fd not in self._drop_watcher.watched:
+                self._drop_watcher.watch(self._fd, self._on_kernel_drops)  # type: ignore[arg-type]
 
     def pause(self) -> None:
         if self._reading:
@@ -144,4 +152,6 @@ class UdpPort:
 
     def close(self) -> None:
         self.pause()
+        if self._drop_watcher is not None:
+            self._drop_watcher.unwatch(self._fd)  # counts the last drops before the fd goes
         self.sock.close()
