@@ -2,6 +2,11 @@
 """Render a bench/run.py JSON result as markdown (bench/RESULTS.md).
 
     python bench/report.py bench/results/run-YYYYmmdd-HHMMSS.json > bench/RESULTS.md
+    python bench/report.py run-A.json run-B.json > bench/RESULTS.md    # runs pooled
+
+Several runs are pooled as one run with more rounds: round r of run k becomes round
+r + (rounds of runs before k), so per-round pairing still compares carriers measured
+side by side; the report lists the runs and their commits.
 
 Conventions: throughput, CPU and RSS are medians over rounds (``[min-max]`` where shown);
 ratios are medians of per-round ratios (carrier and reference measured in the same round);
@@ -103,6 +108,31 @@ def _get(*path):
 PING_NOTE = ["on a fixed schedule, bench/pinger.py"]
 
 
+def pool(runs: list[dict], paths: list[str]) -> dict:
+    """One result with the rounds of every run (see the module docstring)."""
+    out = json.loads(json.dumps(runs[0]))  # a deep copy
+    out["pooled"] = [
+        {"json": p, "git": r.get("facts", {}).get("git"), "date": r.get("facts", {}).get("date"),
+         "command": r.get("command")}
+        for r, p in zip(runs, paths, strict=True)
+    ]
+    names = list(dict.fromkeys(n for r in runs for n in r.get("profiles", {})))
+    out["profiles"] = {}
+    for name in names:
+        having = [r["profiles"][name] for r in runs if name in r.get("profiles", {})]
+        prof = out["profiles"][name] = json.loads(json.dumps(having[0]))
+        if "rounds" not in prof:
+            continue  # micro: not in rounds, the first run's
+        offset = 1 + max((r["round"] for r in prof["rounds"]), default=-1)
+        for other in having[1:]:
+            more = other.get("rounds") or []
+            for rec in more:
+                prof["rounds"].append({**rec, "round": rec["round"] + offset})
+            offset += 1 + max((r["round"] for r in more), default=-1)
+    out["elapsed_s"] = round(sum(r.get("elapsed_s") or 0 for r in runs), 1)
+    return out
+
+
 def render(res: dict, json_path=None) -> str:
     out: list[str] = []
     w = out.append
@@ -123,9 +153,18 @@ def render(res: dict, json_path=None) -> str:
     cmd = res.get("command") or "python bench/run.py"
     w(
         f"Produced by `{cmd}` (as root) on {facts.get('date')}, in {res.get('elapsed_s')} s."
-        + (f" Raw data: `{json_path}`." if json_path else "")
+        + (f" Raw data: `{json_path}`." if json_path and not res.get("pooled") else "")
     )
     w("Re-render with `python bench/report.py <json>`. How it is measured: `bench/README.md`.")
+    if res.get("pooled"):
+        gits = {p["git"] for p in res["pooled"]}
+        w("")
+        w(
+            f"**{len(res['pooled'])} runs pooled** (rounds added up; pairs stay within a round; "
+            f"{'same commit' if len(gits) == 1 else 'commits differ, see below'}): "
+            + "; ".join(f"`{p['json']}` ({p['date']}, git {p['git']})" for p in res["pooled"])
+            + ". The machine facts below are the first run's."
+        )
     if res.get("aborted"):
         w(f"\n**Run aborted:** {res['aborted']}")
     w("")
@@ -186,7 +225,8 @@ def render(res: dict, json_path=None) -> str:
     P = res.get("profiles", {})
     order = list(carriers) + list(res.get("carriers_skipped") or {})
     if "default" in P:
-        targets(w, P.get("default"), P.get("seed"), order, P.get("seed-apart"))
+        targets(w, P.get("default"), P.get("seed"), order, P.get("seed-apart"),
+                bool(res.get("pooled")))
         default_section(w, P["default"], order)
     for key in ("seed", "seed-apart"):
         if key in P:
@@ -265,14 +305,15 @@ def _pool(R, name, fn):
     return s
 
 
-def targets(w, prof, seed, order, seed_apart=None):
+def targets(w, prof, seed, order, seed_apart=None, pooled=False):
     if not prof or "rounds" not in prof:
         return
     R = Rounds(prof, order)
     if "ut" not in R.names or REF not in R.names:
         return
     tests = prof.get("tests", [])
-    w("## Issue 6 targets for the compiled fast path (`ut`), this run")
+    w("## Issue 6 targets for the compiled fast path (`ut`), "
+      + ("these runs pooled" if pooled else "this run"))
     w("")
     w("| target | measured | met? |\n|---|---|---|")
 
@@ -800,10 +841,11 @@ def _si(x):
 
 def main(argv=None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
-    if len(argv) != 1:
+    if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    res = json.loads(Path(argv[0]).read_text())
+    runs = [json.loads(Path(a).read_text()) for a in argv]
+    res = runs[0] if len(runs) == 1 else pool(runs, argv)
     sys.stdout.write(render(res, argv[0]))
     return 0
 
