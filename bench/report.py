@@ -381,6 +381,32 @@ def _fwd_max(test):
     return max(vals) if vals else None
 
 
+def ut_drops(w, R, tests):
+    """ut-tunnel's own drop counters over each test, all rounds added (runs that have them)."""
+    names = [n for n in R.names
+             if any("ut_drops" in v for r in R.ok(n) for v in (r.get("tests") or {}).values())]
+    if not names:
+        return
+    w("### Datagrams ut-tunnel itself dropped during the tests (its counters, all rounds added)")
+    w("")
+    w("`role reason count`, from `ut_udp_drop_total` before and after each test; `0` = none. "
+      "wireguard-go's own socket drops are not in these (see bench/README.md).")
+    w("")
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+    w("|---|" + "---|" * len(tests))
+    for n in names:
+        cells = []
+        for t in tests:
+            tot: dict[tuple[str, str], int] = {}
+            for r in R.ok(n):
+                for role, by in (((r.get("tests") or {}).get(t) or {}).get("ut_drops") or {}).items():
+                    for reason, k in by.items():
+                        tot[(role, reason)] = tot.get((role, reason), 0) + k
+            cells.append(", ".join(f"{ro} {re_} {k}" for (ro, re_), k in sorted(tot.items())) or "0")
+        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    w("")
+
+
 def default_section(w, prof, order):
     w("## Default profile: iperf3 TCP through WireGuard")
     w("")
@@ -477,6 +503,7 @@ def default_section(w, prof, order):
     for n in R.names:
         w(f"| `{n}` | " + " | ".join(f(med(R.values(n, retr(t))), 2) for t in tests) + " |")
     w("")
+    ut_drops(w, R, tests)
     w("### Ping over WireGuard, ms (all samples of all rounds pooled)")
     w("")
     w(

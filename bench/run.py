@@ -98,6 +98,15 @@ def hist_snapshot(samples, name="ut_forward_latency_seconds") -> dict[str, dict[
     return out
 
 
+def drop_snapshot(samples) -> dict[str, float]:
+    """ut_udp_drop_total by reason, summed over client CNs and directions."""
+    out: dict[str, float] = {}
+    for n, lab, v in samples:
+        if n == "ut_udp_drop_total":
+            out[lab["reason"]] = out.get(lab["reason"], 0.0) + v
+    return out
+
+
 def hist_quantile(
     before: dict[float, float], after: dict[float, float], q: float
 ) -> tuple[float | None, int]:
@@ -193,9 +202,11 @@ class Bench:
             return None
         bed = self.bed
         try:
+            home, cloud = bed.metrics(bed.home), bed.metrics(bed.cloud)
             return {
-                "client": hist_snapshot(bed.metrics(bed.home)),
-                "server": hist_snapshot(bed.metrics(bed.cloud)),
+                "client": hist_snapshot(home),
+                "server": hist_snapshot(cloud),
+                "drops": {"client": drop_snapshot(home), "server": drop_snapshot(cloud)},
             }
         except BedError:
             return None
@@ -301,6 +312,12 @@ class Bench:
                             "n": n,
                         }
             res["fwd_p95"] = fwd
+            # ut-tunnel's own drop counters over the test, by role and reason (non-zero only)
+            res["ut_drops"] = {
+                role: {k: int(v - h0["drops"][role].get(k, 0))
+                       for k, v in h1["drops"][role].items() if v > h0["drops"][role].get(k, 0)}
+                for role in ("client", "server")
+            }
         return res
 
 
