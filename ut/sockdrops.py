@@ -88,10 +88,9 @@ class SocketDropWatcher:
                 w.update(table)
 
     def _tick(self) -> None:
-        self._timer = None
+        # Next tick first: a callback that raises must not stop the counting for good.
+        self._timer = self.loop.call_later(POLL_SECONDS, self._tick) if self.watched else None
         self.poll()
-        if self.watched:
-            self._timer = self.loop.call_later(POLL_SECONDS, self._tick)
 
 
 _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SocketDropWatcher] = (
