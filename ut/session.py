@@ -70,7 +70,6 @@ class Session:
         self._hash = lane_pick == "hash"
         self.lanes: list[Lane | None] = [None] * n_lanes
         self._flush_pending = False
-        self._flush_t0 = 0.0
         self._drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._oversize_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._socket_drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
@@ -93,13 +92,16 @@ class Session:
         c = self.counters
         queue = self.queue
         nbytes = dropped = oversize = 0
+        # Each datagram carries its arrival time through the queue, so the input
+        # direction's forwarding latency includes any wait for a writable lane.
+        now = time.perf_counter()
         for d in datagrams:
             n = len(d)
             nbytes += n
             if n > MAX_PAYLOAD:
                 oversize += 1
                 continue
-            dropped += queue.push(d)
+            dropped += queue.push(d, now)
         c.udp_in_packets += len(datagrams)
         c.udp_in_bytes += nbytes
         if oversize:
@@ -111,8 +113,6 @@ class Session:
                 # Hand the batch to the lanes now rather than on the next loop pass:
                 # what else is ready in this pass (a lane's read and its UDP writes,
                 # other sessions) would otherwise sit in this batch's forwarding time.
-                if not self._flush_pending:  # else keep the older batch's start
-                    self._flush_t0 = time.perf_counter()
                 self._flush()
             else:
                 self.schedule_flush()  # when a lane is ready or writable again
@@ -146,14 +146,15 @@ class Session:
     def schedule_flush(self) -> None:
         if not self._flush_pending and len(self.queue):
             self._flush_pending = True
-            self._flush_t0 = time.perf_counter()
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
         queue, picker, lanes, c = self.queue, self.picker, self.lanes, self.counters
-        sent = 0
+        batches = []  # (arrival of the batch's oldest datagram, datagrams in the batch)
         while len(queue) and picker.ready_count:
+            batch_stamp = queue.head_stamp
+            sent = 0
             if self._hash:
                 per_lane = self._split_by_flow(queue.pop_batch(FLUSH_BATCH_PACKETS, FLUSH_BATCH_BYTES))
             else:
@@ -168,8 +169,14 @@ class Session:
                 c.lane_tx_frames[lane_id] += len(datagrams)
                 c.lane_tx_bytes[lane_id] += len(data)
                 sent += len(datagrams)
-        if sent:
-            c.forward_latency[self.stats.dir_in].observe(time.perf_counter() - self._flush_t0, sent)
+            batches.append((batch_stamp, sent))
+        if batches:
+            # A batch shares one measurement: its oldest datagram's, an upper bound
+            # for the rest.
+            now = time.perf_counter()
+            hist = c.forward_latency[self.stats.dir_in]
+            for stamp, n in batches:
+                hist.observe(now - stamp, n)
 
     def _split_by_flow(self, batch: list) -> dict[int, list]:
         """``lane_pick: hash``: each datagram to the lane its flow key names."""

@@ -1,0 +1,67 @@
+"""The session's forwarding-latency histogram counts the time datagrams wait in its queue.
+
+No sockets: a Session with one Lane on a fake transport (tests/test_fuzz.py's), so the
+wait for a writable lane can be set exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.test_fuzz import FakePort, FakeTransport
+from tests.tunnelkit import use_implementation
+from ut.lane import Lane
+from ut.session import Session
+from ut.stats import TunnelStats
+
+WAIT = 0.08  # seconds the only lane stays paused
+
+
+class _ClientSession(Session):
+    role = "client"
+
+    def udp_target(self):
+        return self.port, None
+
+
+def _histogram(s: Session, direction: str):
+    return s.counters.forward_latency[direction]
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+@pytest.mark.parametrize("lane_pick", ["rr", "hash"])
+def test_input_latency_includes_the_wait_for_a_writable_lane(impl, lane_pick):
+    async def main():
+        with use_implementation(impl):
+            stats = TunnelStats(role="client", max_lanes=1)
+            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
+                               session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20,
+                               lane_pick=lane_pick)
+            s.port = FakePort()
+            lane = Lane(s, 0)
+            lane.connection_made(FakeTransport())
+            s.lane_up(lane)
+            hist = _histogram(s, stats.dir_in)
+
+            # A writable lane: the datagrams go out in the same call, well under WAIT.
+            s.push_datagrams([b"a" * 100] * 3)
+            assert len(s.queue) == 0 and hist.count == 3
+            assert hist.sum < 3 * WAIT / 2
+
+            # A paused lane: they wait in the queue, and that wait is counted.
+            lane.pause_writing()
+            s.push_datagrams([b"b" * 100] * 5)
+            assert len(s.queue) == 5 and hist.count == 3
+            await asyncio.sleep(WAIT)
+            s.push_datagrams([b"c" * 100] * 2)  # arrives later, leaves in the same flush
+            lane.resume_writing()
+            await asyncio.sleep(0)  # the flush runs on the next loop pass
+            assert len(s.queue) == 0 and hist.count == 10
+            # Each batch shares its oldest datagram's wait: at least WAIT for all 7.
+            assert hist.sum >= 7 * WAIT
+            assert hist.quantile(0.5) >= WAIT
+            lane.connection_lost(None)
+
+    asyncio.run(main())
