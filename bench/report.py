@@ -720,8 +720,10 @@ def seed_section(w, prof, order, apart=False):
 # ---------------------------------------------------------------------- lossy
 def lossy_section(w, prof, order):
     link = prof.get("link") or {}
+    rate = link.get("rate_mbit") or 0
     w(
         f"## Lossy profile: {link.get('delay_ms', 20):g} ms one-way delay, {link.get('loss_pct', 1):g} % loss"
+        + (f", {rate:g} Mbit/s with a {link.get('limit')}-packet queue" if rate else "")
     )
     w("")
     if prof.get("skipped"):

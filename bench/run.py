@@ -611,7 +611,12 @@ def profile_lossy(args, carriers: dict) -> dict:
         }
     import linkemu
 
-    params = {"delay_ms": args.lossy_delay_ms, "loss_pct": args.lossy_loss_pct}
+    params = {
+        "delay_ms": args.lossy_delay_ms,
+        "loss_pct": args.lossy_loss_pct,
+        "rate_mbit": args.lossy_rate_mbit,
+        "limit": args.lossy_limit,
+    }
     rounds_out = []
     with NetBed(verbose=args.verbose) as bed:
         bed.pki()
@@ -814,6 +819,16 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--lossy-loss-pct", type=float, default=1.0, help="loss of the lossy link, each way"
+    )
+    p.add_argument(
+        "--lossy-rate-mbit",
+        type=float,
+        default=0.0,
+        help="rate of the lossy link, each way (0 = unlimited); with it the link queues "
+        "up to --lossy-limit packets, like a home router's buffer",
+    )
+    p.add_argument(
+        "--lossy-limit", type=int, default=10000, help="packets the lossy link queues, each way"
     )
     p.add_argument(
         "--lossy-inner-cc",
