@@ -7,6 +7,7 @@ the same docstrings, and the batched UDP calls (stage 2) work over real loopback
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import socket
@@ -389,6 +390,74 @@ def test_send_batch_connected(fp, family, host):
         assert fp.send_batch(tx, []) == 0
         assert fp.send_batch(tx, (bytearray(b"ba"), memoryview(b"mv"))) == 2
         assert [d for d, _ in _recv_all(fp, rx, 2)] == [b"ba", b"mv"]
+
+
+# Sizes that exercise GSO runs: equal runs, a shorter datagram ending a run, empty
+# datagrams, runs cut by the 64-datagram and 65000-byte limits, and big datagrams.
+_GSO_SIZES = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([1, 100, 1200, 1420, 1452, 9000]), st.integers(1, 80)),
+        st.tuples(st.integers(0, 1500), st.just(1)),
+        st.tuples(st.sampled_from([30000, 65000]), st.integers(1, 3)),
+    ),
+    min_size=1, max_size=8,
+).map(lambda runs: [size for size, n in runs for _ in range(n)])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=_GSO_SIZES, connected=st.booleans())
+@pytest.mark.parametrize("family, host", FAMILIES)
+def test_send_batch_gso_delivers_the_same_datagrams(fp, family, host, sizes, connected):
+    """With gso, the receiver (a plain socket, like wireguard-go's) gets exactly the
+    datagrams sent, in order, each with its own length."""
+    rx, tx = _udp_pair(family, host)
+    with rx, tx:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        grams = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        addr = rx.getsockname()
+        if connected:
+            tx.connect(addr)
+            addr = None
+        sent = 0
+        while sent < len(grams):
+            n = fp.send_batch(tx, grams[sent:], addr, gso=True)
+            assert n > 0
+            got = _recv_all(fp, rx, n, max_count=1000)
+            assert [d for d, _ in got] == grams[sent : sent + n]
+            sent += n
+
+
+def test_gso_runs_of_the_pure_twin():
+    from ut._purepy import _gso_runs as runs
+
+    assert runs([]) == []
+    assert runs([1420] * 3) == [3]
+    assert runs([1420, 1420, 100, 1420]) == [3, 1]  # a shorter one ends a run
+    assert runs([100, 1420]) == [1, 1]  # a longer one starts a new run
+    assert runs([0, 0, 5]) == [1, 1, 1]  # empty datagrams go alone
+    assert runs([1000] * 100) == [64, 36]  # at most 64 datagrams
+    assert runs([1452] * 50) == [44, 6]  # at most 65000 bytes
+    assert runs([65000, 65000]) == [1, 1]
+
+
+SO_NO_CHECK = 11  # Linux: a socket without UDP checksums cannot use GSO (EINVAL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="UDP GSO is Linux-only")
+def test_send_batch_gso_really_segments(fp):
+    """A socket that cannot segment refuses a run with gso (so the run did go out as
+    one UDP_SEGMENT message) and sends it without."""
+    rx, tx = _udp_pair(socket.AF_INET, "127.0.0.1")
+    with rx, tx:
+        tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        if not fp.HAVE_GSO:
+            pytest.skip("this build has no GSO (UT_NO_MMSG=1, the macOS-like build)")
+        with pytest.raises(OSError) as err:
+            fp.send_batch(tx, [b"x" * 100] * 3, rx.getsockname(), gso=True)
+        assert err.value.errno == errno.EINVAL
+        assert fp.send_batch(tx, [b"y" * 100], rx.getsockname(), gso=True) == 1  # no run
+        assert fp.send_batch(tx, [b"z" * 100] * 3, rx.getsockname()) == 3
+        assert [d for d, _ in _recv_all(fp, rx, 4)] == [b"y" * 100] + [b"z" * 100] * 3
 
 
 def test_recv_batch_matches_recvfrom_addresses(fp):

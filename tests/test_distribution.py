@@ -138,6 +138,7 @@ def test_have_mmsg_matches_the_build() -> None:
         f"HAVE_MMSG is {compiled.HAVE_MMSG} on {sys.platform} with "
         f"UT_NO_MMSG={os.environ.get('UT_NO_MMSG', '')!r}"
     )
+    assert compiled.HAVE_GSO is expected  # UDP_SEGMENT: Linux, and not the macOS-like build
 
 
 # ======================================================================= Dockerfile

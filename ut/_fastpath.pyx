@@ -11,7 +11,7 @@ One extension module, one source file per concern (as uvloop and msgpack do):
 * ``_fp_framing.pxi`` -- ``encode_frame``, ``encode_data``, ``Deframer``
 * ``_fp_ring.pxi``    -- ``RingQueue``
 * ``_fp_picker.pxi``  -- ``LanePicker``, ``flow_key``
-* ``_fp_mmsg.pxi``    -- ``recv_batch``, ``send_batch``, ``HAVE_MMSG``
+* ``_fp_mmsg.pxi``    -- ``recv_batch``, ``send_batch``, ``HAVE_MMSG``, ``HAVE_GSO``
 
 C-level declarations live in ``_fastpath.pxd`` for other Cython code to ``cimport``.
 Hot loops touch no Python object per frame beyond the returned tuple and payload bytes.
@@ -39,6 +39,7 @@ __all__ = [
     "HEADER_LEN",
     "MAX_PAYLOAD",
     "HAVE_MMSG",
+    "HAVE_GSO",
     "encode_frame",
     "encode_data",
     "Deframer",

@@ -50,6 +50,41 @@ cdef extern from *:
         return (int)i;
     }
     #endif
+
+    /* UDP generic segmentation offload (Linux >= 4.18): one message carries a run of
+       equal-size datagrams and a UDP_SEGMENT control message with their size; the
+       kernel splits it into datagrams once, after routing and netfilter. */
+    #if defined(__linux__) && !defined(UT_NO_MMSG)
+    #define UT_HAVE_GSO 1
+    #ifndef SOL_UDP
+    #define SOL_UDP 17
+    #endif
+    #ifndef UDP_SEGMENT
+    #define UDP_SEGMENT 103
+    #endif
+    /* the cmsg(3) idiom: a buffer aligned for a cmsghdr */
+    typedef union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } ut_gso_ctrl;
+    static void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size) {
+        struct cmsghdr *c;
+        memset(ctrl->buf, 0, sizeof(ctrl->buf));
+        m->msg_control = ctrl->buf;
+        m->msg_controllen = sizeof(ctrl->buf);
+        c = CMSG_FIRSTHDR(m);
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        memcpy(CMSG_DATA(c), &size, sizeof(size));
+    }
+    #else
+    #define UT_HAVE_GSO 0
+    typedef union { char buf[16]; } ut_gso_ctrl;
+    static void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size) {
+        (void)m; (void)ctrl; (void)size;
+    }
+    #endif
     """
     ctypedef unsigned int socklen_t
     ctypedef unsigned short sa_family_t
@@ -97,6 +132,10 @@ cdef extern from *:
     int MSG_DONTWAIT
     int EWOULDBLOCK
     int UT_HAVE_MMSG
+    int UT_HAVE_GSO
+    ctypedef struct ut_gso_ctrl:
+        pass
+    void ut_set_gso(msghdr* m, ut_gso_ctrl* ctrl, uint16_t size)
 
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
     int inet_pton(int af, const char* src, void* dst)
@@ -112,9 +151,15 @@ cdef extern from *:
 #: built with UT_NO_MMSG=1. Always False in the pure-Python twin.
 HAVE_MMSG = bool(UT_HAVE_MMSG)
 
+#: True when ``send_batch(..., gso=True)`` can send runs of equal-size datagrams as one
+#: ``UDP_SEGMENT`` message: Linux, unless built with UT_NO_MMSG=1 (the macOS-like build).
+HAVE_GSO = bool(UT_HAVE_GSO)
+
 cdef enum:
     _VLEN = 64                    # messages per system call (headers live on the C stack)
     _RX_SCRATCH_MAX = 4194304     # receive scratch per call: 64 x 64 KiB
+    GSO_MAX_SEGMENTS = 64         # the kernel's UDP_MAX_SEGMENTS on older kernels
+    GSO_MAX_BYTES = 65000         # one message's payload stays under the 64 KiB IP limit
 
 # Receive scratch shared by recv_batch calls (the GIL is held throughout). If a call
 # re-enters while it is in use (a finaliser, a signal handler) it gets a private one.
@@ -350,20 +395,31 @@ def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
     return out
 
 
-def send_batch(sock, datagrams, addr=None):
+def send_batch(sock, datagrams, addr=None, bint gso=False):
     """Send ``datagrams`` in order without blocking; return how many were sent. Stops at
     the first that would block (EAGAIN). Another error is raised if nothing was sent yet,
     else the count so far is returned. ``addr`` None means the socket is connected.
     Uses ``sendmmsg`` when ``HAVE_MMSG``, else a ``send``/``sendto`` loop.
+
+    With ``gso`` (where ``HAVE_GSO``), each run of datagrams of one size (its last may be
+    shorter), up to 64 datagrams and 65000 bytes, goes out as one ``UDP_SEGMENT``
+    message: the receiver still gets the same datagrams, and the sending kernel routes
+    and filters once per run. A run is sent whole or not at all; an error for a run
+    (``EIO``/``EINVAL`` where the route cannot segment) is raised like any other.
     """
     cdef ut_mmsghdr hdrs[_VLEN]
     cdef iovec iovs[_VLEN]
+    cdef ut_gso_ctrl ctrls[_VLEN]
+    cdef Py_ssize_t segs[_VLEN]
     cdef sockaddr_storage dest
     cdef socklen_t destlen = 0
     cdef int fd, family, r, err
-    cdef Py_ssize_t i, n, count, sent = 0
+    cdef unsigned int m
+    cdef Py_ssize_t i, j, k, n, count, sent = 0
+    cdef size_t seg, total, ln
     cdef list items = datagrams if type(datagrams) is list else list(datagrams)
     cdef object d
+    gso = gso and UT_HAVE_GSO
     count = len(items)
     for i in range(count):
         d = items[i]
@@ -383,17 +439,38 @@ def send_batch(sock, datagrams, addr=None):
         n = count - sent
         if n > _VLEN:
             n = _VLEN
-        memset(hdrs, 0, n * sizeof(ut_mmsghdr))
         for i in range(n):
             d = items[sent + i]
             iovs[i].iov_base = PyBytes_AS_STRING(d)
             iovs[i].iov_len = PyBytes_GET_SIZE(d)
+        # One message per datagram, or per run of equal sizes with gso.
+        m = 0
+        i = 0
+        while i < n:
+            j = i + 1
+            seg = iovs[i].iov_len
+            if gso and seg > 0:
+                total = seg
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    ln = iovs[j].iov_len
+                    if ln == 0 or ln > seg or total + ln > GSO_MAX_BYTES:
+                        break
+                    total += ln
+                    j += 1
+                    if ln < seg:  # a shorter datagram can only end a run
+                        break
+            memset(&hdrs[m], 0, sizeof(ut_mmsghdr))
             if destlen:
-                hdrs[i].msg_hdr.msg_name = &dest
-                hdrs[i].msg_hdr.msg_namelen = destlen
-            hdrs[i].msg_hdr.msg_iov = &iovs[i]
-            hdrs[i].msg_hdr.msg_iovlen = 1
-        r = ut_sendmmsg(fd, hdrs, <unsigned int>n, MSG_DONTWAIT)
+                hdrs[m].msg_hdr.msg_name = &dest
+                hdrs[m].msg_hdr.msg_namelen = destlen
+            hdrs[m].msg_hdr.msg_iov = &iovs[i]
+            hdrs[m].msg_hdr.msg_iovlen = j - i
+            if j - i > 1:
+                ut_set_gso(&hdrs[m].msg_hdr, &ctrls[m], <uint16_t>seg)
+            segs[m] = j - i
+            m += 1
+            i = j
+        r = ut_sendmmsg(fd, hdrs, m, MSG_DONTWAIT)
         if r < 0:
             err = errno
             if err == EINTR:
@@ -404,5 +481,6 @@ def send_batch(sock, datagrams, addr=None):
             _raise_errno(err)
         if r == 0:
             break
-        sent += r
+        for k in range(r):
+            sent += segs[k]
     return sent

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections import deque
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "HEADER_LEN",
     "MAX_PAYLOAD",
     "HAVE_MMSG",
+    "HAVE_GSO",
     "encode_frame",
     "encode_data",
     "Deframer",
@@ -62,6 +64,13 @@ HEADER_LEN = 9
 MAX_PAYLOAD = 65535
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
 HAVE_MMSG = False
+#: True when ``send_batch(..., gso=True)`` sends runs of equal-size datagrams as one
+#: ``UDP_SEGMENT`` message (Linux; this twin uses ``socket.sendmsg`` with the control message).
+HAVE_GSO = sys.platform.startswith("linux") and hasattr(socket.socket, "sendmsg")
+_SOL_UDP = 17  # IPPROTO_UDP
+_UDP_SEGMENT = 103  # linux/udp.h
+_GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
+_GSO_MAX_BYTES = 65000  # one message's payload stays under the 64 KiB IP limit
 
 # Receive window offered by get_buffer() when the caller gives no useful size hint, and the
 # slack the deframer's buffer may hold beyond one whole frame.
@@ -573,12 +582,44 @@ def recv_batch(sock: socket.socket, max_count: int, bufsize: int = 65535) -> lis
     return out
 
 
-def send_batch(sock: socket.socket, datagrams: list, addr: Any = None) -> int:
+def _gso_runs(sizes: list[int]) -> list[int]:
+    """How ``send_batch`` with ``gso`` groups datagrams of these sizes: each run's length.
+    A run is datagrams of one size, its last possibly shorter, at most 64 datagrams and
+    65000 bytes; a zero-length datagram is a run of its own."""
+    runs = []
+    i, n = 0, len(sizes)
+    while i < n:
+        j = i + 1
+        seg = sizes[i]
+        if seg > 0:
+            total = seg
+            while j < n and j - i < _GSO_MAX_SEGMENTS:
+                ln = sizes[j]
+                if ln == 0 or ln > seg or total + ln > _GSO_MAX_BYTES:
+                    break
+                total += ln
+                j += 1
+                if ln < seg:  # a shorter datagram can only end a run
+                    break
+        runs.append(j - i)
+        i = j
+    return runs
+
+
+def send_batch(sock: socket.socket, datagrams: list, addr: Any = None, gso: bool = False) -> int:
     """Send ``datagrams`` in order without blocking; return how many were sent. Stops at
     the first that would block (EAGAIN). Another error is raised if nothing was sent yet,
     else the count so far is returned. ``addr`` None means the socket is connected.
     Uses ``sendmmsg`` when ``HAVE_MMSG``, else a ``send``/``sendto`` loop.
+
+    With ``gso`` (where ``HAVE_GSO``), each run of datagrams of one size (its last may be
+    shorter), up to 64 datagrams and 65000 bytes, goes out as one ``UDP_SEGMENT``
+    message: the receiver still gets the same datagrams, and the sending kernel routes
+    and filters once per run. A run is sent whole or not at all; an error for a run
+    (``EIO``/``EINVAL`` where the route cannot segment) is raised like any other.
     """
+    if gso and HAVE_GSO and sock.family in (socket.AF_INET, socket.AF_INET6):
+        return _send_runs(sock, datagrams, addr)
     sent = 0
     for d in datagrams:
         try:
@@ -593,4 +634,24 @@ def send_batch(sock: socket.socket, datagrams: list, addr: Any = None) -> int:
                 break
             raise
         sent += 1
+    return sent
+
+
+def _send_runs(sock: socket.socket, datagrams: list, addr: Any) -> int:
+    sent = 0
+    for run in _gso_runs([len(d) for d in datagrams]):
+        part = datagrams[sent : sent + run]
+        anc = [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", len(part[0])))] if run > 1 else []
+        try:
+            if addr is None:
+                sock.sendmsg(part, anc, _DONTWAIT)
+            else:
+                sock.sendmsg(part, anc, _DONTWAIT, addr)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            if sent:
+                break
+            raise
+        sent += run
     return sent

@@ -32,6 +32,7 @@ __all__ = [
     "HEADER_LEN",
     "MAX_PAYLOAD",
     "HAVE_MMSG",
+    "HAVE_GSO",
     "encode_frame",
     "encode_data",
     "Deframer",
@@ -52,6 +53,7 @@ def _no_extensions() -> bool:
 if TYPE_CHECKING:
     # Type checkers read the typed pure-Python twin; the compiled module has the same API.
     from ut._purepy import (
+        HAVE_GSO,
         HAVE_MMSG,
         HEADER_LEN,
         MAGIC,
@@ -75,7 +77,8 @@ else:
     if not _no_extensions():
         try:
             from ut._fastpath import (
-                HAVE_MMSG,
+                HAVE_GSO,
+        HAVE_MMSG,
                 HEADER_LEN,
                 MAGIC,
                 MAX_PAYLOAD,
@@ -97,7 +100,8 @@ else:
             pass
     if IMPLEMENTATION == "pure":
         from ut._purepy import (
-            HAVE_MMSG,
+            HAVE_GSO,
+        HAVE_MMSG,
             HEADER_LEN,
             MAGIC,
             MAX_PAYLOAD,

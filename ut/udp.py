@@ -3,23 +3,36 @@
 Why not ``asyncio.DatagramProtocol``: it costs one Python call per datagram and
 offers no batching. Here one wake-up drains up to ``BATCH_MAX`` datagrams with
 ``fastpath.recv_batch`` (``recvmmsg`` on Linux) and hands them over as one
-list; sends go out with ``fastpath.send_batch`` (``sendmmsg``). The socket is
-created synchronously, so a server can open a session's port inside a
-callback without awaiting.
+list; sends go out with ``fastpath.send_batch`` (``sendmmsg``), and on Linux a
+run of equal-size datagrams (WireGuard's full-size packets in a bulk transfer)
+goes out as one ``UDP_SEGMENT`` (GSO) message: the kernel routes, filters and
+loops it back once per run instead of once per datagram (``bench/gso_probe.py``).
+The socket is created synchronously, so a server can open a session's port
+inside a callback without awaiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import os
 import socket
 from collections.abc import Callable
 
 from . import fastpath
+from .logs import event
 from .sockdrops import watcher_for
 
 BATCH_MAX = 64  # datagrams read per wake-up: bounds latency added to other work
 SOCKET_BUF_BYTES = 4 << 20  # ask the kernel for roomy UDP buffers (it may cap lower)
+
+# UT_NO_GSO=1 turns segmentation offload off (for A/B measurements, or a kernel
+# that mishandles it); it also turns itself off per port on the first refusal.
+GSO_ENV = "UT_NO_GSO"
+# What a kernel or route that cannot segment a UDP_SEGMENT message answers.
+_GSO_REFUSALS = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+_gso_off_logged = False
 
 Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 BatchHandler = Callable[[list], None]  # receives [(payload, addr), ...]
@@ -83,6 +96,11 @@ class UdpPort:
         self._reading = False
         self._recv_batch = fastpath.recv_batch
         self._send_batch = fastpath.send_batch
+        self.gso = (
+            fastpath.HAVE_GSO
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+            and os.environ.get(GSO_ENV, "") in ("", "0")
+        )
 
     @property
     def address(self) -> Address:
@@ -119,12 +137,17 @@ class UdpPort:
         done = sent = 0  # done = sent + skipped after an error
         while done < total:
             try:
-                n = self._send_batch(self.sock, datagrams[done:] if done else datagrams, addr)
+                n = self._send_batch(
+                    self.sock, datagrams[done:] if done else datagrams, addr, self.gso
+                )
             except BlockingIOError:
                 break
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                     break
+                if self.gso and exc.errno in _GSO_REFUSALS:
+                    self._gso_refused(exc)
+                    continue  # the same datagrams again, one message each
                 self._error(exc)
                 done += 1  # the datagram at ``done`` failed: skip it, go on with the rest
                 continue
@@ -133,6 +156,13 @@ class UdpPort:
             done += n
             sent += n
         return sent, total - sent
+
+    def _gso_refused(self, exc: OSError) -> None:
+        global _gso_off_logged
+        self.gso = False
+        if not _gso_off_logged:  # once per process: every session's port would say the same
+            _gso_off_logged = True
+            event("udp_gso_off", logging.INFO, err=repr(exc))
 
     def _error(self, exc: OSError) -> None:
         if self.on_error is not None:
