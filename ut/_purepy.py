@@ -618,35 +618,26 @@ def send_batch(sock: socket.socket, datagrams: list, addr: Any = None, gso: bool
     and filters once per run. A run is sent whole or not at all; an error for a run
     (``EIO``/``EINVAL`` where the route cannot segment) is raised like any other.
     """
+    if not isinstance(datagrams, (list, tuple)):
+        datagrams = list(datagrams)
     if gso and HAVE_GSO and sock.family in (socket.AF_INET, socket.AF_INET6):
-        return _send_runs(sock, datagrams, addr)
+        runs = _gso_runs([len(d) for d in datagrams])
+    else:
+        runs = [1] * len(datagrams)
     sent = 0
-    for d in datagrams:
+    for run in runs:
         try:
-            if addr is None:
-                sock.send(d, _DONTWAIT)
+            if run > 1:
+                part = datagrams[sent : sent + run]
+                anc = [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", len(part[0])))]
+                if addr is None:
+                    sock.sendmsg(part, anc, _DONTWAIT)
+                else:
+                    sock.sendmsg(part, anc, _DONTWAIT, addr)
+            elif addr is None:
+                sock.send(datagrams[sent], _DONTWAIT)
             else:
-                sock.sendto(d, _DONTWAIT, addr)
-        except (BlockingIOError, InterruptedError):
-            break
-        except OSError:
-            if sent:
-                break
-            raise
-        sent += 1
-    return sent
-
-
-def _send_runs(sock: socket.socket, datagrams: list, addr: Any) -> int:
-    sent = 0
-    for run in _gso_runs([len(d) for d in datagrams]):
-        part = datagrams[sent : sent + run]
-        anc = [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", len(part[0])))] if run > 1 else []
-        try:
-            if addr is None:
-                sock.sendmsg(part, anc, _DONTWAIT)
-            else:
-                sock.sendmsg(part, anc, _DONTWAIT, addr)
+                sock.sendto(datagrams[sent], _DONTWAIT, addr)
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
