@@ -381,10 +381,28 @@ def _fwd_max(test):
     return max(vals) if vals else None
 
 
-def ut_drops(w, R, tests):
-    """ut-tunnel's own drop counters over each test, all rounds added (runs that have them)."""
+def _drop_totals(recs, get_test) -> str:
+    """ut-tunnel's own drop counters of one test in every round, added up:
+    ``"role reason count, ..."``, or ``"0"``."""
+    tot: dict[tuple[str, str], int] = {}
+    for r in recs:
+        for role, by in ((get_test(r) or {}).get("ut_drops") or {}).items():
+            for reason, k in by.items():
+                tot[(role, reason)] = tot.get((role, reason), 0) + k
+    return ", ".join(f"{ro} {re_} {k}" for (ro, re_), k in sorted(tot.items())) or "0"
+
+
+def ut_drops(w, R, tests, single=False):
+    """ut-tunnel's own drop counters over each test, all rounds added (runs that have them).
+    ``single``: the profile's rounds hold one ``test``, not a ``tests`` dict."""
+
+    def getter(t):
+        if single:
+            return lambda r: r.get("test")
+        return lambda r: (r.get("tests") or {}).get(t)
+
     names = [n for n in R.names
-             if any("ut_drops" in v for r in R.ok(n) for v in (r.get("tests") or {}).values())]
+             if any("ut_drops" in (getter(t)(r) or {}) for r in R.ok(n) for t in tests)]
     if not names:
         return
     w("### Datagrams ut-tunnel itself dropped during the tests (its counters, all rounds added)")
@@ -392,18 +410,10 @@ def ut_drops(w, R, tests):
     w("`role reason count`, from `ut_udp_drop_total` before and after each test; `0` = none. "
       "wireguard-go's own socket drops are not in these (see bench/README.md).")
     w("")
-    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+    w("| carrier | " + " | ".join(TEST_LABEL.get(t, t) for t in tests) + " |")
     w("|---|" + "---|" * len(tests))
     for n in names:
-        cells = []
-        for t in tests:
-            tot: dict[tuple[str, str], int] = {}
-            for r in R.ok(n):
-                for role, by in (((r.get("tests") or {}).get(t) or {}).get("ut_drops") or {}).items():
-                    for reason, k in by.items():
-                        tot[(role, reason)] = tot.get((role, reason), 0) + k
-            cells.append(", ".join(f"{ro} {re_} {k}" for (ro, re_), k in sorted(tot.items())) or "0")
-        w(f"| `{n}` | " + " | ".join(cells) + " |")
+        w(f"| `{n}` | " + " | ".join(_drop_totals(R.ok(n), getter(t)) for t in tests) + " |")
     w("")
 
 
@@ -714,6 +724,7 @@ def seed_section(w, prof, order, apart=False):
                 cells.append(f(med(R.values(n, get)), 3))
             w(f"| `{n}` | " + " | ".join(cells) + " |")
         w("")
+    ut_drops(w, R, ["the load"], single=True)
     failures(w, R)
 
 
@@ -788,6 +799,7 @@ def lossy_section(w, prof, order):
         cells.append(f(med(R.values(n, lost)), 2))
         w(f"| `{n}` | " + " | ".join(cells) + " |")
     w("")
+    ut_drops(w, R, tests)
     failures(w, R)
 
 
