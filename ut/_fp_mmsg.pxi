@@ -151,9 +151,23 @@ cdef extern from *:
 #: built with UT_NO_MMSG=1. Always False in the pure-Python twin.
 HAVE_MMSG = bool(UT_HAVE_MMSG)
 
+cdef bint _kernel_has_gso():
+    # Linux < 4.18 has no UDP_SEGMENT and ignores the control message: it would send a
+    # whole run as ONE datagram. The socket option of the same name came with it.
+    try:
+        with _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as s:
+            s.getsockopt(_socket.IPPROTO_UDP, 103)  # UDP_SEGMENT
+        return True
+    except OSError:
+        return False
+
+
+cdef bint _gso_ok = UT_HAVE_GSO and _kernel_has_gso()
+
 #: True when ``send_batch(..., gso=True)`` can send runs of equal-size datagrams as one
-#: ``UDP_SEGMENT`` message: Linux, unless built with UT_NO_MMSG=1 (the macOS-like build).
-HAVE_GSO = bool(UT_HAVE_GSO)
+#: ``UDP_SEGMENT`` message: Linux 4.18 or later, unless built with UT_NO_MMSG=1 (the
+#: macOS-like build).
+HAVE_GSO = bool(_gso_ok)
 
 cdef enum:
     _VLEN = 64                    # messages per system call (headers live on the C stack)
@@ -419,7 +433,7 @@ def send_batch(sock, datagrams, addr=None, bint gso=False):
     cdef size_t seg, total, ln
     cdef list items = datagrams if type(datagrams) is list else list(datagrams)
     cdef object d
-    gso = gso and UT_HAVE_GSO
+    gso = gso and _gso_ok
     count = len(items)
     for i in range(count):
         d = items[i]

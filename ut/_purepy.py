@@ -64,11 +64,27 @@ HEADER_LEN = 9
 MAX_PAYLOAD = 65535
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
 HAVE_MMSG = False
-#: True when ``send_batch(..., gso=True)`` sends runs of equal-size datagrams as one
-#: ``UDP_SEGMENT`` message (Linux; this twin uses ``socket.sendmsg`` with the control message).
-HAVE_GSO = sys.platform.startswith("linux") and hasattr(socket.socket, "sendmsg")
 _SOL_UDP = 17  # IPPROTO_UDP
 _UDP_SEGMENT = 103  # linux/udp.h
+
+
+def _kernel_has_gso() -> bool:
+    # Linux < 4.18 has no UDP_SEGMENT and ignores the control message: it would send a
+    # whole run as ONE datagram. The socket option of the same name came with it.
+    if not (sys.platform.startswith("linux") and hasattr(socket.socket, "sendmsg")):
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.getsockopt(_SOL_UDP, _UDP_SEGMENT)
+        return True
+    except OSError:
+        return False
+
+
+#: True when ``send_batch(..., gso=True)`` sends runs of equal-size datagrams as one
+#: ``UDP_SEGMENT`` message (Linux 4.18 or later; this twin uses ``socket.sendmsg`` with
+#: the control message).
+HAVE_GSO = _kernel_has_gso()
 _GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
 _GSO_MAX_BYTES = 65000  # one message's payload stays under the 64 KiB IP limit
 
