@@ -3,7 +3,7 @@
 Why not ``asyncio.DatagramProtocol``: it costs one Python call per datagram and
 offers no batching. Here one wake-up drains up to ``BATCH_MAX`` datagrams with
 ``fastpath.recv_batch`` (``recvmmsg`` on Linux) and hands them over as one
-list; sends go out with ``fastpath.send_batch`` (``sendmmsg``), and on Linux a
+list; sends go out with ``fastpath.send_batch`` (``sendmmsg``), and on Linux 4.18+ a
 run of equal-size datagrams (WireGuard's full-size packets in a bulk transfer)
 goes out as one ``UDP_SEGMENT`` (GSO) message: the kernel routes, filters and
 loops it back once per run instead of once per datagram (``bench/gso_probe.py``).
