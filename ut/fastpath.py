@@ -78,7 +78,7 @@ else:
         try:
             from ut._fastpath import (
                 HAVE_GSO,
-        HAVE_MMSG,
+                HAVE_MMSG,
                 HEADER_LEN,
                 MAGIC,
                 MAX_PAYLOAD,
@@ -101,7 +101,7 @@ else:
     if IMPLEMENTATION == "pure":
         from ut._purepy import (
             HAVE_GSO,
-        HAVE_MMSG,
+            HAVE_MMSG,
             HEADER_LEN,
             MAGIC,
             MAX_PAYLOAD,
