@@ -429,8 +429,8 @@ def _documented_example() -> dict[str, Any]:
 STABLE_TOP_KEYS = [
     "schema", "run_id", "target", "started_at", "config", "sent", "received", "lost",
     "loss_pct", "duplicates", "reordered", "reorder_max_displacement", "foreign",
-    "bytes_sent", "bytes_received", "send_errors", "unreachable", "rtt_ms", "rate",
-    "timeline", "stopped_early", "loss_ok", "exit_status",
+    "bytes_sent", "bytes_received", "send_errors", "send_failed", "send_error", "unreachable",
+    "rtt_ms", "rate", "timeline", "stopped_early", "loss_ok", "sends_ok", "exit_status",
 ]
 
 
@@ -543,3 +543,78 @@ def test_add_udpmon_parser_glue():
         100e6, None, "imix", 0.5, 10, None)
     a = top.parse_args(["udpmon", "echo", "--listen", "9000"])
     assert (a.udpmon_cmd, a.listen, a.duration) == ("echo", "9000", None)
+
+
+# ------------------------------------------------ sends the local kernel refuses
+
+
+def _require_root_tools(*tools: str) -> None:
+    """Skip without root or a tool; under UT_REQUIRE_E2E=1 fail instead (as tests/e2e do)."""
+    import shutil
+
+    reasons = []
+    if sys.platform != "linux":
+        reasons.append(f"network namespaces need Linux, this is {sys.platform}")
+    elif os.geteuid() != 0:
+        reasons.append("not root (a network namespace and an nftables rule need root)")
+    reasons += [f"tool {t!r} not found on PATH" for t in tools if shutil.which(t) is None]
+    if not reasons:
+        return
+    msg = "prerequisites missing: " + "; ".join(reasons)
+    if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):
+        pytest.fail(msg + " (UT_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def blocked_udp_netns():
+    """A network namespace of this test's own whose nftables output chain drops UDP to
+    127.0.0.1:9, so ``sendto`` fails with EPERM: the "UDP is blocked" case, for real."""
+    _require_root_tools("ip", "nft")
+    import secrets
+
+    ns = f"utprobe-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft",
+             "add table inet utprobe; "
+             "add chain inet utprobe out { type filter hook output priority 0; policy accept; }; "
+             "add rule inet utprobe out ip daddr 127.0.0.1 udp dport 9 drop"],
+            check=True, capture_output=True, text=True,
+        )
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("limit", [["--duration", "1"], ["--count", "150", "--max-loss", "1"]])
+def test_cli_probe_fails_on_refused_sends_within_its_limits(blocked_udp_netns, limit):
+    """Every send fails with EPERM: the probe still stops at --duration/--count, counts the
+    failures and exits 4 with a FAIL line (it used to spin until Ctrl-C and print OK)."""
+    t0 = time.monotonic()
+    r = subprocess.run(
+        ["ip", "netns", "exec", blocked_udp_netns, sys.executable, "-m", "ut.udpmon", "probe",
+         "--target", "127.0.0.1:9", "--rate", "200", "--wait", "0.2", "--quiet", *limit],
+        capture_output=True, text=True, env=_env(), timeout=20,
+    )
+    elapsed = time.monotonic() - t0
+    assert r.returncode == udpmon.EXIT_SEND_FAILED == 4, (r.stdout, r.stderr)
+    assert elapsed < 8, elapsed  # 1 s (or 150 / 200 pps) of sending, + startup and grace
+    m = re.search(r"FAIL: (\d+) of (\d+) sends failed locally \((.*)\)", r.stdout)
+    assert m, r.stdout
+    assert "Operation not permitted" in m.group(3)
+    assert m.group(1) == m.group(2) and int(m.group(1)) >= 150, r.stdout
+    assert "OK:" not in r.stdout
+
+    j = subprocess.run(
+        ["ip", "netns", "exec", blocked_udp_netns, sys.executable, "-m", "ut.udpmon", "probe",
+         "--target", "127.0.0.1:9", "--count", "20", "--rate", "1000", "--wait", "0", "--json"],
+        capture_output=True, text=True, env=_env(), timeout=20,
+    )
+    out = json.loads(j.stdout)
+    assert j.returncode == 4 and out["exit_status"] == 4 and out["sends_ok"] is False
+    assert (out["sent"], out["send_failed"]) == (0, 20)
+    assert "Operation not permitted" in out["send_error"]

@@ -67,6 +67,7 @@ JSON_SCHEMA = "ut-tunnel/udpmon-probe/1"
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_LOSS = 3
+EXIT_SEND_FAILED = 4  # the local kernel refused sends (EPERM, ENETUNREACH, ...)
 
 _TICK = 0.001  # shortest sender sleep (uvloop rounds timers to whole milliseconds)
 _LINGER = 0.05  # after every reply is in, wait this long (at most `wait`) for duplicates
@@ -355,6 +356,8 @@ class ProbeResult:
     send_errors: int = 0
     unreachable: int = 0
     stopped_early: bool = False
+    send_failed: int = 0  # datagrams the kernel refused (sendto error): never sent
+    send_error: str | None = None  # the first such error, e.g. "[Errno 1] Operation not permitted"
     _rtt: dict[str, float | None] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -390,7 +393,14 @@ class ProbeResult:
         return self.max_loss_pct is None or self.stats.loss_pct <= self.max_loss_pct
 
     @property
+    def sends_ok(self) -> bool:
+        """False when the local kernel refused any datagram (it was never sent)."""
+        return self.send_failed == 0
+
+    @property
     def exit_status(self) -> int:
+        if not self.sends_ok:
+            return EXIT_SEND_FAILED
         return EXIT_OK if self.loss_ok else EXIT_LOSS
 
     def to_json(self) -> dict[str, Any]:
@@ -421,6 +431,8 @@ class ProbeResult:
             "bytes_sent": s.bytes_sent,
             "bytes_received": s.bytes_received,
             "send_errors": self.send_errors,
+            "send_failed": self.send_failed,
+            "send_error": self.send_error,
             "unreachable": self.unreachable,
             "rtt_ms": {k: _ms(v) for k, v in self._rtt.items()},
             "rate": {
@@ -436,6 +448,7 @@ class ProbeResult:
             "timeline": s.timeline(),
             "stopped_early": self.stopped_early,
             "loss_ok": self.loss_ok,
+            "sends_ok": self.sends_ok,
             "exit_status": self.exit_status,
         }
 
@@ -475,13 +488,19 @@ class ProbeResult:
                 )
         if self.stopped_early:
             lines.append("  note: stopped early by a signal")
-        if not self.kept_up:
+        if not self.kept_up and self.sends_ok:  # failed sends explain themselves below
             pct = 100.0 * self.achieved_pps / self.rate_pps if self.rate_pps else 0.0
             lines.append(
                 f"  WARNING: could not keep up: achieved {self.achieved_pps:.0f} pps of "
                 f"{self.rate_pps:.0f} asked ({pct:.1f}%), {self.skipped} slots skipped"
             )
-        if self.max_loss_pct is not None:
+        if not self.sends_ok:
+            attempted = s.sent + self.send_failed
+            lines.append(
+                f"  FAIL: {self.send_failed} of {attempted} sends failed locally "
+                f"({self.send_error}): a firewall rule on this host, or no route to the target?"
+            )
+        elif self.max_loss_pct is not None:
             verdict = "OK" if self.loss_ok else "FAIL"
             op = "<=" if self.loss_ok else ">"
             lines.append(f"  {verdict}: loss {s.loss_pct:.3f}% {op} --max-loss {self.max_loss_pct:g}%")
@@ -746,7 +765,8 @@ async def run_probe(
     stop = stop or asyncio.Event()
     run_id = secrets.randbits(64)
     stats = ProbeStats()  # timeline origin set to the schedule start below
-    counters = {"unreachable": 0, "send_errors": 0, "blocked": 0}
+    counters = {"unreachable": 0, "send_errors": 0, "blocked": 0, "send_failed": 0}
+    send_error: list[str] = []  # the first failed send's error, for the report
     all_in = asyncio.Event()
     sending = True
     ticker: asyncio.Future[None] | None = None
@@ -823,17 +843,28 @@ async def run_probe(
                         counters["blocked"] += 1  # kernel buffer full: retry next tick
                         blocked = True
                         break
-                    except ConnectionRefusedError:
-                        # an earlier datagram drew an ICMP port-unreachable; retry once
-                        counters["unreachable"] += 1
-                        try:
-                            sock.send(data)
-                        except OSError:
+                    except OSError as exc:
+                        err: OSError | None = exc
+                        if isinstance(exc, ConnectionRefusedError):
+                            # an earlier datagram drew an ICMP port-unreachable; retry once
+                            counters["unreachable"] += 1
+                            try:
+                                sock.send(data)
+                                err = None
+                            except OSError as exc2:
+                                err = exc2
+                        if err is not None:
+                            # The kernel refused this datagram (EPERM from a firewall
+                            # rule, ENETUNREACH, ...). Its slot is used up all the same:
+                            # the schedule, --duration and --count hold however many
+                            # sends fail, and the failure decides the exit status.
                             counters["send_errors"] += 1
-                            break
-                    except OSError:
-                        counters["send_errors"] += 1
-                        break
+                            counters["send_failed"] += 1
+                            if not send_error:
+                                send_error.append(str(err))
+                            seq += 1
+                            slot += 1
+                            continue
                     stats.on_send(seq, ts_ns / 1e9, sz)
                     seq += 1
                     slot += 1
@@ -897,6 +928,8 @@ async def run_probe(
         send_errors=counters["send_errors"],
         unreachable=counters["unreachable"],
         stopped_early=stopped_early,
+        send_failed=counters["send_failed"],
+        send_error=send_error[0] if send_error else None,
     )
 
 
