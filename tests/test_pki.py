@@ -279,3 +279,24 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         _parse(["pki", "client", "/tmp/x", "home", "--days", "0"])
     with pytest.raises(SystemExit):
         _parse(["pki"])
+
+
+def test_init_creates_the_directory_private(tmp_path: Path) -> None:
+    """A new PKI directory is 0700 whatever the umask (it holds ca.key); keys stay 0600;
+    an existing directory keeps its mode."""
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "parent" / "pki"
+        pki.init_pki(d, "localhost")
+        assert _mode(d) == 0o700
+        assert _mode(d / "ca.key") == 0o600 and _mode(d / "server.key") == 0o600
+        assert _mode(d / "ca.pem") == 0o644
+        pki.issue_client(d, "home")
+        assert _mode(d / "home.key") == 0o600
+
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        pki.init_pki(shared, "localhost")
+        assert _mode(shared) == 0o755 and _mode(shared / "ca.key") == 0o600
+    finally:
+        os.umask(old)

@@ -14,8 +14,8 @@ Authority Key Identifiers, ExtendedKeyUsage (``serverAuth`` or ``clientAuth``)
 and, on server certificates, a SubjectAlternativeName that always contains the
 server name: hostname checks read the SAN, never the CN.
 
-Files: private keys are written mode 0600 and are never world-readable, not even
-for an instant (they are created 0600 under a temporary name, then renamed into
+Files: a PKI directory that ``init_pki`` creates is mode 0700; private keys are
+written mode 0600 and are never world-readable, not even for an instant (they are created 0600 under a temporary name, then renamed into
 place); certificates are written 0644.
 
 The ``ut-tunnel pki`` subcommand is ``add_pki_parser`` + ``run_pki``.
@@ -358,6 +358,25 @@ def _leaf_end(ca_cert: x509.Certificate, days: int) -> _dt.datetime:
     return min(_now() + _dt.timedelta(days=days), _not_after(ca_cert))
 
 
+def _make_private_dir(root: Path) -> None:
+    """Create ``root`` mode 0700 (exactly, whatever the umask) if it does not exist.
+
+    The directory holds the CA key: nobody else needs to list it. An existing
+    directory is left as it is (it may be shared on purpose); the keys in it are
+    0600 either way. Missing parents are created with the usual mode.
+    """
+    if root.is_dir():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:
+        if not root.is_dir():
+            raise
+        return
+    os.chmod(root, 0o700)
+
+
 def init_pki(
     directory: str | os.PathLike[str],
     server_name: str,
@@ -404,7 +423,7 @@ def init_pki(
                 f"{' and '.join(existing)} already exist(s); a new CA would invalidate every "
                 "client certificate signed by the old one (use --force / force=True to replace it)"
             )
-    root.mkdir(parents=True, exist_ok=True)
+    _make_private_dir(root)
     ca_cert, ca_key = make_ca(ca_cn, days=ca_days)
     srv_cert, srv_key = make_cert(
         ca_cert, ca_key, server_name, server=True, dns=dns, ips=ips,
@@ -522,7 +541,7 @@ def add_pki_parser(subparsers: Any) -> argparse.ArgumentParser:
             "server.* to the server; keep ca.key private (it signs client certificates)."
         ),
     )
-    init.add_argument("dir", metavar="DIR", help="directory for the PKI (created if missing)")
+    init.add_argument("dir", metavar="DIR", help="directory for the PKI (created mode 0700 if missing)")
     init.add_argument(
         "--server-name", required=True, metavar="NAME",
         help="DNS name (or IP) clients use to reach the server; goes into CN and SAN",
