@@ -155,3 +155,90 @@ def test_python_dash_m_ut_is_the_console_script():
     r = subprocess.run([sys.executable, "-m", "ut", "--version"], capture_output=True,
                        text=True, timeout=30, env={**os.environ})
     assert r.returncode == 0 and ut.__version__ in r.stdout
+
+
+# ------------------------------------------------------------- check and flags
+
+
+def _pki_and_config(tmp_path: Path, extra: str = "") -> Path:
+    pki = tmp_path / "pki"
+    assert run("pki", "init", str(pki), "--server-name", "vpn.example.com").returncode == 0
+    assert run("pki", "client", str(pki), "home").returncode == 0
+    cfg = tmp_path / "home.yaml"
+    cfg.write_text(
+        "role: client\n"
+        "tcp:\n  server_addr: 'vpn.example.com:5443'\n  lanes: 3\n"
+        "tls: {ca_cert: pki/ca.pem, cert: pki/home.pem, key: pki/home.key}\n" + extra
+    )
+    return cfg
+
+
+def test_check_prints_the_effective_config_and_exits_0(tmp_path):
+    import yaml
+
+    from ut.config import SCHEMA, SECTIONS
+
+    cfg = _pki_and_config(tmp_path)
+    for argv in (["check", "-config", str(cfg)], ["-config", str(cfg), "check"],
+                 ["check", f"--config={cfg}"], ["--config", str(cfg), "check"]):
+        r = run(*argv)
+        assert r.returncode == 0, (argv, r.stderr)
+        assert r.stdout.rstrip().endswith(f"# OK: {cfg} is a valid client configuration")
+        shown = yaml.safe_load(r.stdout)  # the output is YAML (facts are comments)
+        assert shown["role"] == "client" and shown["tcp"]["lanes"] == 3
+        assert shown["tls"]["cert"] == str(tmp_path / "pki" / "home.pem")
+        assert shown["tls"]["server_name"] == "vpn.example.com"
+        # Every key of the schema that a client uses is shown, defaults included.
+        for section in SECTIONS:
+            want = {k for k, spec in SCHEMA[section].items() if "client" in spec.roles}
+            assert want <= set(shown[section]), (section, want - set(shown[section]))
+        assert "CN=home" in r.stdout and "signed by tls.ca_cert" in r.stdout
+    # What check shows is what start-up loads.
+    assert ut.load_config(yaml.safe_load(r.stdout)).tcp == ut.load_config(cfg).tcp
+
+
+def test_check_fails_with_the_start_up_message(tmp_path):
+    cfg = _pki_and_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text().replace("lanes: 3", "lanez: 3"))
+    r = run("check", "-config", str(bad))
+    assert r.returncode == 2 and r.stdout == ""
+    assert str(bad) in r.stderr and "tcp.lanez" in r.stderr and "Traceback" not in r.stderr
+    # A key that does not belong to the certificate: found by check, not at the first dial.
+    mismatched = tmp_path / "mismatch.yaml"
+    mismatched.write_text(cfg.read_text().replace("pki/home.key", "pki/server.key"))
+    r = run("check", "-config", str(mismatched))
+    assert r.returncode == 2 and "does not belong to the certificate" in r.stderr
+    r = run("check")
+    assert r.returncode == 2 and "check needs -config" in r.stderr
+
+
+def test_config_flag_is_refused_where_it_means_nothing(tmp_path):
+    r = run("-config", str(tmp_path / "x.yaml"), "demo")
+    assert r.returncode == 2 and "-config is not used by demo" in r.stderr
+
+
+def test_demo_rejects_out_of_range_values_without_a_traceback():
+    for flag, value, words in (
+        ("--lanes", "0", "between 1 and 64"), ("--lanes", "65", "between 1 and 64"),
+        ("--rate", "0", "between 1 and"), ("--rate", "-5", "between 1 and"),
+        ("--size", "10", "between 28 and 65507"), ("--size", "70000", "between 28 and 65507"),
+        ("--seconds", "0", "between 0.1 and 3600"), ("--seconds", "nan", "between 0.1"),
+        ("--seconds", "-1", "between 0.1"), ("--rate", "fast", "not a whole number"),
+    ):
+        r = run("demo", flag, value, timeout=30)
+        assert r.returncode == 2, (flag, value, r.stderr)
+        assert f"argument {flag}: " in r.stderr and words in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_demo_summary_without_replies_says_so():
+    from ut.demo import format_summary
+
+    text = format_summary({
+        "version": "x", "implementation": "pure", "loop": "asyncio", "sent": 0, "returned": 0,
+        "lost": 0, "loss_pct": 0.0, "rtt_ms": {"p50": None, "p95": None, "max": None},
+        "achieved_pps": 0.0, "lanes_used": 0, "lanes": 1, "client_lane_frames": [0],
+        "server_lane_frames": [0], "dropped": 0,
+    })
+    assert "None" not in text and "no datagram came back" in text

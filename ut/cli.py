@@ -1,9 +1,11 @@
 """The ``ut-tunnel`` console script.
 
 ``ut-tunnel -config FILE`` runs the role the file names until SIGINT/SIGTERM
-(which close every lane with GOODBYE and exit 0). Helper subcommands have
-flags of their own: ``pki`` (certificates), ``demo`` (a self-contained local
-run) and ``udpmon`` (a UDP probe and echo).
+(which close every lane with GOODBYE and exit 0). ``ut-tunnel check -config
+FILE`` validates the file as start-up would and prints the effective
+configuration. ``-config``/``--config`` may stand before or after ``check``.
+Helper subcommands have flags of their own: ``pki`` (certificates), ``demo`` (a
+self-contained local run) and ``udpmon`` (a UDP probe and echo).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import sys
 
 from . import fastpath, runtime
 from ._version import __version__
+from .config import MAX_LANES
 from .errors import ConfigError
 from .logs import event, setup_logging
+from .udpmon import HEADER_SIZE, MAX_SIZE
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+DEMO_MAX_SECONDS = 3600.0
+DEMO_MAX_RATE = 1_000_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ut-tunnel",
         description="Carry WireGuard's UDP over several TCP+mTLS lanes.",
-        epilog="Run the tunnel: ut-tunnel -config /etc/ut/ut.yaml",
+        epilog="Run the tunnel: ut-tunnel -config /etc/ut/ut.yaml   "
+               "Check a config: ut-tunnel check -config /etc/ut/ut.yaml",
     )
     parser.add_argument("-config", "--config", metavar="PATH", help="YAML configuration file")
     parser.add_argument(
@@ -36,19 +43,57 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"ut-tunnel {__version__} ({fastpath.IMPLEMENTATION} fast path)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = sub.add_parser(
+        "check", help="validate a config file and print the effective configuration",
+        description="Validate FILE as start-up would (keys, types, ranges, TLS files) and print "
+                    "the effective configuration, defaults filled in. Exit status 0 if valid, "
+                    "2 if not.",
+    )
+    # SUPPRESS: when given after `check` it sets args.config; when not, it leaves the
+    # top-level value (given before `check`) alone.
+    check.add_argument("-config", "--config", metavar="PATH", default=argparse.SUPPRESS,
+                       help="YAML configuration file")
     add_pki_parser(sub)
     demo = sub.add_parser("demo", help="run a server, a client and a UDP echo on loopback")
-    demo.add_argument("--seconds", type=float, default=3.0, help="traffic duration (default 3)")
-    demo.add_argument("--lanes", type=int, default=5, help="lanes (default 5)")
-    demo.add_argument("--rate", type=int, default=2000, help="datagrams per second (default 2000)")
-    demo.add_argument("--size", type=int, default=1200, help="datagram bytes (default 1200)")
+    demo.add_argument("--seconds", type=_bounded(float, 0.1, DEMO_MAX_SECONDS), default=3.0,
+                      help=f"traffic duration, 0.1..{DEMO_MAX_SECONDS:g} (default 3)")
+    demo.add_argument("--lanes", type=_bounded(int, 1, MAX_LANES), default=5,
+                      help=f"lanes, 1..{MAX_LANES} (default 5)")
+    demo.add_argument("--rate", type=_bounded(int, 1, DEMO_MAX_RATE), default=2000,
+                      help=f"datagrams per second, 1..{DEMO_MAX_RATE} (default 2000)")
+    demo.add_argument("--size", type=_bounded(int, HEADER_SIZE, MAX_SIZE), default=1200,
+                      help=f"datagram bytes, {HEADER_SIZE}..{MAX_SIZE} (default 1200)")
     add_udpmon_parser(sub)
     return parser
+
+
+def _bounded(kind: type, low: float, high: float):  # type: ignore[no-untyped-def]
+    """An argparse ``type=`` that accepts ``kind`` values in ``[low, high]`` only, so a
+    bad value is a one-line usage error (exit 2) rather than a traceback."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not (low <= value <= high):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value  # type: ignore[no-any-return]
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config is not None and args.command in ("pki", "udpmon", "demo"):
+        parser.print_usage(sys.stderr)
+        print(f"ut-tunnel: error: -config is not used by {args.command}; run the tunnel with "
+              "`ut-tunnel -config PATH`, check a file with `ut-tunnel check -config PATH`",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "pki":
         from .pki import run_pki
 
@@ -61,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(args)
+    if args.command == "check":
+        if args.config is None:
+            parser.print_usage(sys.stderr)
+            print("ut-tunnel: error: check needs -config PATH", file=sys.stderr)
+            return EXIT_USAGE
+        from .check import check_config
+
+        return check_config(args.config)
     if args.config is None:
         parser.print_usage(sys.stderr)
         print("ut-tunnel: error: give -config PATH (or a subcommand)", file=sys.stderr)

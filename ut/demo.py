@@ -89,7 +89,8 @@ def format_summary(r: dict[str, Any]) -> str:
         f"ut-tunnel {r['version']} demo: {r['implementation']} fast path on {r['loop']}",
         f"  datagrams sent {r['sent']}, returned {r['returned']}, "
         f"lost {r['lost']} ({r['loss_pct']:.2f} %), dropped in tunnel {r['dropped']}",
-        f"  round trip p50 {rtt.get('p50')} ms, p95 {rtt.get('p95')} ms, max {rtt.get('max')} ms",
+        (f"  round trip p50 {rtt.get('p50')} ms, p95 {rtt.get('p95')} ms, max {rtt.get('max')} ms"
+         if rtt.get("p50") is not None else "  round trip: no datagram came back"),
         f"  lanes used {r['lanes_used']} of {r['lanes']}: client->server frames per lane "
         f"{r['client_lane_frames']}, server->client {r['server_lane_frames']}",
         f"  rate achieved {r['achieved_pps']:.0f} datagrams/s",
