@@ -654,3 +654,58 @@ def test_doc_lists_every_metric_and_reason() -> None:
         assert f"`{name}`" in doc, name
     for reason in DROP_REASONS:
         assert f"`{reason}`" in doc, reason
+
+
+def test_failure_counters_have_every_reason_at_zero_from_the_start() -> None:
+    """The first handshake failure or protocol error must be an increase from 0, not a
+    series that appears out of nowhere (which rate() and increase() miss)."""
+    from ut.metrics import HANDSHAKE_FAILURE_REASONS, families
+    from ut.stats import PROTOCOL_ERROR_REASONS, TunnelStats
+    from ut.tls import REASONS as TLS_REASONS
+
+    st = TunnelStats(role="server", max_lanes=5)
+    fams = {f.name: f for f in families(st)}
+    assert set(TLS_REASONS) <= set(HANDSHAKE_FAILURE_REASONS)
+    assert fams["ut_tls_handshake_failures_total"].rows == [
+        ((r,), 0) for r in sorted(HANDSHAKE_FAILURE_REASONS)]
+    assert fams["ut_protocol_errors_total"].rows == [
+        ((r,), 0) for r in sorted(PROTOCOL_ERROR_REASONS)]
+    st.handshake_failed("unknown_ca")
+    st.protocol_error("bad_magic")
+    fams = {f.name: dict(f.rows) for f in families(st)}
+    assert fams["ut_tls_handshake_failures_total"][("unknown_ca",)] == 1
+    assert fams["ut_protocol_errors_total"][("bad_magic",)] == 1
+    assert fams["ut_protocol_errors_total"][("bad_type",)] == 0
+    doc = DOC.read_text()
+    for reason in (*HANDSHAKE_FAILURE_REASONS, *PROTOCOL_ERROR_REASONS):
+        assert f"`{reason}`" in doc, reason
+
+
+def test_protocol_error_reasons_in_the_code_are_all_listed() -> None:
+    """Every reason word the code counts as a protocol error is in PROTOCOL_ERROR_REASONS
+    (so it is exported at 0 from the start), and every handshake-failure word is known."""
+    from ut.metrics import HANDSHAKE_FAILURE_REASONS
+    from ut.stats import PROTOCOL_ERROR_REASONS
+
+    src_dir = Path(__file__).resolve().parent.parent / "ut"
+    text = "\n".join(p.read_text() for p in sorted(src_dir.iterdir())
+                     if p.suffix in (".py", ".pyx", ".pxi"))
+    used = set(re.findall(r'protocol_error\("(\w+)"', text))
+    used |= set(re.findall(r'FrameError\("(\w+)"', text))
+    used |= set(re.findall(r'ControlError\("(\w+)"', text)) - {"unknown_kind"}  # -> unknown_control
+    used |= set(re.findall(r'_reject\(\s*\w+,\s*\w+,\s*"(\w+)"', text))
+    assert used, "the patterns found nothing: update this test"
+    assert used <= set(PROTOCOL_ERROR_REASONS), used - set(PROTOCOL_ERROR_REASONS)
+    failed = set(re.findall(r'handshake_failed\("(\w+)"', text))
+    assert failed <= set(HANDSHAKE_FAILURE_REASONS), failed - set(HANDSHAKE_FAILURE_REASONS)
+
+
+def test_lanes_active_has_a_conventionally_named_twin() -> None:
+    from ut.metrics import METRIC_NAMES, families
+    from ut.stats import TunnelStats
+
+    assert METRIC_NAMES["ut_lanes_active_total"] == METRIC_NAMES["ut_lanes_active"] == "gauge"
+    st = TunnelStats(role="client", max_lanes=5)
+    st.counters("home").lanes_active = 3
+    fams = {f.name: f.rows for f in families(st)}
+    assert fams["ut_lanes_active_total"] == fams["ut_lanes_active"] == [(("home",), 3)]

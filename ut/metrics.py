@@ -46,10 +46,16 @@ from .stats import (
     DROP_PATH,
     DROP_REASONS,
     FORWARD_BUCKETS,
+    PROTOCOL_ERROR_REASONS,
     Counters,
     Histogram,
     TunnelStats,
 )
+from .tls import REASONS as _TLS_REASONS
+
+# Every reason ``handshake_failed()`` is called with: failure_reason()'s words, and the
+# server's "evicted" (a pending handshake pushed out by a newer connection).
+HANDSHAKE_FAILURE_REASONS: tuple[str, ...] = (*_TLS_REASONS, "evicted")
 
 __all__ = [
     "DROP_REASONS",
@@ -71,7 +77,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "ut_lanes_configured": ("gauge", "Lanes per session the configuration asks for (tcp.lanes)."),
     "ut_sessions_active": ("gauge", "Sessions currently open."),
     # The spec's name: a gauge despite the _total suffix (docs/metrics.md).
-    "ut_lanes_active_total": ("gauge", "Lanes currently open (a gauge; the name is the spec's)."),
+    "ut_lanes_active_total": (
+        "gauge", "Lanes currently open. A gauge despite the _total suffix (the spec's name); "
+                 "ut_lanes_active is the same value under a conventional name."),
+    "ut_lanes_active": ("gauge", "Lanes currently open (= ut_lanes_active_total)."),
     "ut_queue_len": ("gauge", "Datagrams waiting in session queues for a lane."),
     "ut_udp_in_packets_total": ("counter", "Datagrams read from the UDP socket."),
     "ut_udp_in_bytes_total": ("counter", "Payload bytes of datagrams read from the UDP socket."),
@@ -79,6 +88,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "ut_udp_out_bytes_total": ("counter", "Payload bytes of datagrams written to the UDP socket."),
     "ut_udp_drop_total": ("counter", "Datagrams lost, by reason (docs/metrics.md lists them)."),
     "ut_lane_reconnect_total": ("counter", "Lanes re-established after one was lost."),
+    "ut_reorder_skipped_total": (
+        "counter", "Sequence numbers given up after waiting for them (resequencing); "
+                   "minus ut_reorder_late_total: datagrams that never came."),
+    "ut_reorder_late_total": (
+        "counter", "Datagrams delivered after their sequence number had been given up."),
     "ut_lane_frames_total": (
         "counter", "DATA PDUs (one datagram each) written to or read from lanes."),
     "ut_lane_bytes_total": (
@@ -146,6 +160,7 @@ def families(
 
     sessions = Family("ut_sessions_active", cn)
     lanes = Family("ut_lanes_active_total", cn)
+    lanes_twin = Family("ut_lanes_active", cn)
     queue = Family("ut_queue_len", cn)
     queued: dict[str, int] = {}
     for s in list(stats.sessions.values()):
@@ -157,6 +172,8 @@ def families(
     out_by = Family("ut_udp_out_bytes_total", (*cn, "dir"))
     drops = Family("ut_udp_drop_total", (*cn, "dir", "reason"))
     reconnects = Family("ut_lane_reconnect_total", cn)
+    reorder_skipped = Family("ut_reorder_skipped_total", (*cn, "dir"))
+    reorder_late = Family("ut_reorder_late_total", (*cn, "dir"))
     lane_labels = (*cn, "dir", "lane_id") if per_lane_id else (*cn, "dir")
     frames = Family("ut_lane_frames_total", lane_labels)
     nbytes = Family("ut_lane_bytes_total", lane_labels)
@@ -165,6 +182,7 @@ def families(
     for labels, cs in groups:
         sessions.add(labels, sum(c.sessions_active for c in cs))
         lanes.add(labels, sum(c.lanes_active for c in cs))
+        lanes_twin.add(labels, sum(c.lanes_active for c in cs))
         queue.add(labels, sum(queued.get(c.client_cn, 0) for c in cs))
         in_pk.add((*labels, dir_in), sum(c.udp_in_packets for c in cs))
         in_by.add((*labels, dir_in), sum(c.udp_in_bytes for c in cs))
@@ -179,6 +197,8 @@ def families(
             d = dir_out if DROP_PATH.get(reason) == "out" else dir_in
             drops.add((*labels, d, reason), n)
         reconnects.add(labels, sum(c.lane_reconnects for c in cs))
+        reorder_skipped.add((*labels, dir_out), sum(c.reorder_skipped for c in cs))
+        reorder_late.add((*labels, dir_out), sum(c.reorder_late for c in cs))
         # Frames a role writes to lanes carry its input direction; frames it reads, its output.
         for d, f_attr, b_attr in (
             (dir_in, "lane_tx_frames", "lane_tx_bytes"),
@@ -200,14 +220,17 @@ def families(
 
     handshakes = Family("ut_tls_handshake_seconds")
     handshakes.add((), stats.handshake_seconds)
+    # Every known reason, zeros too (as for drops), so the first failure is an increase.
     failures = Family("ut_tls_handshake_failures_total", ("reason",))
-    for reason, n in sorted(stats.handshake_failures.items()):
+    for reason, n in sorted({**dict.fromkeys(HANDSHAKE_FAILURE_REASONS, 0),
+                             **stats.handshake_failures}.items()):
         failures.add((reason,), n)
     errors = Family("ut_protocol_errors_total", ("reason",))
-    for reason, n in sorted(stats.protocol_errors.items()):
+    for reason, n in sorted({**dict.fromkeys(PROTOCOL_ERROR_REASONS, 0),
+                             **stats.protocol_errors}.items()):
         errors.add((reason,), n)
-    return [info, configured, sessions, lanes, queue, in_pk, in_by, out_pk, out_by, drops,
-            reconnects, frames, nbytes, latency, handshakes, failures, errors]
+    return [info, configured, sessions, lanes, lanes_twin, queue, in_pk, in_by, out_pk, out_by,
+            drops, reconnects, frames, nbytes, latency, handshakes, failures, errors]
 
 
 def _escape(value: str) -> str:

@@ -47,6 +47,21 @@ DROP_PATH: dict[str, str] = {
 }
 DROP_REASONS: tuple[str, ...] = tuple(DROP_PATH)
 
+# Every reason ``protocol_error()`` is called with (``ut_protocol_errors_total{reason}``),
+# exported at 0 from the start like the drop reasons, so the first error is an
+# increase that rate() sees. tests/test_metrics.py checks the code uses no other.
+PROTOCOL_ERROR_REASONS: tuple[str, ...] = (
+    # a frame that breaks the PDU format (ut.errors.FrameError)
+    "bad_magic", "bad_version", "bad_type", "too_long", "truncated", "bad_seq",
+    # a control message that does not parse (ut.errors.ControlError), or is out of place
+    "empty", "bad_length", "bad_value", "bad_utf8", "unknown_control", "unexpected_hello",
+    # server: a lane's opening (HELLO) refused, or a lane pushed out
+    "hello_timeout", "bad_certificate", "data_before_hello", "bad_hello",
+    "lane_id_out_of_range", "evicted",
+    # an error without a reason of its own
+    "protocol_error",
+)
+
 
 class Histogram:
     """Cumulative-by-bucket histogram with fixed upper bounds (Prometheus ``le``)."""
@@ -93,6 +108,7 @@ class Counters:
         "client_cn", "udp_in_packets", "udp_in_bytes", "udp_out_packets", "udp_out_bytes",
         "drops", "lane_tx_frames", "lane_tx_bytes", "lane_rx_frames", "lane_rx_bytes",
         "lane_reconnects", "sessions_active", "lanes_active", "forward_latency",
+        "reorder_skipped", "reorder_late",
     )
 
     def __init__(self, client_cn: str, max_lanes: int) -> None:
@@ -111,6 +127,11 @@ class Counters:
         self.sessions_active = 0
         self.lanes_active = 0
         self.forward_latency = {d: Histogram(FORWARD_BUCKETS) for d in DIRECTIONS}
+        # Resequencing of the datagrams this role receives from lanes (its output dir):
+        # numbers given up after waiting for them, and datagrams that came after that.
+        # skipped - late = datagrams that never came (lost with a lane that died).
+        self.reorder_skipped = 0
+        self.reorder_late = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` datagrams lost for ``reason`` (a fixed, code-chosen word)."""
@@ -196,6 +217,8 @@ class TunnelStats:
             "lane_tx_frames": lane_tx,
             "lane_rx_frames": lane_rx,
             "lane_reconnects": tot("lane_reconnects"),
+            "reorder_skipped": tot("reorder_skipped"),
+            "reorder_late": tot("reorder_late"),
             "queue_len": self.queue_len(),
             "handshakes": self.handshake_seconds.count,
             "handshake_failures": dict(self.handshake_failures),
