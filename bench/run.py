@@ -15,7 +15,10 @@ Profiles (see bench/README.md for what each measures and how):
     seed-apart  the same, with each wireguard-go kept off its own tunnel process's CPU
     small    udpmon probe/echo without WireGuard: 64-byte datagrams and IMIX at fixed rates
     micro    bench/micro.py: fast path vs pure twin (frames, queue, picker)
-    lossy    20 ms one-way + 1 % loss through tests/linkemu.py: 1 lane vs 5 lanes vs the peers
+    lossy    20 ms one-way + 1 % loss through tests/linkemu.py: ut (1, 2, 5, 8 lanes) vs
+             OpenVPN over TCP, v2ray, sing-box and direct WireGuard; up/down, 1 and 10 streams
+    slow     a slow home uplink through tests/linkemu.py: 20 Mbit/s each way, 20 ms RTT,
+             a 50-packet queue; the same carriers and tests
 
 Every round runs every carrier once, in a rotated order, so slow drifts of a shared
 machine hit all carriers alike; tables show medians over rounds, and ratios are medians
@@ -55,7 +58,10 @@ TESTS = {  # name -> (reverse, streams)
     "down10": (True, 10),
 }
 TEST_LABEL = {"up1": "up 1", "down1": "down 1", "up10": "up 10", "down10": "down 10"}
-ALL_PROFILES = ("default", "seed", "seed-apart", "small", "micro", "lossy")
+ALL_PROFILES = ("default", "seed", "seed-apart", "small", "micro", "lossy", "slow")
+# issue 14: the carriers of the lossy and slow profiles
+LINK_CARRIERS = "direct,ut,ut-1lane,ut-2lane,ut-8lane,openvpn,v2ray,sing-box"
+LINK_CARRIERS_QUICK = "direct,ut,openvpn,v2ray"
 ECHO_PORT = 51900
 PING_INTERVAL = 0.1
 SMALL_PROBES = {  # name -> udpmon probe args
@@ -142,6 +148,9 @@ class Bench:
         self.verbose = verbose
         self.iperf_srv = None
         self.cc: str | None = None  # iperf3 -C
+        # where iperf3 and the pings go: the cloud's WireGuard address, or the carrier's own
+        # tunnel address for a carrier that carries IP itself (OpenVPN); set by bring_up
+        self.target = bed.cloud.wg_ip
 
     def start_iperf_server(self) -> None:
         bed = self.bed
@@ -149,7 +158,9 @@ class Bench:
             bed.stop(self.iperf_srv)
         self.iperf_srv = bed.spawn(
             bed.cloud,
-            ["iperf3", "-s", "-B", bed.cloud.wg_ip, "--idle-timeout", "30"],
+            # every address of the cloud namespace: the WireGuard address and a carrier's
+            # own tunnel address (which exists only while that carrier runs)
+            ["iperf3", "-s", "--idle-timeout", "30"],
             name="iperf3-server",
         )
         deadline = time.monotonic() + 5
@@ -160,8 +171,9 @@ class Bench:
         raise BedError(f"iperf3 server did not listen: {bed.log_text(self.iperf_srv)}")
 
     def ping(self, count: int, interval: float = PING_INTERVAL) -> dict:
-        """``count`` ICMP echoes home -> cloud over WireGuard, one every ``interval`` s
-        (fixed schedule, bench/pinger.py), replies later than 1 s count as lost."""
+        """``count`` ICMP echoes home -> cloud over WireGuard (or the carrier's own tunnel:
+        ``self.target``), one every ``interval`` s (fixed schedule, bench/pinger.py),
+        replies later than 1 s count as lost."""
         bed = self.bed
         dur = count * interval
         res = bed.run(
@@ -169,7 +181,7 @@ class Bench:
             [
                 sys.executable,
                 str(HERE / "pinger.py"),
-                bed.cloud.wg_ip,
+                self.target,
                 "--interval",
                 str(interval),
                 "--duration",
@@ -240,7 +252,7 @@ class Bench:
         args = [
             "iperf3",
             "-c",
-            bed.cloud.wg_ip,
+            self.target,
             "-t",
             str(secs),
             "-J",
@@ -289,7 +301,10 @@ class Bench:
             end = j["end"]
             res["mbps"] = end["sum_received"]["bits_per_second"] / 1e6
             res["bytes"] = end["sum_received"]["bytes"]
+            # inner TCP retransmissions of the *sender*: with -R the sender is the server and
+            # the client's JSON carries its count (end.sum_sent, "sender": false)
             res["retransmits"] = end.get("sum_sent", {}).get("retransmits")
+            res["retransmits_of"] = "server" if reverse else "client"
             res["sent_bytes"] = end.get("sum_sent", {}).get("bytes")
         res["wall_s"] = round(wall, 2)
         res["cpu_s"] = {r: round(c1[r] - c0[r], 3) for r in c1 if r in c0}
@@ -301,6 +316,8 @@ class Bench:
                 "received": ping_res["received"],
                 "rtt_ms": [round(x, 2) for x in ping_res["rtt_ms"]],
             }
+            rtt = res["ping"]["rtt_ms"]
+            res["ping_p50_ms"], res["ping_p95_ms"] = rnd(pct(rtt, 50), 2), rnd(pct(rtt, 95), 2)
         if h0 and h1:
             fwd = {}
             for role in ("client", "server"):
@@ -328,16 +345,26 @@ def rss_peaks(procs: dict) -> dict[str, int | None]:
 def bring_up(
     bench: Bench, carrier, limits=C.NO_LIMITS, echo_port=None, wg=True
 ) -> tuple[dict, dict]:
-    """Start ``carrier``; with ``wg`` re-handshake WireGuard through it and check."""
+    """Start ``carrier``; with ``wg`` re-handshake WireGuard through it and check (a carrier
+    that carries IP itself, OpenVPN, is checked by a ping to its own tunnel address)."""
     bed = bench.bed
+    bench.target = carrier.inner_target(bed)
     procs = carrier.start(bed, limits, echo_port=echo_port)
     info: dict = {}
     if wg:
+        # forget handshakes and learnt endpoints (also for OpenVPN, so that nothing is left
+        # pointing at the previous carrier's, e.g. direct's, address)
         bed.reset_wireguard()
-        info["first_reply_s"] = bed.wait_ping(bed.home, bed.cloud, within=15, interval=0.1)
+    if wg and carrier.carries_wireguard:
+        info["first_reply_s"] = bed.wait_ping(bed.home, bench.target, within=15, interval=0.1)
         info["handshake"] = bed.latest_handshake(bed.home) > 0
         if not info["handshake"]:
             raise BedError("no WireGuard handshake recorded")
+    elif wg:
+        info["target"] = bench.target
+        info["first_reply_s"] = bed.wait_ping(bed.home, bench.target, within=15, interval=0.1)
+        if hasattr(carrier, "data_channel"):
+            info["data_channel"] = carrier.data_channel(bed)
     if carrier.has_metrics:
         with contextlib.suppress(Exception):
             info["implementation"] = carrier.implementation(bed)
@@ -362,7 +389,10 @@ def carrier_round(bed: NetBed, carrier, rec: dict, label: str, keep_logs: bool =
         raise
     except Exception as exc:  # noqa: BLE001 - one carrier failing must not stop the run
         rec["ok"] = False
-        rec["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        text = str(exc)
+        if len(text) > 1200:  # the head says what failed, the tail (a traceback's) why
+            text = text[:300] + " [...] " + text[-900:]
+        rec["error"] = f"{type(exc).__name__}: {text}"
         log(f"  {label}: FAILED {rec['error'][:200]}")
         if keep_logs:
             for p in carrier.procs.values():
@@ -600,9 +630,27 @@ def profile_micro(args) -> dict:
     return micro.run(quick=args.quick)
 
 
-def profile_lossy(args, carriers: dict) -> dict:
-    """Home and cloud joined by tests/linkemu.py (20 ms one-way, 1 % loss, both directions);
-    every carrier (and direct WireGuard) goes over that link instead of the veth."""
+def link_settings(args, kind: str) -> dict:
+    """The emulated link and the tests of the ``lossy`` or ``slow`` profile, from the options."""
+    a = vars(args)
+    return {
+        "params": {
+            "delay_ms": a[f"{kind}_delay_ms"],
+            "loss_pct": a[f"{kind}_loss_pct"],
+            "rate_mbit": a[f"{kind}_rate_mbit"],
+            "limit": a[f"{kind}_limit"],
+        },
+        "tests": a[f"{kind}_tests"],
+        "duration": a[f"{kind}_duration"],
+        "inner_cc": a[f"{kind}_inner_cc"] or None,
+    }
+
+
+def profile_lossy(args, carriers: dict, kind: str = "lossy") -> dict:
+    """Home and cloud joined by tests/linkemu.py; every carrier (and direct WireGuard) goes
+    over that link instead of the veth. ``lossy``: 20 ms one-way, 1 % loss, both
+    directions; ``slow``: a slow home uplink, 20 Mbit/s each way, 10 ms one-way, a
+    50-packet queue (the ``--lossy-*`` and ``--slow-*`` options)."""
     emu_path = ROOT / "tests" / "linkemu.py"
     if not emu_path.exists():
         return {
@@ -611,25 +659,25 @@ def profile_lossy(args, carriers: dict) -> dict:
         }
     import linkemu
 
-    params = {
-        "delay_ms": args.lossy_delay_ms,
-        "loss_pct": args.lossy_loss_pct,
-        "rate_mbit": args.lossy_rate_mbit,
-        "limit": args.lossy_limit,
-    }
+    cfg = link_settings(args, kind)
+    params, tests, duration = cfg["params"], cfg["tests"], cfg["duration"]
     rounds_out = []
     with NetBed(verbose=args.verbose) as bed:
         bed.pki()
         # The carriers' outer TCP uses the namespace default (inherited from the host; the
         # sysctl is read-only in namespaces here). The inner iperf3 TCP may be set per socket.
         cc = bed.run(bed.home, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout.strip()
-        bench_cc = args.lossy_inner_cc or None
+        bench_cc = cfg["inner_cc"]
         with linkemu.LinkEmu(bed.home.ns, bed.cloud.ns, **params) as link:
-            # the server certificate names the veth address; ut and v2ray check the name
-            # (server_name), so the emulated link's address works as well
+            # UDP is dropped on the emulated link too (direct lifts it like on the veth), so
+            # WireGuard's UDP can only cross it through a carrier's TCP
+            bed.add_drop_link(bed.home, link.dev_a)
+            bed.add_drop_link(bed.cloud, link.dev_b)
+            # the server certificate names the veth address; ut, v2ray, sing-box and
+            # OpenVPN check the name, so the emulated link's address works as well
             for c in carriers.values():
                 c.server_ip = link.addr_b
-            bench = Bench(bed, args.lossy_duration)
+            bench = Bench(bed, duration)
             bench.cc = bench_cc
             bench.start_iperf_server()
             base = bed.run(
@@ -652,14 +700,15 @@ def profile_lossy(args, carriers: dict) -> dict:
                         carrier = carriers[name]
                         rec = {"carrier": name, "round": r, "tests": {}}
                         t0 = time.monotonic()
-                        with carrier_round(bed, carrier, rec, f"{name} round {r}"):
+                        with carrier_round(bed, carrier, rec, f"{name} round {r}", keep_logs=True):
                             procs, info = bring_up(bench, carrier)
                             rec.update(info)
-                            for t in args.lossy_tests:
+                            u0 = bed.udp_dropped()
+                            for t in tests:
                                 rev, streams = TESTS[t]
                                 s0 = link.stats()
                                 rec["tests"][t] = bench.iperf(
-                                    rev, streams, args.lossy_duration, carrier=carrier, procs=procs
+                                    rev, streams, duration, carrier=carrier, procs=procs
                                 )
                                 s1 = link.stats()
                                 rec["tests"][t]["link"] = {
@@ -668,22 +717,38 @@ def profile_lossy(args, carriers: dict) -> dict:
                                     }
                                     for d in ("ab", "ba")
                                 }
-                                if rec["tests"][t].get("error"):
+                                if rec["tests"][t].get("error"):  # fail fast: carrier stuck
+                                    for rest in tests[tests.index(t) + 1 :]:
+                                        rec["tests"][rest] = {"error": f"skipped after {t} failed"}
                                     break
+                            # UDP the drop rules caught while the carrier ran (0 for a
+                            # carrier that keeps WireGuard's UDP inside its TCP)
+                            if name != "direct":
+                                rec["udp_dropped"] = bed.udp_dropped() - u0
                             rec["rss_kib"] = rss_peaks(procs)
                         rec["elapsed_s"] = round(time.monotonic() - t0, 1)
                         tp = " ".join(
                             f"{t}={v.get('mbps', 0):.1f}" for t, v in rec["tests"].items()
                         )
-                        log(f"lossy r{r} {name:10s} {tp} Mbit/s  ({rec['elapsed_s']} s)")
+                        pg = " ".join(
+                            f"{t}:{v.get('ping_p50_ms')}/{v.get('ping_p95_ms')}"
+                            for t, v in rec["tests"].items()
+                        )
+                        rt = " ".join(
+                            f"{t}:{v.get('retransmits')}" for t, v in rec["tests"].items()
+                        )
+                        log(
+                            f"{kind} r{r} {name:10s} {tp} Mbit/s  ping p50/p95 {pg}  "
+                            f"retr {rt}  ({rec['elapsed_s']} s)"
+                        )
                         rounds_out.append(rec)
             finally:
                 for c in carriers.values():
                     c.server_ip = None
     return {
         "rounds": rounds_out,
-        "tests": list(args.lossy_tests),
-        "duration_s": args.lossy_duration,
+        "tests": list(tests),
+        "duration_s": duration,
         "tcp_cc": cc,
         "inner_cc": bench_cc or cc,
         "link": {
@@ -767,6 +832,8 @@ def machine_facts() -> dict:
         "ut_tunnel": _cmd([*ut.split(), "--version"]),
         "ut_tunnel_pure": _cmd([*ut.split(), "--version"], env={"UT_NO_EXTENSIONS": "1"}),
         "v2ray": _cmd(["v2ray", "-version"]),
+        "openvpn": C.OpenVpn().version(),
+        "sing_box": C.SingBox().version(),
         "udptunnel": _cmd(["dpkg-query", "-W", "-f", "${Version}", "udptunnel"]),
         "wireguard_go": _cmd(["dpkg-query", "-W", "-f", "${Version}", "wireguard-go"]),
         "iperf3": _cmd(["iperf3", "--version"]),
@@ -802,15 +869,23 @@ def parse_args(argv=None):
     p.add_argument(
         "--lossy-carriers",
         default=None,
-        help="lossy profile carriers (default direct,ut-1lane,ut,ut-1lane-autobuf,ut-autobuf,"
-        "v2ray; quick direct,ut-1lane,ut,v2ray)",
+        help=f"lossy profile carriers (default {LINK_CARRIERS}; quick {LINK_CARRIERS_QUICK})",
+    )
+    p.add_argument(
+        "--slow-carriers",
+        default=None,
+        help=f"slow profile carriers (default {LINK_CARRIERS}; quick {LINK_CARRIERS_QUICK})",
     )
     p.add_argument(
         "--tests",
         default=None,
         help="default profile's iperf3 tests (default up1,down1,up10,down10; quick up1,down1)",
     )
-    p.add_argument("--lossy-tests", default="up1,down1", help="lossy profile's iperf3 tests")
+    p.add_argument(
+        "--lossy-tests",
+        default=None,
+        help="lossy profile's iperf3 tests (default up1,up10,down1,down10; quick up1,down1)",
+    )
     p.add_argument(
         "--lossy-duration", type=float, default=None, help="seconds per lossy test (default 5)"
     )
@@ -836,6 +911,35 @@ def parse_args(argv=None):
         help="congestion control of the inner iperf3 TCP in the lossy profile (iperf3 -C, "
         "e.g. cubic); default: the namespace's (host's). The carriers' outer TCP "
         "always uses the namespace default",
+    )
+    # the slow profile: a slow home uplink (issue 14), the same machinery as lossy
+    p.add_argument(
+        "--slow-tests",
+        default=None,
+        help="slow profile's iperf3 tests (default up1,up10,down1,down10; quick up1,down1)",
+    )
+    p.add_argument(
+        "--slow-duration", type=float, default=None, help="seconds per slow test (default 8)"
+    )
+    p.add_argument(
+        "--slow-delay-ms", type=float, default=10.0,
+        help="one-way delay of the slow link, each way (default 10: 20 ms RTT)",
+    )
+    p.add_argument(
+        "--slow-loss-pct", type=float, default=0.0, help="random loss of the slow link, each way"
+    )
+    p.add_argument(
+        "--slow-rate-mbit", type=float, default=20.0, help="rate of the slow link, each way"
+    )
+    p.add_argument(
+        "--slow-limit", type=int, default=50,
+        help="packets the slow link queues, each way (a home router's buffer; tail drop)",
+    )
+    p.add_argument(
+        "--slow-inner-cc",
+        default="cubic",
+        help="congestion control of the inner iperf3 TCP in the slow profile (default cubic, "
+        "the loss-based default of most clients; '' = the namespace's)",
     )
     p.add_argument(
         "--duration", type=float, default=None, help="seconds per iperf3 test (default 5)"
@@ -864,7 +968,7 @@ def parse_args(argv=None):
         "--max-minutes",
         type=float,
         default=None,
-        help="hard bound on the whole run (default: 40, quick 8)",
+        help="hard bound on the whole run (default: 90, quick 10)",
     )
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
@@ -874,26 +978,30 @@ def parse_args(argv=None):
     a.seed_duration = a.seed_duration or (4.0 if q else 6.0)
     a.small_duration = a.small_duration or (1.5 if q else 2.0)
     a.idle_pings = a.idle_pings or (20 if q else 30)
-    a.max_minutes = a.max_minutes or (8 if q else 40)
+    a.max_minutes = a.max_minutes or (10 if q else 90)
     a.profiles = [x for x in a.profiles.split(",") if x]
     a.lossy_duration = a.lossy_duration or (4.0 if q else 5.0)
+    a.slow_duration = a.slow_duration or (4.0 if q else 8.0)
     a.tests = a.tests or ("up1,down1" if q else "up1,down1,up10,down10")
-    a.lossy_carriers = a.lossy_carriers or (
-        "direct,ut-1lane,ut,v2ray" if q else "direct,ut-1lane,ut,ut-1lane-autobuf,ut-autobuf,v2ray"
-    )
+    a.lossy_tests = a.lossy_tests or ("up1,down1" if q else "up1,up10,down1,down10")
+    a.slow_tests = a.slow_tests or ("up1,down1" if q else "up1,up10,down1,down10")
+    a.lossy_carriers = a.lossy_carriers or (LINK_CARRIERS_QUICK if q else LINK_CARRIERS)
+    a.slow_carriers = a.slow_carriers or (LINK_CARRIERS_QUICK if q else LINK_CARRIERS)
     a.carriers = [x for x in a.carriers.split(",") if x]
     a.seed_carriers = [x for x in a.seed_carriers.split(",") if x]
     a.lossy_carriers = [x for x in a.lossy_carriers.split(",") if x]
+    a.slow_carriers = [x for x in a.slow_carriers.split(",") if x]
     a.tests = [x for x in a.tests.split(",") if x]
     a.lossy_tests = [x for x in a.lossy_tests.split(",") if x]
-    for t in a.tests + a.lossy_tests:
+    a.slow_tests = [x for x in a.slow_tests.split(",") if x]
+    for t in a.tests + a.lossy_tests + a.slow_tests:
         if t not in TESTS:
             p.error(f"unknown test {t!r} (have {', '.join(TESTS)})")
     for x in a.profiles:
         if x not in ALL_PROFILES:
             p.error(f"unknown profile {x!r} (have {', '.join(ALL_PROFILES)})")
     known = C.all_carriers()
-    for x in a.carriers + a.seed_carriers + a.lossy_carriers:
+    for x in a.carriers + a.seed_carriers + a.lossy_carriers + a.slow_carriers:
         if x not in known:
             p.error(f"unknown carrier {x!r} (have {', '.join(known)})")
     if a.out is None:
@@ -903,7 +1011,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    needs_bed = any(x in args.profiles for x in ("default", "seed", "seed-apart", "small"))
+    needs_bed = any(
+        x in args.profiles for x in ("default", "seed", "seed-apart", "small", "lossy", "slow")
+    )
     if needs_bed:
         reasons = netbed.missing_prerequisites(netbed.REQUIRED_TOOLS + ("iperf3", "ss", "taskset"))
         if reasons:
@@ -924,7 +1034,9 @@ def main(argv=None) -> int:
 
     known = C.all_carriers()
     carriers, skipped = {}, {}
-    for name in dict.fromkeys(args.carriers + args.seed_carriers + args.lossy_carriers):
+    for name in dict.fromkeys(
+        args.carriers + args.seed_carriers + args.lossy_carriers + args.slow_carriers
+    ):
         why = known[name].available()
         if why:
             skipped[name] = why
@@ -964,6 +1076,8 @@ def main(argv=None) -> int:
                     out = profile_small(args, pick(args.carriers))
                 elif prof == "micro":
                     out = profile_micro(args)
+                elif prof == "slow":
+                    out = profile_lossy(args, pick(args.slow_carriers), kind="slow")
                 else:
                     out = profile_lossy(args, pick(args.lossy_carriers))
             except Deadline:
@@ -975,7 +1089,7 @@ def main(argv=None) -> int:
                 }
                 log(f"profile {prof} FAILED: {exc}")
             out["elapsed_s"] = round(time.monotonic() - t0, 1)
-            if prof in ("default", "seed", "seed-apart", "small", "lossy"):
+            if prof in ("default", "seed", "seed-apart", "small", "lossy", "slow"):
                 out.setdefault(
                     "carriers",
                     list(
@@ -986,6 +1100,7 @@ def main(argv=None) -> int:
                                 "seed-apart": args.seed_carriers,
                                 "small": args.carriers,
                                 "lossy": args.lossy_carriers,
+                                "slow": args.slow_carriers,
                             }[prof]
                         )
                     ),

@@ -219,6 +219,8 @@ class NetBed:
     cloud: Node = field(init=False)
     home_nodes: list[Node] = field(init=False, default_factory=list)
     _tracked: list[Tracked] = field(init=False, default_factory=list)
+    # node name -> more interfaces whose UDP ``drop_udp`` drops (add_drop_link)
+    _extra_drop_links: dict[str, list[str]] = field(init=False, default_factory=dict)
     _namespaces: list[str] = field(init=False, default_factory=list)
     _is_up: bool = field(init=False, default=False)
     _torn_down: bool = field(init=False, default=False)
@@ -437,9 +439,21 @@ class NetBed:
         self._wireguard_up()
 
     def _links_of(self, n: Node) -> list[str]:
+        extra = self._extra_drop_links.get(n.name, [])
         if n is self.cloud:
-            return [n.link_if] + [f"uv{self.tag}c{i}" for i in range(1, len(self.home_nodes) + 1)]
-        return [n.link_if]
+            return ([n.link_if] + [f"uv{self.tag}c{i}" for i in range(1, len(self.home_nodes) + 1)]
+                    + extra)
+        return [n.link_if] + extra
+
+    def add_drop_link(self, node: Node | str, ifname: str) -> None:
+        """Treat ``ifname`` in ``node`` (e.g. a tests/linkemu.py device) like the veth: the
+        UDP drop rules cover it too (applied now if they are on)."""
+        n = node if isinstance(node, Node) else self.node(node)
+        links = self._extra_drop_links.setdefault(n.name, [])
+        if ifname not in links:
+            links.append(ifname)
+        if self.drop_udp:
+            self.set_drop_udp(True)
 
     def set_drop_udp(self, on: bool) -> None:
         """nftables: drop (on) or allow (off) all UDP in and out of the veth/bridge links."""
