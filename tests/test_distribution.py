@@ -404,6 +404,42 @@ def test_cibuildwheel_builds_what_the_spec_names(platform: str, archs: str, expe
 # ======================================================================= the guide
 
 
+def _setuptools_floor() -> tuple[int, ...]:
+    """The setuptools floor of ``[build-system].requires``, e.g. ``(77,)``."""
+    reqs = _toml(ROOT / "pyproject.toml")["build-system"]["requires"]
+    floors = [r for r in reqs if re.match(r"setuptools\s*>=", r)]
+    assert len(floors) == 1, reqs
+    return tuple(int(x) for x in floors[0].split(">=")[1].strip().split("."))
+
+
+def test_license_is_spdx_with_the_setuptools_that_reads_it() -> None:
+    """PEP 639: an SPDX ``license`` string and ``license-files`` (the table form stops
+    building with setuptools in 2027), and setuptools >= 77, the first that reads them,
+    wherever the project builds: build isolation, and the in-place build of .ci/run
+    (which installs .ci/requirements-tools.txt before ``setup.py build_ext``)."""
+    project = _toml(ROOT / "pyproject.toml")["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"] and (ROOT / "LICENSE").is_file()
+    assert not [c for c in project.get("classifiers", []) if c.startswith("License ::")]
+    floor = _setuptools_floor()
+    assert floor >= (77,), floor
+    tools = (ROOT / ".ci" / "requirements-tools.txt").read_text()
+    m = re.search(r"^setuptools\s*>=\s*([\d.]+)", tools, re.M)
+    assert m and tuple(int(x) for x in m.group(1).split(".")) == floor, tools
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("requirements-tools.txt") < ci.index("build_ext --inplace"), ci
+
+
+def _need_setuptools_floor() -> None:
+    import setuptools
+
+    have = tuple(int(x) for x in re.findall(r"\d+", setuptools.__version__)[:2])
+    floor = _setuptools_floor()
+    _need(have >= floor, f"setuptools {setuptools.__version__} is older than the "
+          f"{'.'.join(map(str, floor))} pyproject.toml needs for an in-place build "
+          "(pip install -r .ci/requirements-tools.txt)")
+
+
 def _guide_blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", GUIDE.read_text(), re.S)
 
@@ -639,6 +675,7 @@ def test_fast_path_builds_and_works_without_mmsg(tmp_path: Path) -> None:
     Built in a scratch copy (`setup.py build_ext --inplace`), never in the source tree.
     """
     _need_compiler()
+    _need_setuptools_floor()
     pytest.importorskip("Cython", reason="Cython is needed to build the fast path")
     tree = tmp_path / "tree"
     tree.mkdir()

@@ -225,7 +225,8 @@ def promtool() -> str | None:
     path = shutil.which("promtool")
     if path is None:
         if os.environ.get("UT_REQUIRE_E2E") == "1":
-            pytest.fail("promtool is required (UT_REQUIRE_E2E=1): apt-get install prometheus")
+            pytest.fail("promtool is required (UT_REQUIRE_E2E=1): bash .ci/run unpacks it "
+                        "from Debian's prometheus package")
         pytest.skip("promtool not installed (Debian package 'prometheus')")
     return path
 
