@@ -63,6 +63,7 @@ def test_defaults_for_a_minimal_client(pki: TestPki) -> None:
     assert t.server_addr == "vpn.example.com:5443"
     assert t.listen_addr == "0.0.0.0:5443"
     assert (t.lanes, t.tcp_nodelay, t.tcp_buf, t.idle_seconds, t.lane_pick) == (5, True, 16384, 120, "rr")
+    assert (t.sock_buf, t.skip_slow_lanes, t.resequence, t.resequence_max_wait_ms) == (0, True, True, 200)
     assert (t.dial_backoff_min_seconds, t.dial_backoff_max_seconds) == (5, 60)
     assert (t.connect_timeout_seconds, t.hello_timeout_seconds, t.session_linger_seconds) == (10, 5, 180)
     assert isinstance(t.idle_seconds, float)
@@ -332,8 +333,14 @@ TCP_ERRORS = [
     ({"lanes": 0}, "tcp.lanes", r"between 1 and 64, got 0"),
     ({"lanes": 65}, "tcp.lanes", r"between 1 and 64, got 65"),
     ({"lanes": True}, "tcp.lanes", r"whole number, got a boolean"),
-    ({"tcp_buf": 100}, "tcp.tcp_buf", r"0 \(kernel default\) or between 4096 and 67108864"),
-    ({"tcp_buf": 67108865}, "tcp.tcp_buf", r"got 67108865"),
+    ({"tcp_buf": 100}, "tcp.tcp_buf", r"between 4096 and 1048576 \(the lane's I/O chunk in bytes\), got 100$"),
+    ({"tcp_buf": 0}, "tcp.tcp_buf", r"got 0; it is no longer the socket buffer size: for kernel autotuning leave tcp\.sock_buf at 0"),
+    ({"tcp_buf": 1048577}, "tcp.tcp_buf", r"got 1048577"),
+    ({"sock_buf": 100}, "tcp.sock_buf", r"0 \(kernel autotuning\) or between 4096 and 67108864, got 100"),
+    ({"sock_buf": 67108865}, "tcp.sock_buf", r"got 67108865"),
+    ({"resequence_max_wait_ms": 0}, "tcp.resequence_max_wait_ms", r"between 1 and 5000, got 0"),
+    ({"resequence": "yes"}, "tcp.resequence", r"true or false"),
+    ({"skip_slow_lanes": 1}, "tcp.skip_slow_lanes", r"true or false"),
     ({"idle_seconds": 0}, "tcp.idle_seconds", r"greater than 0, got 0"),
     ({"idle_seconds": "120"}, "tcp.idle_seconds", r"number of seconds, got a string \('120'\) \(write it without quotes\)"),
     ({"idle_seconds": float("inf")}, "tcp.idle_seconds", r"finite"),
@@ -370,11 +377,11 @@ def test_tcp_errors_in_a_mapping(pki: TestPki, tcp: dict[Any, Any], key: str, pa
 
 def test_zero_values_that_are_allowed(pki: TestPki) -> None:
     raw = client_dict(pki)
-    raw["tcp"].update(tcp_buf=0, session_linger_seconds=0, listen_addr="127.0.0.1:0")
+    raw["tcp"].update(sock_buf=0, session_linger_seconds=0, listen_addr="127.0.0.1:0")
     raw["metrics"] = {"listen_addr": "127.0.0.1:0"}
     raw["udp"] = {"listen_addr": "127.0.0.1:0"}
     cfg = load_config(raw)
-    assert (cfg.tcp.tcp_buf, cfg.tcp.session_linger_seconds) == (0, 0)
+    assert (cfg.tcp.sock_buf, cfg.tcp.session_linger_seconds) == (0, 0)
 
 
 def test_missing_role_and_bad_role(pki: TestPki) -> None:

@@ -43,7 +43,7 @@ def outcome(fn, *args):
 PUBLIC = [
     "MAGIC", "VERSION", "TYPE_DATA", "TYPE_CTRL", "HEADER_LEN", "MAX_PAYLOAD", "HAVE_MMSG",
     "HAVE_GSO", "encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
-    "recv_batch", "send_batch",
+    "recv_batch", "send_batch", "encode_data_seq", "FLAG_SEQ", "SEQ_LEN", "Resequencer",
 ]
 
 
@@ -68,7 +68,7 @@ def _members(obj):
 @pytest.mark.parametrize(
     "name",
     ["encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
-     "recv_batch", "send_batch"],
+     "recv_batch", "send_batch", "encode_data_seq", "Resequencer"],
 )
 def test_same_docstrings(fp_compiled, fp_pure, name):
     c, p = getattr(fp_compiled, name), getattr(fp_pure, name)

@@ -47,7 +47,10 @@ from ut.stats import DROP_PATH, DROP_REASONS
 ALLOWED_PROMTOOL = {
     'ut_lanes_active_total non-counter metrics should not have "_total" suffix',
 }
-HEADER_LEN = 9  # PDU header bytes per DATA frame (docs/metrics.md, ut_lane_bytes_total)
+HEADER_LEN = 9  # PDU header bytes per frame
+# Lane bytes per DATA frame beyond the datagram: the header and, with resequencing (the
+# default), the 4-byte sequence number (docs/metrics.md, ut_lane_bytes_total).
+DATA_OVERHEAD = HEADER_LEN + 4
 
 
 
@@ -217,7 +220,7 @@ def test_counters_move_by_exactly_what_was_sent(pki, loop_kind):
         bytes_rx = [rx.value("ut_lane_bytes_total", dir=d, lane_id=str(i), **cn)
                     for i in range(lanes)]
         assert sum(frames_tx) == n and frames_tx == frames_rx, (d, frames_tx, frames_rx)
-        assert sum(bytes_tx) == nbytes + HEADER_LEN * n and bytes_tx == bytes_rx, d
+        assert sum(bytes_tx) == nbytes + DATA_OVERHEAD * n and bytes_tx == bytes_rx, d
         assert sum(1 for f in frames_tx if f) >= 2, f"no striping {d}: {frames_tx}"
 
     # Sessions, lanes, handshakes, build info.
@@ -387,7 +390,7 @@ def test_without_client_cn_and_lane_id_labels(pki):
         assert scr.value("ut_queue_len") == 0
     assert c.value("ut_udp_in_packets_total", dir="up") == len(data)
     assert c.value("ut_lane_frames_total", dir="up") == len(data)
-    assert c.value("ut_lane_bytes_total", dir="up") == (10 + HEADER_LEN) * len(data)
+    assert c.value("ut_lane_bytes_total", dir="up") == (10 + DATA_OVERHEAD) * len(data)
     assert s.value("ut_udp_out_packets_total", dir="up") == len(data)
     assert s.value("ut_lane_frames_total", dir="down") == len(data)
     assert_conserved(c, "client")
@@ -437,7 +440,7 @@ def test_two_client_cns_are_separate_series_on_the_server(pki, loop_kind):
         assert s.value("ut_udp_in_packets_total", dir="down", **cn) == n
         assert s.value("ut_udp_in_bytes_total", dir="down", **cn) == nbytes
         assert s.value("ut_lane_frames_total", dir="up", **cn) == n
-        assert s.value("ut_lane_bytes_total", dir="down", **cn) == nbytes + HEADER_LEN * n
+        assert s.value("ut_lane_bytes_total", dir="down", **cn) == nbytes + DATA_OVERHEAD * n
         assert s.value("ut_sessions_active", **cn) == 1
         assert s.value("ut_lanes_active_total", **cn) == lanes
         assert s.value("ut_forward_latency_seconds_count", dir="up", **cn) > 0
@@ -630,8 +633,8 @@ def test_logs_of_a_real_run(tmp_path, loop_kind, monkeypatch):
     sent = sum(len(SECRET) + 1 for _ in range(5))
     hello_bytes = HEADER_LEN + 13
     assert sum(e["tx_frames"] for e in client_closes) == 5 + lanes
-    assert sum(e["tx_bytes"] for e in client_closes) == sent + HEADER_LEN * 5 + hello_bytes * lanes
-    assert sum(e["rx_bytes"] for e in client_closes) >= sent + HEADER_LEN * 5
+    assert sum(e["tx_bytes"] for e in client_closes) == sent + DATA_OVERHEAD * 5 + hello_bytes * lanes
+    assert sum(e["rx_bytes"] for e in client_closes) >= sent + DATA_OVERHEAD * 5
     fails = named("tls_handshake_fail", "server")
     assert fails and fails[0]["reason"] == "unknown_ca", fails
     assert fails[0]["err"]

@@ -8,8 +8,9 @@ Same API, same docstrings, same results and same errors as the pure-Python twin
 
 One extension module, one source file per concern (as uvloop and msgpack do):
 
-* ``_fp_framing.pxi`` -- ``encode_frame``, ``encode_data``, ``Deframer``
+* ``_fp_framing.pxi`` -- ``encode_frame``, ``encode_data``, ``encode_data_seq``, ``Deframer``
 * ``_fp_ring.pxi``    -- ``RingQueue``
+* ``_fp_reseq.pxi``   -- ``Resequencer``
 * ``_fp_picker.pxi``  -- ``LanePicker``, ``flow_key``
 * ``_fp_mmsg.pxi``    -- ``recv_batch``, ``send_batch``, ``HAVE_MMSG``, ``HAVE_GSO``
 
@@ -42,8 +43,12 @@ __all__ = [
     "HAVE_GSO",
     "encode_frame",
     "encode_data",
+    "encode_data_seq",
+    "FLAG_SEQ",
+    "SEQ_LEN",
     "Deframer",
     "RingQueue",
+    "Resequencer",
     "LanePicker",
     "flow_key",
     "recv_batch",
@@ -56,8 +61,15 @@ TYPE_DATA = UT_TYPE_DATA
 TYPE_CTRL = UT_TYPE_CTRL
 HEADER_LEN = UT_HEADER_LEN
 MAX_PAYLOAD = UT_MAX_PAYLOAD
+FLAG_SEQ = 0x01
+SEQ_LEN = 4
+
+cdef enum:
+    _SEQ_LEN = 4
+    _FLAG_SEQ = 0x01
 
 include "_fp_framing.pxi"
 include "_fp_ring.pxi"
+include "_fp_reseq.pxi"
 include "_fp_picker.pxi"
 include "_fp_mmsg.pxi"

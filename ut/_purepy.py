@@ -21,6 +21,10 @@ PDU v1 (docs/protocol.md, SPEC "Wire format")::
   ``HEADER_LEN + max_payload + 64 KiB``: between calls at most one unfinished frame is held.
   A header is judged as soon as its 9 bytes are in; a bad one poisons the deframer (the
   lane must be closed, SPEC: "that lane is closed and the error counted").
+* ``encode_data_seq`` numbers the datagrams of a batch (``FLAG_SEQ``) and ``Resequencer``
+  puts a session's numbered datagrams back in order at the receiving end, waiting for a
+  gap at most an adaptive, capped time (issue 14: TCP inside WireGuard reads reordering
+  across lanes as loss).
 * ``RingQueue`` is the session's drop-oldest backpressure queue (SPEC "Backpressure").
 * ``LanePicker`` chooses the lane for each datagram: round-robin or flow hash.
 * ``recv_batch``/``send_batch`` move many UDP datagrams per call (the compiled module uses
@@ -48,8 +52,12 @@ __all__ = [
     "HAVE_GSO",
     "encode_frame",
     "encode_data",
+    "encode_data_seq",
+    "FLAG_SEQ",
+    "SEQ_LEN",
     "Deframer",
     "RingQueue",
+    "Resequencer",
     "LanePicker",
     "flow_key",
     "recv_batch",
@@ -62,6 +70,11 @@ TYPE_DATA = 0x01
 TYPE_CTRL = 0x10
 HEADER_LEN = 9
 MAX_PAYLOAD = 65535
+#: DATA frame flag: the payload starts with a 4-byte sequence number (docs/protocol.md,
+#: "Sequence numbers"). On a HELLO frame: "send me numbered DATA frames".
+FLAG_SEQ = 0x01
+#: Bytes of the sequence number in front of a numbered datagram.
+SEQ_LEN = 4
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
 HAVE_MMSG = False
 _SOL_UDP = 17  # IPPROTO_UDP
@@ -146,6 +159,41 @@ def encode_data(datagrams: list) -> bytes:
         append(_HEADER_PACK(MAGIC, VERSION, TYPE_DATA, 0, n))
         append(d)
     return b"".join(parts)
+
+
+_SEQ_PACK = struct.Struct(">2sBBBII").pack  # a numbered DATA header: header + seq u32
+_SEQ_UNPACK_FROM = struct.Struct(">I").unpack_from
+_SEQ_MASK = 0xFFFFFFFF
+
+
+def encode_data_seq(datagrams: list, seq: int) -> tuple[bytes, int]:
+    """Like ``encode_data``, but numbers the datagrams ``seq, seq + 1, ...`` (mod 2**32).
+
+    Each numbered frame has ``FLAG_SEQ`` set and its payload is the sequence number
+    (u32, big-endian) followed by the datagram. A datagram too long to carry its number
+    (more than ``MAX_PAYLOAD - SEQ_LEN`` bytes) goes out as a plain DATA frame and takes
+    no number. Returns ``(frames, next_seq)``. ``seq`` must be 0..2**32-1.
+
+    >>> encode_data_seq([b"hi"], 7)[0].hex()
+    '555401010100000006000000076869'
+    >>> encode_data_seq([b"a", b"b"], 0xFFFFFFFF)[1]
+    1
+    """
+    if not 0 <= seq <= _SEQ_MASK:
+        raise ValueError(f"seq {seq!r} out of range 0..{_SEQ_MASK}")
+    parts = []
+    append = parts.append
+    for d in datagrams:
+        n = len(d) if type(d) is bytes else memoryview(d).nbytes
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"payload of {n} bytes > MAX_PAYLOAD ({MAX_PAYLOAD})")
+        if n > MAX_PAYLOAD - SEQ_LEN:
+            append(_HEADER_PACK(MAGIC, VERSION, TYPE_DATA, 0, n))
+        else:
+            append(_SEQ_PACK(MAGIC, VERSION, TYPE_DATA, FLAG_SEQ, n + SEQ_LEN, seq))
+            seq = (seq + 1) & _SEQ_MASK
+        append(d)
+    return b"".join(parts), seq
 
 
 def _header_error(head: Any, max_payload: int) -> FrameError | None:
@@ -473,6 +521,249 @@ class RingQueue:
     def head_stamp(self) -> float:
         """Stamp of the oldest queued datagram; 0.0 when empty."""
         return self._stamps[0] if self._stamps else 0.0
+
+
+class Resequencer:
+    """Puts one session's numbered datagrams back in sequence order (issue 14).
+
+    Datagrams striped over several TCP lanes arrive out of order whenever one lane lags
+    (a loss repaired a round trip later); TCP inside WireGuard reads that as loss. The
+    sending end numbers them (``encode_data_seq``); this receiving end releases them in
+    order. For a gap it waits at most ``wait`` seconds, counted from when the first
+    datagram behind the gap arrived; then it gives up on the gap (``skipped`` counts the
+    numbers given up) and releases what follows. A datagram that turns up after its gap
+    was given up is released at once (``late``): nothing is dropped here.
+
+    ``wait`` adapts: about 1.5 x the longest recent time a gap took to fill (a late
+    datagram counts with its whole delay), at least ``rtt_hint`` (the lanes' round-trip
+    spread, set by the owner) and ``min_wait``, never above ``max_wait``.
+
+    Bounds: at most ``max_packets`` datagrams and ``max_bytes`` bytes are held; past
+    either the oldest gap is given up at once. A number more than ``2 * max_packets``
+    away from the next expected one, ahead or behind (a peer that restarted its count),
+    releases everything held and follows the new count (``resyncs``). Counts start at 0.
+
+    Sans-I/O: the caller passes the time (``now``, seconds on one monotonic clock) and
+    calls ``expire(now)`` at ``deadline``.
+
+    >>> r = Resequencer()
+    >>> frames, _ = encode_data_seq([b"a", b"b", b"c"], 0)
+    >>> d = Deframer().feed(frames)
+    >>> r.feed([d[1], d[2]], 0.0)
+    ([], 2, 10)
+    >>> r.take()
+    ([], 0, 0.0)
+    >>> r.feed([d[0]], 0.001)
+    ([], 1, 5)
+    >>> r.take()
+    ([b'a', b'b', b'c'], 3, 0.0)
+    >>> r.skipped, r.late, r.held
+    (0, 0, 0)
+    """
+
+    def __init__(
+        self,
+        max_packets: int = 4096,
+        max_bytes: int = 8 * 1024 * 1024,
+        max_wait: float = 0.2,
+        min_wait: float = 0.001,
+    ) -> None:
+        if max_packets < 1 or max_bytes < 1:
+            raise ValueError("max_packets and max_bytes must be at least 1")
+        if not 0.0 <= min_wait <= max_wait:
+            raise ValueError("need 0 <= min_wait <= max_wait")
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+        self.max_wait = max_wait
+        self.min_wait = min_wait
+        self._window = 2 * max_packets  # numbers further ahead than this are a restart
+        self._held: dict[int, tuple[bytes, float]] = {}  # seq -> (datagram, arrival)
+        self._held_bytes = 0
+        self._next = 0  # next number to release (a sender starts its count at 0)
+        self._low = 0  # lowest held number (valid while _held)
+        self._out: list = []
+        self._out_bytes = 0
+        self._out_stamp = 0.0
+        self._estimate = 0.0  # decaying maximum of recent gap-fill times
+        self._rtt_hint = 0.0
+        self._last_skip = 0.0  # when a gap was last given up, and the wait then
+        self._last_skip_wait = 0.0
+        #: Numbers given up (their datagrams never came in time; they may come late).
+        self.skipped = 0
+        #: Datagrams released after their number had been given up.
+        self.late = 0
+        #: Times the count jumped too far ahead and started again.
+        self.resyncs = 0
+
+    # -- public state ------------------------------------------------------------
+    @property
+    def held(self) -> int:
+        """Datagrams waiting for a gap before them to fill."""
+        return len(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the datagrams held."""
+        return self._held_bytes
+
+    @property
+    def wait(self) -> float:
+        """How long a gap is waited for now (seconds)."""
+        w = self._estimate * 1.5
+        if w < self._rtt_hint:
+            w = self._rtt_hint
+        if w < self.min_wait:
+            w = self.min_wait
+        return w if w < self.max_wait else self.max_wait
+
+    @property
+    def deadline(self) -> float:
+        """When ``expire`` has work (``inf`` while nothing is held)."""
+        if not self._held:
+            return float("inf")
+        return self._held[self._low][1] + self.wait
+
+    @property
+    def next_seq(self) -> int:
+        """The number released next."""
+        return self._next
+
+    def set_rtt_hint(self, seconds: float) -> None:
+        """The lanes' round-trip spread as the owner measures it: a floor for ``wait``."""
+        self._rtt_hint = seconds if seconds > 0.0 else 0.0
+
+    # -- in ------------------------------------------------------------------------
+    def feed(self, frames: list, now: float) -> tuple[list, int, int]:
+        """Take a ``Deframer``'s frames, as read from one lane at time ``now``.
+
+        DATA frames are consumed: numbered ones (``FLAG_SEQ``) go through the reordering,
+        plain ones are released at once. Returns ``(others, data_frames, data_bytes)``:
+        the non-DATA frames in their order, and how many DATA frames and payload bytes
+        (sequence numbers included) were consumed. Raises ``FrameError("bad_seq")`` for a
+        numbered frame too short to hold its number; the frames before it are consumed.
+        """
+        others = []
+        n = nbytes = 0
+        for frame in frames:
+            ftype, flags, payload = frame
+            if ftype != TYPE_DATA:
+                others.append(frame)
+                continue
+            size = len(payload)
+            if flags & FLAG_SEQ:
+                if size < SEQ_LEN:
+                    raise FrameError("bad_seq", f"numbered DATA frame of {size} bytes")
+                n += 1
+                nbytes += size
+                self._push(_SEQ_UNPACK_FROM(payload)[0], payload[SEQ_LEN:], now)
+            else:
+                n += 1
+                nbytes += size
+                self._release(payload, now)
+        return others, n, nbytes
+
+    def _release(self, datagram: bytes, stamp: float) -> None:
+        if not self._out:
+            self._out_stamp = stamp
+        elif stamp < self._out_stamp:
+            self._out_stamp = stamp
+        self._out.append(datagram)
+        self._out_bytes += len(datagram)
+
+    def _sample(self, seconds: float) -> None:
+        # Peak-hold with a slow decay: one long reorder raises the wait at once, and it
+        # comes down over a few dozen quieter gaps.
+        if seconds > self._estimate:
+            self._estimate = seconds
+        else:
+            self._estimate += (seconds - self._estimate) * 0.0625
+
+    def _push(self, seq: int, datagram: bytes, now: float) -> None:
+        off = (seq - self._next) & _SEQ_MASK
+        if off == 0:
+            if self._held:
+                self._sample(now - self._held[self._low][1])
+            self._release(datagram, now)
+            self._next = (seq + 1) & _SEQ_MASK
+            if self._held:
+                self._drain()
+            return
+        if off >= self._window:
+            if off > _SEQ_MASK - self._window:  # just behind: its gap was given up
+                self.late += 1
+                self._sample(now - self._last_skip + self._last_skip_wait)
+                self._release(datagram, now)
+                return
+            # Far ahead or far behind: the peer's count started again (a new session
+            # on the other end). Release what is held and follow the new count.
+            self._give_up_all(now)
+            if ((seq - self._next) & _SEQ_MASK) >= self._window:
+                self.resyncs += 1
+                self._next = seq
+            self._push(seq, datagram, now)
+            return
+        if seq in self._held:  # the same number twice: a broken peer; keep both
+            self._release(datagram, now)
+            return
+        if not self._held or ((seq - self._next) & _SEQ_MASK) < ((self._low - self._next) & _SEQ_MASK):
+            self._low = seq
+        self._held[seq] = (datagram, now)
+        self._held_bytes += len(datagram)
+        while self._held and (
+            len(self._held) > self.max_packets or self._held_bytes > self.max_bytes
+        ):
+            self._skip_gap(now)
+
+    def _drain(self) -> None:
+        # Release held datagrams from _next on, then find the new lowest held number.
+        held = self._held
+        nxt = self._next
+        while nxt in held:
+            datagram, stamp = held.pop(nxt)
+            self._held_bytes -= len(datagram)
+            self._release(datagram, stamp)
+            nxt = (nxt + 1) & _SEQ_MASK
+        self._next = nxt
+        if held:
+            self._low = min(held, key=lambda k: (k - nxt) & _SEQ_MASK)
+
+    def _skip_gap(self, now: float) -> None:
+        # Give up on the numbers before the lowest held one.
+        self.skipped += (self._low - self._next) & _SEQ_MASK
+        self._last_skip = now
+        self._last_skip_wait = self.wait
+        self._next = self._low
+        self._drain()
+
+    def _give_up_all(self, now: float) -> None:
+        while self._held:
+            self._skip_gap(now)
+
+    # -- out -----------------------------------------------------------------------
+    def expire(self, now: float) -> int:
+        """Give up on every gap whose wait is over at ``now``; returns the numbers given
+        up. What that releases is returned by the next ``take``."""
+        before = self.skipped
+        while self._held and now >= self._held[self._low][1] + self.wait:
+            self._skip_gap(now)
+        return self.skipped - before
+
+    def flush(self, now: float) -> int:
+        """Give up on every gap (the lanes are gone): release everything held."""
+        before = self.skipped
+        self._give_up_all(now)
+        return self.skipped - before
+
+    def take(self) -> tuple[list, int, float]:
+        """Return and forget the datagrams released so far, in order:
+        ``(datagrams, their bytes, arrival time of the earliest of them)``."""
+        out, nbytes, stamp = self._out, self._out_bytes, self._out_stamp
+        if not out:
+            return out, 0, 0.0
+        self._out = []
+        self._out_bytes = 0
+        self._out_stamp = 0.0
+        return out, nbytes, stamp
 
 
 class LanePicker:

@@ -22,9 +22,16 @@ from ._version import __version__
 from .addr import format_addr, parse_addr
 from .config import Config
 from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN, Hello
-from .lane import Lane, set_lane_liveness, set_tcp_options
+from .lane import (
+    LANE_NOTSENT_LOWAT,
+    Lane,
+    set_lane_liveness,
+    set_notsent_lowat,
+    set_sock_buf,
+    set_tcp_options,
+)
 from .logs import event
-from .session import Session
+from .session import Session, session_options
 from .stats import TunnelStats
 from .tls import client_context, failure_reason, own_cn
 from .udp import UdpPort, open_udp_socket
@@ -114,12 +121,15 @@ class ClientSession(Session):
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setblocking(False)
-                # Buffer sizes must be set before connecting to shape the window.
-                set_tcp_options(sock, tcp.tcp_nodelay, tcp.tcp_buf)
+                set_tcp_options(sock, tcp.tcp_nodelay)
                 set_lane_liveness(sock)  # notice a dead path (TCP_USER_TIMEOUT, keepalive)
                 await asyncio.wait_for(loop.sock_connect(sock, addr), tcp.connect_timeout_seconds)
+                # After the handshake, so the SYN offers the usual window scale.
+                set_sock_buf(sock, tcp.sock_buf)
+                if tcp.skip_slow_lanes:
+                    set_notsent_lowat(sock, LANE_NOTSENT_LOWAT)
                 stage = "tls"
-                lane = Lane(self, lane_id, peer=addr)
+                lane = Lane(self, lane_id, peer=addr, read_chunk=tcp.tcp_buf)
                 await loop.create_connection(
                     lambda: lane, sock=sock, ssl=client.ssl_context,
                     server_hostname=client.server_name,
@@ -132,7 +142,8 @@ class ClientSession(Session):
             stage = "hello"
             ack = loop.create_future()
             self._acks[lane] = ack
-            lane.send_control(Hello(self.session_id, lane_id, self.n_lanes))
+            lane.send_control(Hello(self.session_id, lane_id, self.n_lanes),
+                              fastpath.FLAG_SEQ if self.resequence else 0)
             done, _ = await asyncio.wait(
                 {ack, lane.lost}, timeout=tcp.hello_timeout_seconds,
                 return_when=asyncio.FIRST_COMPLETED,
@@ -191,7 +202,7 @@ class ClientSession(Session):
                      reason=reason, err=str(exc) or type(exc).__name__)
 
     # -- control --------------------------------------------------------------
-    def on_control(self, lane: Lane, msg: Any) -> None:
+    def on_control(self, lane: Lane, msg: Any, flags: int = 0) -> None:
         ack = self._acks.get(lane)
         if isinstance(msg, Hello) and ack is not None and not ack.done():
             if msg.session_id != self.session_id or msg.lane_id != lane.lane_id:
@@ -205,6 +216,8 @@ class ClientSession(Session):
                 ack.set_result(False)
                 return
             ack.set_result(True)
+            # The server asked for numbered DATA (it resequences what we send).
+            self.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
             if lane.lane_id in self._lost_slots:
                 self._lost_slots.discard(lane.lane_id)
                 self.counters.lane_reconnects += 1
@@ -214,7 +227,7 @@ class ClientSession(Session):
             self.active_lanes += 1
             self.lane_up(lane)
             return
-        super().on_control(lane, msg)
+        super().on_control(lane, msg, flags)
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         self.active_lanes -= 1
@@ -242,6 +255,7 @@ class ClientSession(Session):
         self.close_lanes(GOODBYE_SHUTDOWN, "shutdown")
         if lanes:
             await asyncio.wait([lane.lost for lane in lanes], timeout=2.0)
+        self.flush_reorder()
         left = self.queue.clear()
         if left:
             self.counters.drop("no_lane", left)
@@ -284,7 +298,7 @@ class Client:
         self.session = ClientSession(
             self, client_cn=client_cn, session_id=secrets.randbits(64),
             n_lanes=cfg.tcp.lanes, max_packets=cfg.queue.max_packets,
-            max_bytes=cfg.queue.max_bytes, lane_pick=cfg.tcp.lane_pick,
+            max_bytes=cfg.queue.max_bytes, **session_options(cfg),
         )
         self._stats.sessions[self.session.session_id] = self.session
         sock = open_udp_socket(bind=parse_addr(cfg.udp.listen_addr))

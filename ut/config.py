@@ -65,8 +65,11 @@ LANE_PICKS = ("rr", "hash")
 DROP_POLICIES = ("oldest",)
 
 MAX_LANES = 64
-TCP_BUF_MIN = 4096
-TCP_BUF_MAX = 64 * 1024 * 1024
+TCP_BUF_MIN = 4096  # lane I/O chunk: one TLS record is at most 16 KiB, a burst more
+TCP_BUF_MAX = 1024 * 1024
+SOCK_BUF_MIN = 4096
+SOCK_BUF_MAX = 64 * 1024 * 1024
+RESEQUENCE_MAX_WAIT_MS_MAX = 5000.0
 QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any link buffers
 QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
 QUEUE_MAX_BYTES = 1 << 30
@@ -93,8 +96,12 @@ class TcpConfig:
     lanes: int = 5
     tcp_nodelay: bool = True
     tcp_buf: int = 16384
+    sock_buf: int = 0
     idle_seconds: float = 120.0
     lane_pick: str = "rr"
+    skip_slow_lanes: bool = True
+    resequence: bool = True
+    resequence_max_wait_ms: float = 200.0
     dial_backoff_min_seconds: float = 5.0
     dial_backoff_max_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
@@ -324,9 +331,21 @@ def _choice_hint(value: str, choices: tuple[str, ...]) -> str:
 
 
 def _tcp_buf(value: int) -> str | None:
-    if value == 0 or TCP_BUF_MIN <= value <= TCP_BUF_MAX:
+    if TCP_BUF_MIN <= value <= TCP_BUF_MAX:
         return None
-    return f"must be 0 (kernel default) or between {TCP_BUF_MIN} and {TCP_BUF_MAX}, got {value}"
+    hint = (
+        "; it is no longer the socket buffer size: for kernel autotuning leave tcp.sock_buf "
+        "at 0" if value == 0 else ""
+    )
+    return (f"must be between {TCP_BUF_MIN} and {TCP_BUF_MAX} (the lane's I/O chunk in "
+            f"bytes), got {value}{hint}")
+
+
+def _sock_buf(value: int) -> str | None:
+    if value == 0 or SOCK_BUF_MIN <= value <= SOCK_BUF_MAX:
+        return None
+    return (f"must be 0 (kernel autotuning) or between {SOCK_BUF_MIN} and {SOCK_BUF_MAX}, "
+            f"got {value}")
 
 
 def _metrics_path(value: str) -> str | None:
@@ -353,8 +372,13 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "lanes": KeySpec("int", 5, ROLES, check=_range(1, MAX_LANES)),
         "tcp_nodelay": KeySpec("bool", True),
         "tcp_buf": KeySpec("int", 16384, check=_tcp_buf),
+        "sock_buf": KeySpec("int", 0, check=_sock_buf),
         "idle_seconds": KeySpec("float", 120.0, check=_range(above=0)),
         "lane_pick": KeySpec("enum", "rr", choices=LANE_PICKS),
+        "skip_slow_lanes": KeySpec("bool", True),
+        "resequence": KeySpec("bool", True),
+        "resequence_max_wait_ms": KeySpec(
+            "float", 200.0, check=_range(1, RESEQUENCE_MAX_WAIT_MS_MAX)),
         "dial_backoff_min_seconds": KeySpec("float", 5.0, _C, check=_range(above=0)),
         "dial_backoff_max_seconds": KeySpec("float", 60.0, _C, check=_range(above=0)),
         "connect_timeout_seconds": KeySpec("float", 10.0, check=_range(above=0)),

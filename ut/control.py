@@ -174,9 +174,13 @@ def encode_control(msg: ControlMessage) -> bytes:
     raise TypeError(f"not a control message: {type(msg).__name__}")
 
 
-def control_frame(msg: ControlMessage) -> bytes:
-    """Return ``msg`` as a whole CTRL frame, ready to write to a lane."""
-    return fastpath.encode_frame(fastpath.TYPE_CTRL, encode_control(msg))
+def control_frame(msg: ControlMessage, flags: int = 0) -> bytes:
+    """Return ``msg`` as a whole CTRL frame, ready to write to a lane.
+
+    ``flags``: the frame's Flags byte; on HELLO, ``fastpath.FLAG_SEQ`` asks the peer for
+    numbered DATA frames (docs/protocol.md, "Sequence numbers").
+    """
+    return fastpath.encode_frame(fastpath.TYPE_CTRL, encode_control(msg), flags)
 
 
 def decode_control(payload: bytes | bytearray | memoryview) -> ControlMessage:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Protocol
+import struct
+import sys
+from typing import Any, NamedTuple, Protocol
 
 from . import fastpath
 from .control import Goodbye, control_frame
@@ -41,6 +43,56 @@ LANE_KEEPALIVE_INTERVAL_SECONDS = 10
 LANE_KEEPALIVE_COUNT = 3
 
 
+# Kernel backlog bound for ``tcp.skip_slow_lanes``: a lane socket reports itself
+# writable only while less than this is written but not yet sent. A lane whose TCP
+# slowed down (loss recovery, a smaller window) then fills its user-space buffer to
+# WRITE_HIGH_WATER within a burst or two, pauses, and the picker gives its datagrams to
+# the other lanes instead of queueing them behind the slow one (where, with
+# resequencing, they would hold back every lane's datagrams).
+LANE_NOTSENT_LOWAT = 32 * 1024
+
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
+# struct tcp_info (linux/tcp.h): ca_state at byte 1; rtt, rttvar (microseconds) at 68, 72;
+# notsent_bytes at 144 (Linux 4.6+). Older kernels return a shorter struct.
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_TCP_INFO_LEN = 148
+_TCP_CA_LOSS = 4  # retransmission timeout: the lane sends nothing new until it recovers
+
+
+class TcpState(NamedTuple):
+    """What the kernel says about a lane's TCP connection (Linux ``TCP_INFO``)."""
+
+    in_loss: bool  # in RTO recovery: stalled for at least a retransmission timeout
+    rtt_seconds: float  # smoothed round-trip time
+    rttvar_seconds: float  # its mean deviation
+    notsent_bytes: int  # written by us, not yet sent by TCP
+
+
+def set_notsent_lowat(sock: Any, nbytes: int) -> None:
+    """``TCP_NOTSENT_LOWAT`` on a lane socket, where the platform has it (Linux, macOS)."""
+    if sock is None or _TCP_NOTSENT_LOWAT is None or not nbytes:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, nbytes)
+    except OSError:
+        pass
+
+
+def tcp_state(sock: Any) -> TcpState | None:
+    """The kernel's view of a lane's TCP connection, or None where it cannot be read."""
+    if sock is None or _TCP_INFO is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(raw) < 76:
+        return None
+    rtt, rttvar = struct.unpack_from("=II", raw, 68)
+    notsent = struct.unpack_from("=I", raw, 144)[0] if len(raw) >= 148 else 0
+    return TcpState(raw[1] == _TCP_CA_LOSS, rtt * 1e-6, rttvar * 1e-6, notsent)
+
+
 class LaneOwner(Protocol):
     def lane_frames(self, lane: Lane, frames: list) -> None: ...
     def lane_writable(self, lane: Lane, writable: bool) -> None: ...
@@ -48,17 +100,32 @@ class LaneOwner(Protocol):
     def lane_broken(self, lane: Lane, err: Exception) -> None: ...
 
 
-def set_tcp_options(sock: socket.socket | None, nodelay: bool, buf_bytes: int) -> None:
-    """Apply ``tcp.tcp_nodelay`` and ``tcp.tcp_buf`` (0 keeps kernel autotuning)."""
+def set_tcp_options(sock: socket.socket | None, nodelay: bool) -> None:
+    """Apply ``tcp.tcp_nodelay`` (before connecting, or on the listening socket)."""
     if sock is None:
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
-        if buf_bytes:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buf_bytes)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buf_bytes)
     except OSError:
         pass  # not a TCP socket (tests may use socketpairs); nothing to tune
+
+
+def set_sock_buf(sock: socket.socket | None, buf_bytes: int) -> None:
+    """Apply ``tcp.sock_buf`` (0 keeps kernel autotuning) to a *connected* lane socket.
+
+    Called after the TCP handshake on purpose: Linux picks the window scale it offers in
+    the SYN from the receive buffer it may grow to, so a small ``SO_RCVBUF`` set before
+    connecting gives a SYN with window scale 0 (a window capped at 64 KiB for the life of
+    the lane, and a TCP fingerprint no ordinary client has). Set afterwards, the buffers
+    still bound what the lane holds, and the handshake looks like everybody else's.
+    """
+    if sock is None or not buf_bytes:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buf_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buf_bytes)
+    except OSError:
+        pass
 
 
 def set_lane_liveness(sock: socket.socket | None) -> None:
@@ -88,8 +155,12 @@ def set_lane_liveness(sock: socket.socket | None) -> None:
 class Lane(asyncio.BufferedProtocol):
     """A TCP+TLS connection carrying framed datagrams for one session."""
 
-    def __init__(self, owner: LaneOwner, lane_id: int = -1, peer: Any = None) -> None:
+    def __init__(
+        self, owner: LaneOwner, lane_id: int = -1, peer: Any = None, read_chunk: int = 16384
+    ) -> None:
         self.owner = owner
+        self.read_chunk = read_chunk  # tcp.tcp_buf: the largest read handed to the deframer
+        self.sock: Any = None  # the TCP socket under TLS (options, TCP_INFO)
         self.lane_id = lane_id
         self.peer = peer
         self.client_cn = ""  # server side: the verified certificate CN
@@ -112,9 +183,11 @@ class Lane(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         if self.peer is None:
             self.peer = transport.get_extra_info("peername")
+        self.sock = transport.get_extra_info("socket")
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.deframer.get_buffer(sizehint)
+        chunk = self.read_chunk
+        return self.deframer.get_buffer(chunk)[:chunk]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.rx_bytes += nbytes
@@ -177,9 +250,9 @@ class Lane(asyncio.BufferedProtocol):
         transport.write(data)
         return True
 
-    def send_control(self, msg: Any) -> None:
+    def send_control(self, msg: Any, flags: int = 0) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            frame = control_frame(msg)
+            frame = control_frame(msg, flags)
             # Lane totals count every frame both ways (DATA and CTRL), like rx_*.
             self.tx_frames += 1
             self.tx_bytes += len(frame)

@@ -37,9 +37,16 @@ from .control import (
     decode_control,
 )
 from .errors import ControlError
-from .lane import Lane, set_lane_liveness, set_tcp_options
+from .lane import (
+    LANE_NOTSENT_LOWAT,
+    Lane,
+    set_lane_liveness,
+    set_notsent_lowat,
+    set_sock_buf,
+    set_tcp_options,
+)
 from .logs import Debounced, event
-from .session import Session
+from .session import Session, session_options
 from .stats import TunnelStats
 from .tls import failure_reason, peer_cn, server_context
 from .udp import UdpPort, open_udp_socket
@@ -109,6 +116,7 @@ class ServerSession(Session):
         if self._linger is not None:
             self._linger.cancel()
         self.close_lanes(GOODBYE_SHUTDOWN, reason)
+        self.flush_reorder()
         self.udp.close()
         left = self.queue.clear()
         if left:
@@ -165,9 +173,7 @@ class Server:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Accepted sockets inherit the buffer sizes, which must be set before
-            # the handshake to shape the TCP window.
-            set_tcp_options(sock, cfg.tcp.tcp_nodelay, cfg.tcp.tcp_buf)
+            set_tcp_options(sock, cfg.tcp.tcp_nodelay)
             sock.bind(addr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
@@ -198,7 +204,8 @@ class Server:
     # -- accepting ------------------------------------------------------------
     async def _accept_loop(self) -> None:
         sock = self._listen_sock
-        nodelay = self.config.tcp.tcp_nodelay
+        tcp = self.config.tcp
+        nodelay = tcp.tcp_nodelay
         while True:
             try:
                 conn, peer = await self.loop.sock_accept(sock)  # type: ignore[arg-type]
@@ -208,13 +215,18 @@ class Server:
                 event("accept_fail", logging.ERROR, role="server", err=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            set_tcp_options(conn, nodelay, 0)  # buffer sizes come from the listener
+            set_tcp_options(conn, nodelay)
+            # Buffer sizes after the handshake, so the SYN-ACK offers the usual window
+            # scale (a listener's small SO_RCVBUF would be inherited before it).
+            set_sock_buf(conn, tcp.sock_buf)
+            if tcp.skip_slow_lanes:
+                set_notsent_lowat(conn, LANE_NOTSENT_LOWAT)
             set_lane_liveness(conn)
             while len(self._pending) >= self.max_pending:
                 self._evict_oldest_pending()
             # The client sends HELLO right after its handshake, and the lane may
             # get it before the handshake's await returns: it is pending from the start.
-            lane = Lane(self, -1, peer=peer)
+            lane = Lane(self, -1, peer=peer, read_chunk=tcp.tcp_buf)
             self._pending[lane] = None
             task = self.loop.create_task(self._handshake(lane, conn, peer))
             self._pending_tasks[lane] = task
@@ -305,7 +317,7 @@ class Server:
             except ValueError as exc:  # a certificate with no CN cannot be keyed
                 self._reject(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
                 return
-        ftype, _flags, payload = frames[0]
+        ftype, flags, payload = frames[0]
         if ftype != fastpath.TYPE_CTRL:
             self._reject(lane, ERR_PROTOCOL_ERROR, "data_before_hello", "first frame must be HELLO")
             return
@@ -337,7 +349,11 @@ class Server:
                       client_cn=lane.client_cn, err=str(exc))
                 return
         lane.lane_id = hello.lane_id
-        lane.send_control(Hello(hello.session_id, hello.lane_id, n))
+        # FLAG_SEQ on the client's HELLO: it resequences, so number what we send it;
+        # on ours: number what you send us (docs/protocol.md, "Sequence numbers").
+        session.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
+        lane.send_control(Hello(hello.session_id, hello.lane_id, n),
+                          fastpath.FLAG_SEQ if session.resequence else 0)
         session.admit(lane)
         if len(frames) > 1:
             session.lane_frames(lane, frames[1:])
@@ -347,7 +363,7 @@ class Server:
         session = ServerSession(
             self, client_cn=client_cn, session_id=session_id, n_lanes=cfg.tcp.lanes,
             max_packets=cfg.queue.max_packets, max_bytes=cfg.queue.max_bytes,
-            lane_pick=cfg.tcp.lane_pick,
+            **session_options(cfg),
         )
         self.sessions[session.key] = session
         self._stats.sessions[session.key] = session

@@ -15,6 +15,16 @@ dialling and accepting):
   the queue.
 * Frames read from a lane come back through ``lane_frames``; DATA payloads go
   out of the UDP port in one batch per read.
+* Resequencing (issue 14, docs/protocol.md "Sequence numbers"): with ``lane_pick: rr``
+  and a peer that asked for them (FLAG_SEQ on its HELLO), the datagrams a session
+  sends are numbered; what a session receives passes through its ``Resequencer``,
+  which releases numbered datagrams in order, waiting for a gap at most an adaptive,
+  capped time (a timer calls ``_reorder_expire`` at its deadline).
+* Slow lanes (``tcp.skip_slow_lanes``): a lane socket is writable only while its
+  unsent backlog is small (``TCP_NOTSENT_LOWAT``), so a lane whose TCP slowed down
+  pauses and the picker skips it; a lane in RTO recovery is skipped as well (Linux
+  ``TCP_INFO``, read at most every ``LANE_POLL_SECONDS`` while datagrams flow), which
+  also gives the resequencer the lanes' round-trip times.
 """
 
 from __future__ import annotations
@@ -27,19 +37,33 @@ from typing import Any
 from . import fastpath
 from .addr import format_addr
 from .control import GOODBYE_REPLACED, Goodbye, Hello, decode_control
-from .errors import ControlError
-from .lane import Lane
+from .errors import ControlError, FrameError
+from .lane import Lane, tcp_state
 from .logs import Debounced, event
 from .stats import Counters, TunnelStats
 
 FLUSH_BATCH_PACKETS = 512  # hash strategy: datagrams per picker pass
 FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoot
 LANE_BURST_PACKETS = 64  # round-robin: whole datagrams one lane takes in one write
-LANE_BURST_BYTES = 64 * 1024  # four full TLS records
+# (the bytes of one write are tcp.tcp_buf, the session's io_chunk)
+REORDER_MIN_WAIT_SECONDS = 0.001  # the resequencer's shortest wait for a gap
+LANE_POLL_SECONDS = 0.02  # how often lanes' TCP_INFO is read while datagrams flow
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
 MAX_PAYLOAD = fastpath.MAX_PAYLOAD
 HEADER_LEN = fastpath.HEADER_LEN
+
+
+def session_options(cfg: Any) -> dict[str, Any]:
+    """The ``Session`` keyword arguments that come from a ``Config`` (both roles)."""
+    tcp = cfg.tcp
+    return {
+        "lane_pick": tcp.lane_pick,
+        "io_chunk": tcp.tcp_buf,
+        "resequence": tcp.resequence,
+        "resequence_max_wait": tcp.resequence_max_wait_ms / 1000.0,
+        "skip_slow_lanes": tcp.skip_slow_lanes,
+    }
 
 
 class Session:
@@ -58,6 +82,10 @@ class Session:
         max_packets: int,
         max_bytes: int,
         lane_pick: str = "rr",
+        io_chunk: int = 16384,
+        resequence: bool = False,
+        resequence_max_wait: float = 0.2,
+        skip_slow_lanes: bool = False,
     ) -> None:
         self.loop = loop
         self.stats = stats
@@ -74,6 +102,21 @@ class Session:
         self._oversize_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._socket_drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self.closed = False
+        self.io_chunk = io_chunk  # tcp.tcp_buf: the most bytes in one lane write
+        # Receiving: ask the peer for numbered DATA (FLAG_SEQ on our HELLO) and put it
+        # back in order. The resequencer also serves a peer that numbers unasked.
+        self.resequence = resequence
+        self.reseq = fastpath.Resequencer(
+            max_packets, max_bytes, resequence_max_wait, REORDER_MIN_WAIT_SECONDS)
+        self._reorder_timer: asyncio.TimerHandle | None = None
+        self._reorder_timer_at = float("inf")
+        self._reorder_seen = (0, 0)  # (skipped, late) already added to the counters
+        # Sending: number our DATA frames once the peer asked for it (its HELLO).
+        self.tx_numbered = False
+        self.tx_seq = 0
+        self.skip_slow_lanes = skip_slow_lanes
+        self._lanes_polled_at = 0.0
+        self._lanes_skipped: set[int] = set()  # lane ids left out while in RTO recovery
 
     # -- log helper ---------------------------------------------------------
     def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -151,24 +194,35 @@ class Session:
     def _flush(self) -> None:
         self._flush_pending = False
         queue, picker, lanes, c = self.queue, self.picker, self.lanes, self.counters
+        if self.skip_slow_lanes or self.resequence:
+            now = time.perf_counter()
+            if now - self._lanes_polled_at >= LANE_POLL_SECONDS:
+                self._poll_lanes(now)
+        chunk = self.io_chunk
+        numbered = self.tx_numbered and not self._hash
         batches = []  # (arrival of the batch's oldest datagram, datagrams in the batch)
         while len(queue) and picker.ready_count:
             batch_stamp = queue.head_stamp
             sent = 0
             if self._hash:
-                per_lane = self._split_by_flow(queue.pop_batch(FLUSH_BATCH_PACKETS, FLUSH_BATCH_BYTES))
+                per_lane = self._split_by_flow(queue.pop_batch(FLUSH_BATCH_PACKETS, chunk))
             else:
                 # Round-robin by burst: the next lane takes up to a burst of whole
-                # datagrams in one write. Per-datagram rotation would cost one TLS
-                # record and one send per datagram per lane, and reorder the inner
-                # flow at every packet; bursts keep order within a burst.
-                per_lane = {picker.pick(0): queue.pop_batch(LANE_BURST_PACKETS, LANE_BURST_BYTES)}
+                # datagrams (at most tcp_buf bytes) in one write. Per-datagram rotation
+                # would cost one TLS record and one send per datagram per lane.
+                per_lane = {picker.pick(0): queue.pop_batch(LANE_BURST_PACKETS, chunk)}
             for lane_id, datagrams in per_lane.items():
-                data = fastpath.encode_data(datagrams)
-                lanes[lane_id].write(data, len(datagrams))  # type: ignore[union-attr]
-                c.lane_tx_frames[lane_id] += len(datagrams)
+                n = len(datagrams)
+                if numbered:
+                    data, self.tx_seq = fastpath.encode_data_seq(datagrams, self.tx_seq)
+                else:
+                    data = fastpath.encode_data(datagrams)
+                if not lanes[lane_id].write(data, n):  # type: ignore[union-attr]
+                    c.drop("lane_closed", n)  # a closing TLS transport would discard them
+                    continue
+                c.lane_tx_frames[lane_id] += n
                 c.lane_tx_bytes[lane_id] += len(data)
-                sent += len(datagrams)
+                sent += n
             batches.append((batch_stamp, sent))
         if batches:
             # A batch shares one measurement: its oldest datagram's, an upper bound
@@ -177,6 +231,38 @@ class Session:
             hist = c.forward_latency[self.stats.dir_in]
             for stamp, n in batches:
                 hist.observe(now - stamp, n)
+
+    def _poll_lanes(self, now: float) -> None:
+        """Read the lanes' TCP state: skip lanes in RTO recovery, feed the resequencer
+        the time a lane takes to repair a loss (slowest srtt + 4 x rttvar)."""
+        self._lanes_polled_at = now
+        repair = 0.0
+        stalled = []
+        for lane in self.lanes:
+            if lane is None or not lane.ready:
+                continue
+            st = tcp_state(lane.sock)
+            if st is None:
+                continue
+            repair = max(repair, st.rtt_seconds + 4 * st.rttvar_seconds)
+            if st.in_loss:
+                stalled.append(lane.lane_id)
+        if repair:
+            self.reseq.set_rtt_hint(repair)
+        if not self.skip_slow_lanes:
+            return
+        skipped = self._lanes_skipped
+        for lane_id in list(skipped):
+            if lane_id not in stalled:
+                skipped.discard(lane_id)
+                lane = self.lanes[lane_id]
+                if lane is not None:
+                    self.picker.set_ready(lane_id, lane.ready and lane.writable)
+        usable = [lane for lane in self.lanes if lane is not None and lane.ready]
+        if len(stalled) < len(usable):  # never leave the session with no lane
+            for lane_id in stalled:
+                skipped.add(lane_id)
+                self.picker.set_ready(lane_id, False)
 
     def _split_by_flow(self, batch: list) -> dict[int, list]:
         """``lane_pick: hash``: each datagram to the lane its flow key names."""
@@ -194,28 +280,65 @@ class Session:
     # -- lanes -> UDP -------------------------------------------------------
     def lane_frames(self, lane: Lane, frames: list) -> None:
         t0 = time.perf_counter()
-        out = []
-        nbytes = 0
-        for ftype, _flags, payload in frames:
-            if ftype == TYPE_DATA:
-                out.append(payload)
-                nbytes += len(payload)
-            else:
-                self._control(lane, payload)
-                if lane.closing:
-                    # A malformed control message broke the lane: the rest of this
-                    # read is not processed (nor counted twice). Found by
-                    # tests/test_fuzz.py (issue 5).
-                    break
-        if out:
+        try:
+            others, n, nbytes = self.reseq.feed(frames, t0)
+        except FrameError as err:  # a numbered frame too short for its number
+            self._deliver()
+            self.lane_broken(lane, err)
+            return
+        if n:
             # Per-lane figures count DATA frames and their PDU bytes (header
             # included), the same way as the sending side counts them.
             c = self.counters
             lane_id = lane.lane_id
-            c.lane_rx_frames[lane_id] += len(out)
-            c.lane_rx_bytes[lane_id] += nbytes + HEADER_LEN * len(out)
-            self.send_udp(out, nbytes)
-            c.forward_latency[self.stats.dir_out].observe(time.perf_counter() - t0, len(out))
+            c.lane_rx_frames[lane_id] += n
+            c.lane_rx_bytes[lane_id] += nbytes + HEADER_LEN * n
+        for _ftype, flags, payload in others:
+            self._control(lane, payload, flags)
+            if lane.closing:
+                # A malformed control message broke the lane: the rest of this
+                # read is not processed (found by tests/test_fuzz.py, issue 5).
+                break
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Send what the resequencer released; arm its timer for what it holds."""
+        reseq = self.reseq
+        datagrams, nbytes, stamp = reseq.take()
+        if datagrams:
+            self.send_udp(datagrams, nbytes)
+            # From the arrival of the oldest datagram sent (the wait for a gap included).
+            self.counters.forward_latency[self.stats.dir_out].observe(
+                time.perf_counter() - stamp, len(datagrams))
+        seen = (reseq.skipped, reseq.late)
+        if seen != self._reorder_seen:
+            c = self.counters
+            c.reorder_skipped += seen[0] - self._reorder_seen[0]
+            c.reorder_late += seen[1] - self._reorder_seen[1]
+            self._reorder_seen = seen
+        if reseq.held:
+            deadline = reseq.deadline
+            if deadline < self._reorder_timer_at:
+                if self._reorder_timer is not None:
+                    self._reorder_timer.cancel()
+                self._reorder_timer_at = deadline
+                self._reorder_timer = self.loop.call_later(
+                    max(0.0, deadline - time.perf_counter()), self._reorder_expire)
+
+    def _reorder_expire(self) -> None:
+        self._reorder_timer = None
+        self._reorder_timer_at = float("inf")
+        self.reseq.expire(time.perf_counter())
+        self._deliver()
+
+    def flush_reorder(self) -> None:
+        """Give up on every gap and send what is held (the session is closing)."""
+        if self._reorder_timer is not None:
+            self._reorder_timer.cancel()
+            self._reorder_timer = None
+            self._reorder_timer_at = float("inf")
+        self.reseq.flush(time.perf_counter())
+        self._deliver()
 
     def udp_target(self) -> tuple[Any, Any] | None:
         """``(UdpPort, address or None)`` to send to, or None when nobody to send to."""
@@ -242,7 +365,7 @@ class Session:
         else:
             c.udp_out_bytes += nbytes
 
-    def _control(self, lane: Lane, payload: bytes) -> None:
+    def _control(self, lane: Lane, payload: bytes, flags: int = 0) -> None:
         try:
             msg = decode_control(payload)
         except ControlError as err:
@@ -253,9 +376,9 @@ class Session:
                 return
             self.lane_broken(lane, err)
             return
-        self.on_control(lane, msg)
+        self.on_control(lane, msg, flags)
 
-    def on_control(self, lane: Lane, msg: Any) -> None:
+    def on_control(self, lane: Lane, msg: Any, flags: int = 0) -> None:
         if isinstance(msg, Goodbye):
             # The peer is leaving: stop writing to this lane now; it will close.
             lane.close_reason = f"peer_goodbye_{msg.reason}"
@@ -276,7 +399,9 @@ class Session:
 
     def lane_writable(self, lane: Lane, writable: bool) -> None:
         if self.lanes[lane.lane_id] is lane:
-            self.picker.set_ready(lane.lane_id, writable and lane.ready)
+            self.picker.set_ready(
+                lane.lane_id,
+                writable and lane.ready and lane.lane_id not in self._lanes_skipped)
             if writable:
                 self.schedule_flush()
 
@@ -296,6 +421,7 @@ class Session:
             return False
         self.lanes[lane.lane_id] = None
         self.picker.set_ready(lane.lane_id, False)
+        self._lanes_skipped.discard(lane.lane_id)
         lane.ready = False
         self.counters.lanes_active -= 1
         self.log(
