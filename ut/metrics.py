@@ -230,7 +230,8 @@ def families(
                              **stats.protocol_errors}.items()):
         errors.add((reason,), n)
     return [info, configured, sessions, lanes, lanes_twin, queue, in_pk, in_by, out_pk, out_by,
-            drops, reconnects, frames, nbytes, latency, handshakes, failures, errors]
+            drops, reconnects, reorder_skipped, reorder_late, frames, nbytes, latency,
+            handshakes, failures, errors]
 
 
 def _escape(value: str) -> str:
