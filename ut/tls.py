@@ -5,8 +5,19 @@ private CA (spec: "server requires and verifies client certs"); the client
 verifies the server's chain against the same CA *and* the server's name. Only
 the configured CA is trusted — never the system store — so a certificate from a
 public CA cannot open a lane. TLS 1.3 is preferred, 1.2 allowed (the spec's
-"Go default"); both contexts verify chains in OpenSSL's strict X.509 mode,
-which certificates made by ``ut.pki`` satisfy.
+"Go default").
+
+Chains are verified in OpenSSL's default mode, not its strict X.509 mode
+(``VERIFY_X509_STRICT``): strict mode refuses a CA without a keyUsage extension
+and a leaf without an Authority Key Identifier, which is what the most common
+way of making a CA gives (``openssl req -x509 -new`` with Debian's default
+``openssl.cnf``, or OpenSSL 1.1 / LibreSSL ``x509 -req``). WireGuard-carrying
+tools users compare us with (v2ray, sing-box: Go's crypto/x509; OpenVPN) accept
+those too. What keeps strangers out is unchanged: the only trust anchor is
+``tls.ca_cert`` (never the system store), signatures, validity dates, the
+issuer's CA flag, the TLS purpose (an ExtendedKeyUsage that is present must
+allow it) and, on the client, the server's name are all still checked.
+Certificates made by ``ut.pki`` also pass the strict mode (tests/test_pki.py).
 
 ``failure_reason`` turns whatever a handshake raised into one word from a fixed
 vocabulary (safe as a metric label and a log field) plus a sentence that tells
@@ -130,7 +141,10 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    # Not VERIFY_X509_STRICT, deliberately: see the module docstring ("bring your own
+    # CA" in docs/guide.md). Python 3.13's create_default_context() turns it on; a plain
+    # SSLContext does not, so clear it explicitly in case a later Python changes that.
+    ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
 
