@@ -15,7 +15,7 @@ while it runs samples the two tunnel processes with ``perf``:
 * ``/proc``: CPU seconds per GB and context switches per MB.
 
     sudo python bench/cpuprofile.py                       # ut, up, 1 stream, 12 s
-    sudo python bench/cpuprofile.py --carrier ut-autobuf --direction down
+    sudo python bench/cpuprofile.py --carrier ut-sockbuf16k --direction down
     sudo python bench/cpuprofile.py --carrier v2ray       # no datagram counts (no metrics)
 
 Needs what ``bench/run.py`` needs, plus ``perf`` (linux-perf). Results: one JSON
