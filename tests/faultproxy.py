@@ -6,6 +6,7 @@ end to end through it, so the proxy sees only ciphertext; its faults are the
 ones a network path can cause:
 
 * ``delay_ms``     added one-way latency per forwarded chunk (both directions);
+* ``conn.lag_ms``  extra latency on one connection only (a lane that lags the others);
 * ``rate_bps``     a shared per-direction throughput cap (bytes/s) over all connections,
                    so the proxy is a thin link and queues build up behind it;
 * ``stall()``      stop forwarding (and reading) in both directions: the kernel buffers
@@ -49,6 +50,7 @@ class ProxiedConn:
     tasks: list[asyncio.Task] = field(default_factory=list)
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
     closed: bool = False
+    lag_ms: float = 0.0  # extra one-way latency of this connection alone
 
     def abort(self) -> None:
         self.closed = True
@@ -162,8 +164,8 @@ class FaultProxy:
                     with contextlib.suppress(Exception):
                         writer.write_eof()
                     return
-                if self.delay_ms:
-                    await asyncio.sleep(self.delay_ms / 1000.0)
+                if self.delay_ms or conn.lag_ms:
+                    await asyncio.sleep((self.delay_ms + conn.lag_ms) / 1000.0)
                 if self._corrupt[direction] > 0:
                     self._corrupt[direction] -= 1
                     self.corrupted[direction] += 1

@@ -86,8 +86,18 @@ def test_constants(fp):
 
 def test_doc_has_the_vectors():
     for name in ("data-empty", "data-hello", "ctrl-hello", "ctrl-goodbye-idle",
-                 "ctrl-err-lane-range"):
+                 "ctrl-err-lane-range", "data-seq", "ctrl-hello-seq"):
         assert name in VECTORS, f"docs/protocol.md lacks test vector {name!r}"
+
+
+def test_numbered_data_and_hello_vectors(fp):
+    from ut.control import Hello, control_frame
+
+    assert fp.encode_data_seq([b"hi"], 7) == (VECTORS["data-seq"], 8)
+    r = fp.Resequencer()
+    r.feed(fp.Deframer().feed(VECTORS["data-seq"]), 0.0)  # number 7 while 0 is expected
+    assert r.held == 1
+    assert control_frame(Hello(0x0102030405060708, 3, 5), fp.FLAG_SEQ) == VECTORS["ctrl-hello-seq"]
 
 
 def test_data_vectors_encode_byte_for_byte(fp):
@@ -104,6 +114,8 @@ def test_data_vectors_encode_byte_for_byte(fp):
         ("ctrl-hello", (0x10, 0, bytes.fromhex("01 0102030405060708 0003 0005"))),
         ("ctrl-goodbye-idle", (0x10, 0, b"\x02\x01")),
         ("ctrl-err-lane-range", (0x10, 0, b"\x03\x00\x02lane id out of range")),
+        ("data-seq", (0x01, 1, b"\x00\x00\x00\x07hi")),
+        ("ctrl-hello-seq", (0x10, 1, bytes.fromhex("01 0102030405060708 0003 0005"))),
     ],
 )
 def test_good_vectors_decode(fp, name, expected):
