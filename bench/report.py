@@ -204,6 +204,9 @@ def render(res: dict, json_path=None) -> str:
             f"{facts.get('ut_tunnel')} / with UT_NO_EXTENSIONS=1: {facts.get('ut_tunnel_pure')}",
         ),
         ("git", f"{facts.get('git')} (ut/_fastpath*.so built {facts.get('fastpath_so_mtime')})"),
+        ("ut package imported (PYTHONPATH)",
+         f"{facts.get('ut_package')} ({facts.get('pythonpath') or 'not set'})"
+         if "ut_package" in facts else None),
         ("v2ray", facts.get("v2ray")),
         ("OpenVPN", facts.get("openvpn")),
         ("sing-box", facts.get("sing_box")),

@@ -872,6 +872,11 @@ def machine_facts() -> dict:
             else None
         ),
         "ut_tunnel": _cmd([*ut.split(), "--version"]),
+        # the ut package the ut-tunnel processes import (PYTHONPATH may point at another copy)
+        "ut_package": _cmd(
+            [sys.executable, "-c", "import ut, os; print(os.path.dirname(ut.__file__))"]
+        ),
+        "pythonpath": os.environ.get("PYTHONPATH"),
         "ut_tunnel_pure": _cmd([*ut.split(), "--version"], env={"UT_NO_EXTENSIONS": "1"}),
         "v2ray": _cmd(["v2ray", "-version"]),
         "openvpn": C.OpenVpn().version(),
