@@ -270,17 +270,3 @@ def test_stalled_server_fills_queue_drops_oldest_exactly(pki, loop_kind):
         srv.close()
 
     run_on(loop_kind, main())
-
-
-def test_readme_embedding_example_runs(tmp_path):
-    """The README's embedding example, as written there, runs."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    m = re.search(r"```python\n(# embedding example.*?)```", readme, re.S)
-    assert m, "README has no embedding example block"
-    pki = make_test_pki(tmp_path)
-    cert, key = pki.client("home")
-    namespace = {"PKI": pki, "CLIENT_CERT": str(cert), "CLIENT_KEY": str(key)}
-    exec(compile(m.group(1), "README.md", "exec"), namespace)
