@@ -140,7 +140,7 @@ def test_pki_then_tunnel_processes_then_sigterm(tmp_path):
         # The server saw the client's GOODBYE on every lane.
         server.wait_event("lane_close", count=3)
         closes = server.named("lane_close")
-        assert all(c["reason"] == "peer_goodbye_0" for c in closes), closes
+        assert all(c["reason"] == "peer_goodbye_shutdown" for c in closes), closes
         assert server.stop(signal.SIGINT) == 0
         assert any(e.get("event") == "stop" for e in server.events)
     finally:

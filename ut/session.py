@@ -47,6 +47,14 @@ FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoo
 LANE_BURST_PACKETS = 64  # round-robin: whole datagrams one lane takes in one write
 # (the bytes of one write are tcp.tcp_buf, the session's io_chunk)
 REORDER_MIN_WAIT_SECONDS = 0.001  # the resequencer's shortest wait for a gap
+# When a gap fills, everything held behind it is released at once: a round trip's worth
+# of every lane's datagrams. Sent to WireGuard in one go, that burst overflows a
+# userspace WireGuard's UDP socket (wireguard-go keeps the kernel's default 208 KiB
+# buffer) and the inner TCP sees real loss. So a release larger than this many
+# datagrams goes out in slices of this size, one slice per RELEASE_INTERVAL_SECONDS
+# (64 x 1420 bytes per ms: up to ~700 Mbit/s, far above what one session carries here).
+RELEASE_BURST_PACKETS = 64
+RELEASE_INTERVAL_SECONDS = 0.001
 LANE_POLL_SECONDS = 0.02  # how often lanes' TCP_INFO is read while datagrams flow
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
@@ -111,6 +119,9 @@ class Session:
         self._reorder_timer: asyncio.TimerHandle | None = None
         self._reorder_timer_at = float("inf")
         self._reorder_seen = (0, 0)  # (skipped, late) already added to the counters
+        self._paced: list = []  # released datagrams still to send, in order (slices)
+        self._paced_stamp = 0.0
+        self._pacer: asyncio.TimerHandle | None = None
         # Sending: number our DATA frames once the peer asked for it (its HELLO).
         self.tx_numbered = False
         self.tx_seq = 0
@@ -306,10 +317,14 @@ class Session:
         reseq = self.reseq
         datagrams, nbytes, stamp = reseq.take()
         if datagrams:
-            self.send_udp(datagrams, nbytes)
-            # From the arrival of the oldest datagram sent (the wait for a gap included).
-            self.counters.forward_latency[self.stats.dir_out].observe(
-                time.perf_counter() - stamp, len(datagrams))
+            if self._paced or len(datagrams) > RELEASE_BURST_PACKETS:
+                if not self._paced:
+                    self._paced_stamp = stamp
+                self._paced.extend(datagrams)
+                if self._pacer is None:
+                    self._send_paced()
+            else:
+                self._send_released(datagrams, nbytes, stamp)
         seen = (reseq.skipped, reseq.late)
         if seen != self._reorder_seen:
             c = self.counters
@@ -325,6 +340,22 @@ class Session:
                 self._reorder_timer = self.loop.call_later(
                     max(0.0, deadline - time.perf_counter()), self._reorder_expire)
 
+    def _send_released(self, datagrams: list, nbytes: int, stamp: float) -> None:
+        self.send_udp(datagrams, nbytes)
+        # From the arrival of the oldest datagram sent (the wait for a gap included).
+        self.counters.forward_latency[self.stats.dir_out].observe(
+            time.perf_counter() - stamp, len(datagrams))
+
+    def _send_paced(self) -> None:
+        """Send the next slice of a large release; come back for the rest."""
+        self._pacer = None
+        paced = self._paced
+        chunk = paced[:RELEASE_BURST_PACKETS]
+        del paced[:RELEASE_BURST_PACKETS]
+        self._send_released(chunk, sum(map(len, chunk)), self._paced_stamp)
+        if paced:
+            self._pacer = self.loop.call_later(RELEASE_INTERVAL_SECONDS, self._send_paced)
+
     def _reorder_expire(self) -> None:
         self._reorder_timer = None
         self._reorder_timer_at = float("inf")
@@ -339,6 +370,13 @@ class Session:
             self._reorder_timer_at = float("inf")
         self.reseq.flush(time.perf_counter())
         self._deliver()
+        if self._pacer is not None:
+            self._pacer.cancel()
+        while self._paced:  # closing: no more pacing
+            self._send_paced()
+        if self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
 
     def udp_target(self) -> tuple[Any, Any] | None:
         """``(UdpPort, address or None)`` to send to, or None when nobody to send to."""
@@ -381,7 +419,7 @@ class Session:
     def on_control(self, lane: Lane, msg: Any, flags: int = 0) -> None:
         if isinstance(msg, Goodbye):
             # The peer is leaving: stop writing to this lane now; it will close.
-            lane.close_reason = f"peer_goodbye_{msg.reason}"
+            lane.close_reason = f"peer_goodbye_{msg.reason_name}"
             self._unregister(lane, lane.close_reason)
         elif isinstance(msg, Hello):
             self.stats.protocol_error("unexpected_hello")
