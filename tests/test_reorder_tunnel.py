@@ -66,7 +66,8 @@ async def _lagging_lane_run(pki, resequence: bool, n: int = 600) -> tuple[list[i
         assert await wait_for(lambda: client.session.lanes_ready == 3 and len(proxy.live) == 3)
         proxy.live[0].lag_ms = 25.0  # one lane lags both ways
         for i in range(n):
-            peer.send(i.to_bytes(4, "big") + bytes(200))
+            # (larger than REORDER_PASS_BYTES: small datagrams are not held)
+            peer.send(i.to_bytes(4, "big") + bytes(600))
             if i % 4 == 3:
                 await asyncio.sleep(0.002)  # small bursts, so every lane gets some
         got = await peer.drain(n, timeout=15)

@@ -101,6 +101,17 @@ def test_a_gap_is_waited_for_then_given_up_and_the_late_datagram_still_delivered
     assert 0.01 < r.wait <= 0.05
 
 
+def test_small_datagrams_pass_a_gap_and_are_not_released_twice(fp):
+    r = fp.Resequencer(pass_bytes=3)
+    frames, _ = numbered(fp, [b"big0", b"ack", b"big2", b"ac"])
+    r.feed([frames[1], frames[2], frames[3]], 0.0)
+    assert r.take()[0] == [b"ack", b"ac"]  # small: at once, past the gap at 0
+    assert r.held == 3 and r.held_bytes == 4
+    r.feed([frames[0]], 0.01)
+    assert r.take()[0] == [b"big0", b"big2"]
+    assert (r.held, r.held_bytes, r.skipped, r.late, r.next_seq) == (0, 0, 0, 0, 4)
+
+
 def test_wait_adapts_to_fill_times_within_bounds(fp):
     r = fp.Resequencer(max_wait=0.1, min_wait=0.002)
     assert r.wait == 0.002
@@ -204,7 +215,8 @@ def test_striped_datagrams_come_out_in_order(fp, n, lanes, seed, start):
        lost=st.sets(st.integers(0, 199), max_size=20), step=st.floats(0.0, 0.02))
 def test_nothing_is_lost_or_duplicated_and_every_gap_is_counted(fp, n, lanes, seed, lost, step):
     grams, reads = _stripe(fp, n, lanes, seed, lost=lost)
-    r = fp.Resequencer(max_packets=32 if seed % 2 else 256, max_wait=0.01, min_wait=0.001)
+    r = fp.Resequencer(max_packets=32 if seed % 2 else 256, max_wait=0.01, min_wait=0.001,
+                       pass_bytes=4 if seed % 3 else 0)
     out = []
     now = 0.0
     for read in reads:
@@ -236,7 +248,8 @@ def test_nothing_is_lost_or_duplicated_and_every_gap_is_counted(fp, n, lanes, se
 def test_compiled_and_pure_agree(fp_compiled, fp_pure, ops):
     results = []
     for fp in (fp_compiled, fp_pure):
-        r = fp.Resequencer(max_packets=16, max_bytes=200, max_wait=0.03, min_wait=0.001)
+        r = fp.Resequencer(max_packets=16, max_bytes=200, max_wait=0.03, min_wait=0.001,
+                           pass_bytes=3)
         trace = []
         now = 0.0
         for op in ops:

@@ -19,6 +19,11 @@ cdef class Resequencer:
     datagram counts with its whole delay), at least ``rtt_hint`` (the lanes' round-trip
     spread, set by the owner) and ``min_wait``, never above ``max_wait``.
 
+    Numbered datagrams of at most ``pass_bytes`` bytes never wait: they are released at
+    once and their number is marked done. Through WireGuard these are the inner TCP
+    acknowledgements (and keepalives); TCP takes acknowledgements in any order, and
+    holding them behind a gap would only stall the inner ACK clock.
+
     Bounds: at most ``max_packets`` datagrams and ``max_bytes`` bytes are held; past
     either the oldest gap is given up at once. A number more than ``2 * max_packets``
     away from the next expected one, ahead or behind (a peer that restarted its count),
@@ -46,6 +51,7 @@ cdef class Resequencer:
     cdef readonly Py_ssize_t max_bytes
     cdef readonly double max_wait
     cdef readonly double min_wait
+    cdef readonly Py_ssize_t pass_bytes
     cdef uint32_t _window
     cdef dict _held          # seq -> (datagram, arrival)
     cdef Py_ssize_t _held_bytes
@@ -63,7 +69,7 @@ cdef class Resequencer:
     cdef readonly unsigned long long resyncs
 
     def __cinit__(self, Py_ssize_t max_packets=4096, Py_ssize_t max_bytes=8388608,
-                  double max_wait=0.2, double min_wait=0.001):
+                  double max_wait=0.2, double min_wait=0.001, Py_ssize_t pass_bytes=0):
         if max_packets < 1 or max_bytes < 1:
             raise ValueError("max_packets and max_bytes must be at least 1")
         if not (0.0 <= min_wait <= max_wait):
@@ -72,6 +78,7 @@ cdef class Resequencer:
         self.max_bytes = max_bytes
         self.max_wait = max_wait
         self.min_wait = min_wait
+        self.pass_bytes = pass_bytes
         self._window = <uint32_t>(2 * max_packets) if max_packets < 0x40000000 else 0x80000000u
         self._held = {}
         self._out = []
@@ -167,7 +174,7 @@ cdef class Resequencer:
         if seconds > self._estimate:
             self._estimate = seconds
         else:
-            self._estimate += (seconds - self._estimate) * 0.0625
+            self._estimate += (seconds - self._estimate) * 0.00390625
 
     cdef int _push(self, uint32_t seq, bytes datagram, double now) except -1:
         cdef uint32_t off = seq - self._next
@@ -195,8 +202,12 @@ cdef class Resequencer:
             return 0
         if not self._held or off < <uint32_t>(self._low - self._next):
             self._low = seq
-        self._held[seq] = (datagram, now)
-        self._held_bytes += PyBytes_GET_SIZE(datagram)
+        if PyBytes_GET_SIZE(datagram) <= self.pass_bytes:
+            self._release(datagram, now)
+            self._held[seq] = (None, now)
+        else:
+            self._held[seq] = (datagram, now)
+            self._held_bytes += PyBytes_GET_SIZE(datagram)
         while self._held and (len(self._held) > self.max_packets
                               or self._held_bytes > self.max_bytes):
             self._skip_gap(now)
@@ -212,8 +223,9 @@ cdef class Resequencer:
             item = held.pop(nxt, None)
             if item is None:
                 break
-            self._held_bytes -= PyBytes_GET_SIZE(item[0])
-            self._release(item[0], <double>item[1])
+            if item[0] is not None:
+                self._held_bytes -= PyBytes_GET_SIZE(item[0])
+                self._release(item[0], <double>item[1])
             nxt += 1
         self._next = nxt
         if held:

@@ -538,6 +538,11 @@ class Resequencer:
     datagram counts with its whole delay), at least ``rtt_hint`` (the lanes' round-trip
     spread, set by the owner) and ``min_wait``, never above ``max_wait``.
 
+    Numbered datagrams of at most ``pass_bytes`` bytes never wait: they are released at
+    once and their number is marked done. Through WireGuard these are the inner TCP
+    acknowledgements (and keepalives); TCP takes acknowledgements in any order, and
+    holding them behind a gap would only stall the inner ACK clock.
+
     Bounds: at most ``max_packets`` datagrams and ``max_bytes`` bytes are held; past
     either the oldest gap is given up at once. A number more than ``2 * max_packets``
     away from the next expected one, ahead or behind (a peer that restarted its count),
@@ -567,6 +572,7 @@ class Resequencer:
         max_bytes: int = 8 * 1024 * 1024,
         max_wait: float = 0.2,
         min_wait: float = 0.001,
+        pass_bytes: int = 0,
     ) -> None:
         if max_packets < 1 or max_bytes < 1:
             raise ValueError("max_packets and max_bytes must be at least 1")
@@ -576,8 +582,10 @@ class Resequencer:
         self.max_bytes = max_bytes
         self.max_wait = max_wait
         self.min_wait = min_wait
+        self.pass_bytes = pass_bytes
         self._window = 2 * max_packets  # numbers further ahead than this are a restart
-        self._held: dict[int, tuple[bytes, float]] = {}  # seq -> (datagram, arrival)
+        # seq -> (datagram, arrival); datagram None: released early (at most pass_bytes)
+        self._held: dict[int, tuple[bytes | None, float]] = {}
         self._held_bytes = 0
         self._next = 0  # next number to release (a sender starts its count at 0)
         self._low = 0  # lowest held number (valid while _held)
@@ -672,11 +680,11 @@ class Resequencer:
 
     def _sample(self, seconds: float) -> None:
         # Peak-hold with a slow decay: one long reorder raises the wait at once, and it
-        # comes down over a few dozen quieter gaps.
+        # comes down over a few hundred quieter gaps (seconds, on a lossy path).
         if seconds > self._estimate:
             self._estimate = seconds
         else:
-            self._estimate += (seconds - self._estimate) * 0.0625
+            self._estimate += (seconds - self._estimate) * 0.00390625
 
     def _push(self, seq: int, datagram: bytes, now: float) -> None:
         off = (seq - self._next) & _SEQ_MASK
@@ -707,8 +715,12 @@ class Resequencer:
             return
         if not self._held or ((seq - self._next) & _SEQ_MASK) < ((self._low - self._next) & _SEQ_MASK):
             self._low = seq
-        self._held[seq] = (datagram, now)
-        self._held_bytes += len(datagram)
+        if len(datagram) <= self.pass_bytes:
+            self._release(datagram, now)
+            self._held[seq] = (None, now)
+        else:
+            self._held[seq] = (datagram, now)
+            self._held_bytes += len(datagram)
         while self._held and (
             len(self._held) > self.max_packets or self._held_bytes > self.max_bytes
         ):
@@ -720,8 +732,9 @@ class Resequencer:
         nxt = self._next
         while nxt in held:
             datagram, stamp = held.pop(nxt)
-            self._held_bytes -= len(datagram)
-            self._release(datagram, stamp)
+            if datagram is not None:
+                self._held_bytes -= len(datagram)
+                self._release(datagram, stamp)
             nxt = (nxt + 1) & _SEQ_MASK
         self._next = nxt
         if held:

@@ -47,6 +47,10 @@ FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoo
 LANE_BURST_PACKETS = 64  # round-robin: whole datagrams one lane takes in one write
 # (the bytes of one write are tcp.tcp_buf, the session's io_chunk)
 REORDER_MIN_WAIT_SECONDS = 0.001  # the resequencer's shortest wait for a gap
+# Datagrams this small never wait for a gap (Resequencer.pass_bytes): through WireGuard
+# they are inner TCP ACKs (96-144 bytes with SACK, IPv6 included) and keepalives (32),
+# and holding ACKs only stalls the inner TCP's clock. Inner data segments are larger.
+REORDER_PASS_BYTES = 256
 # When a gap fills, everything held behind it is released at once: a round trip's worth
 # of every lane's datagrams. Sent to WireGuard in one go, that burst overflows a
 # userspace WireGuard's UDP socket (wireguard-go keeps the kernel's default 208 KiB
@@ -115,7 +119,8 @@ class Session:
         # back in order. The resequencer also serves a peer that numbers unasked.
         self.resequence = resequence
         self.reseq = fastpath.Resequencer(
-            max_packets, max_bytes, resequence_max_wait, REORDER_MIN_WAIT_SECONDS)
+            max_packets, max_bytes, resequence_max_wait, REORDER_MIN_WAIT_SECONDS,
+            REORDER_PASS_BYTES)
         self._reorder_timer: asyncio.TimerHandle | None = None
         self._reorder_timer_at = float("inf")
         self._reorder_seen = (0, 0)  # (skipped, late) already added to the counters
