@@ -63,7 +63,7 @@ def test_defaults_for_a_minimal_client(pki: TestPki) -> None:
     assert t.server_addr == "vpn.example.com:5443"
     assert t.listen_addr == "0.0.0.0:5443"
     assert (t.lanes, t.tcp_nodelay, t.tcp_buf, t.idle_seconds, t.lane_pick) == (5, True, 16384, 120, "rr")
-    assert (t.sock_buf, t.skip_slow_lanes, t.resequence, t.resequence_max_wait_ms) == (0, True, True, 200)
+    assert (t.sock_buf, t.skip_slow_lanes, t.resequence, t.resequence_max_wait_ms) == (0, True, True, 500)
     assert (t.dial_backoff_min_seconds, t.dial_backoff_max_seconds) == (5, 60)
     assert (t.connect_timeout_seconds, t.hello_timeout_seconds, t.session_linger_seconds) == (10, 5, 180)
     assert isinstance(t.idle_seconds, float)

@@ -101,7 +101,7 @@ class TcpConfig:
     lane_pick: str = "rr"
     skip_slow_lanes: bool = True
     resequence: bool = True
-    resequence_max_wait_ms: float = 200.0
+    resequence_max_wait_ms: float = 500.0
     dial_backoff_min_seconds: float = 5.0
     dial_backoff_max_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
@@ -378,7 +378,7 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "skip_slow_lanes": KeySpec("bool", True),
         "resequence": KeySpec("bool", True),
         "resequence_max_wait_ms": KeySpec(
-            "float", 200.0, check=_range(1, RESEQUENCE_MAX_WAIT_MS_MAX)),
+            "float", 500.0, check=_range(1, RESEQUENCE_MAX_WAIT_MS_MAX)),
         "dial_backoff_min_seconds": KeySpec("float", 5.0, _C, check=_range(above=0)),
         "dial_backoff_max_seconds": KeySpec("float", 60.0, _C, check=_range(above=0)),
         "connect_timeout_seconds": KeySpec("float", 10.0, check=_range(above=0)),

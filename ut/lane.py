@@ -9,6 +9,7 @@ to write. What the frames mean is the owner's business (``ut.session``).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import struct
 import sys
@@ -52,17 +53,25 @@ LANE_KEEPALIVE_COUNT = 3
 LANE_NOTSENT_LOWAT = 32 * 1024
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
-# struct tcp_info (linux/tcp.h): ca_state at byte 1; rtt, rttvar (microseconds) at 68, 72;
+# struct tcp_info (linux/tcp.h): ca_state at byte 1; rto at 8; rtt, rttvar (microseconds)
+# at 68, 72;
 # notsent_bytes at 144 (Linux 4.6+). Older kernels return a shorter struct.
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 _TCP_INFO_LEN = 148
 _TCP_CA_LOSS = 4  # retransmission timeout: the lane sends nothing new until it recovers
+# ioctl SIOCOUTQNSD (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.
+_SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
+
+
+_INT = struct.Struct("i")
+_INT_ZERO = bytes(4)
 
 
 class TcpState(NamedTuple):
     """What the kernel says about a lane's TCP connection (Linux ``TCP_INFO``)."""
 
     in_loss: bool  # in RTO recovery: stalled for at least a retransmission timeout
+    rto_seconds: float  # the retransmission timeout now
     rtt_seconds: float  # smoothed round-trip time
     rttvar_seconds: float  # its mean deviation
     notsent_bytes: int  # written by us, not yet sent by TCP
@@ -88,9 +97,10 @@ def tcp_state(sock: Any) -> TcpState | None:
         return None
     if len(raw) < 76:
         return None
+    rto = struct.unpack_from("=I", raw, 8)[0]
     rtt, rttvar = struct.unpack_from("=II", raw, 68)
     notsent = struct.unpack_from("=I", raw, 144)[0] if len(raw) >= 148 else 0
-    return TcpState(raw[1] == _TCP_CA_LOSS, rtt * 1e-6, rttvar * 1e-6, notsent)
+    return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6, notsent)
 
 
 class LaneOwner(Protocol):
@@ -282,3 +292,15 @@ class Lane(asyncio.BufferedProtocol):
     @property
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport else 0
+
+    def unsent_bytes(self) -> int:
+        """Bytes written to this lane and not yet sent: the TLS transport's buffer plus
+        the kernel's unsent queue (Linux ``SIOCOUTQNSD``). What a new datagram waits
+        behind before it even leaves."""
+        n = self.transport.get_write_buffer_size() if self.transport else 0
+        if _SIOCOUTQNSD is not None and self.sock is not None:
+            try:
+                n += _INT.unpack(fcntl.ioctl(self.sock.fileno(), _SIOCOUTQNSD, _INT_ZERO))[0]
+            except (OSError, ValueError):
+                pass
+        return n

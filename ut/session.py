@@ -226,7 +226,8 @@ class Session:
                 # Round-robin by burst: the next lane takes up to a burst of whole
                 # datagrams (at most tcp_buf bytes) in one write. Per-datagram rotation
                 # would cost one TLS record and one send per datagram per lane.
-                per_lane = {picker.pick(0): queue.pop_batch(LANE_BURST_PACKETS, chunk)}
+                lane_id = self._least_backlog_lane() if self.skip_slow_lanes else picker.pick(0)
+                per_lane = {lane_id: queue.pop_batch(LANE_BURST_PACKETS, chunk)}
             for lane_id, datagrams in per_lane.items():
                 n = len(datagrams)
                 if numbered:
@@ -248,11 +249,37 @@ class Session:
             for stamp, n in batches:
                 hist.observe(now - stamp, n)
 
+    def _least_backlog_lane(self) -> int:
+        """The ready lane with the fewest bytes waiting to be sent (ties: round-robin).
+
+        Lanes drain at different speeds (one repairs a loss, one has a smaller window);
+        plain round-robin gives each the same share, so the slow one builds a backlog and
+        its datagrams arrive late, behind the others': reordering, or with resequencing,
+        waits for every lane. Joining the shortest queue keeps the lanes' delays even.
+        """
+        first = self.picker.pick(0)  # advances round-robin: ties go to the next lane
+        best, best_backlog = first, self.lanes[first].unsent_bytes()  # type: ignore[union-attr]
+        if best_backlog:
+            n = self.n_lanes
+            for i in range(1, n):
+                lane_id = (first + i) % n
+                lane = self.lanes[lane_id]
+                if (lane is None or not lane.ready or not lane.writable
+                        or lane_id in self._lanes_skipped):
+                    continue
+                backlog = lane.unsent_bytes()
+                if backlog < best_backlog:
+                    best, best_backlog = lane_id, backlog
+                    if not backlog:
+                        break
+        return best
+
     def _poll_lanes(self, now: float) -> None:
-        """Read the lanes' TCP state: skip lanes in RTO recovery, feed the resequencer
-        the time a lane takes to repair a loss (slowest srtt + 4 x rttvar)."""
+        """Read the lanes' TCP state: skip lanes in RTO recovery, and tell the resequencer
+        how long a lane may take to repair a loss: the slowest lane's retransmission
+        timeout plus its round trip (a gap from a lane that timed out fills no sooner)."""
         self._lanes_polled_at = now
-        repair = 0.0
+        rto = rtt = 0.0
         stalled = []
         for lane in self.lanes:
             if lane is None or not lane.ready:
@@ -260,9 +287,11 @@ class Session:
             st = tcp_state(lane.sock)
             if st is None:
                 continue
-            repair = max(repair, st.rtt_seconds + 4 * st.rttvar_seconds)
+            rto = max(rto, st.rto_seconds)
+            rtt = max(rtt, st.rtt_seconds + 4 * st.rttvar_seconds)
             if st.in_loss:
                 stalled.append(lane.lane_id)
+        repair = rto + rtt
         if repair:
             self.reseq.set_rtt_hint(repair)
         if not self.skip_slow_lanes:
@@ -473,6 +502,11 @@ class Session:
             tx_frames=lane.tx_frames, rx_frames=lane.rx_frames,
             tx_bytes=lane.tx_bytes, rx_bytes=lane.rx_bytes,
         )
+        # What the lane carried and did not deliver will never come: stop waiting for it
+        # (datagrams that other lanes still bring come late, and are still delivered).
+        if self.reseq.held:
+            self.reseq.flush(time.perf_counter())
+            self._deliver()
         self.after_lane_lost(lane, exc)
         return True
 
