@@ -215,6 +215,10 @@ def render(res: dict, json_path=None) -> str:
         ("iperf3", facts.get("iperf3")),
         ("TCP congestion control (host default, new namespaces inherit it)", facts.get("tcp_cc")),
         ("tcp_wmem / tcp_rmem", f"{facts.get('tcp_wmem')} / {facts.get('tcp_rmem')}"),
+        ("net.core.rmem_default during the run (wireguard-go's UDP receive buffer)",
+         (f"{facts['wg_rmem']['set']} (was {facts['wg_rmem']['was']}; `--wg-rmem`)"
+          if (facts.get("wg_rmem") or {}).get("was") is not None else "unchanged (`--wg-rmem 0`)")
+         if "wg_rmem" in facts else None),
     ]
     for k, v in rows:
         w(f"| {k} | {v if v not in (None, '') else '–'} |")

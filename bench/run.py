@@ -113,6 +113,28 @@ def drop_snapshot(samples) -> dict[str, float]:
     return out
 
 
+# What a current wireguard-go asks for (conn: socketBufferSize = 7 << 20): the bench's
+# wireguard-go is Debian's 2022 build, whose socket keeps net.core.rmem_default (208 KiB)
+# and drops the bursts any TCP carrier delivers (issue 14: thousands of datagrams per
+# lossy test, every one an inner TCP loss). Kernel WireGuard has no such socket.
+WG_RMEM_DEFAULT = 7 << 20
+RMEM_DEFAULT_SYSCTL = Path("/proc/sys/net/core/rmem_default")
+
+
+@contextlib.contextmanager
+def wg_receive_buffer(nbytes: int):
+    """Set net.core.rmem_default to ``nbytes`` for the run, then restore it."""
+    if not nbytes or not RMEM_DEFAULT_SYSCTL.exists():
+        yield None
+        return
+    old = RMEM_DEFAULT_SYSCTL.read_text().strip()
+    RMEM_DEFAULT_SYSCTL.write_text(str(nbytes))
+    try:
+        yield int(old)
+    finally:
+        RMEM_DEFAULT_SYSCTL.write_text(old)
+
+
 def wg_socket_drops(bed) -> dict[str, int]:
     """Datagrams the kernel dropped at each wireguard-go's full UDP socket (``/proc/net/udp``
     drops of the WireGuard port), by node: losses of inner packets no carrier can see."""
@@ -1012,6 +1034,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--results-dir", default=str(HERE / "results"))
     p.add_argument(
+        "--wg-rmem",
+        type=int,
+        default=WG_RMEM_DEFAULT,
+        help="net.core.rmem_default (bytes) while the run builds its beds, so wireguard-go's "
+        "UDP socket gets this receive buffer (Debian's 2022 wireguard-go keeps the kernel "
+        "default, 208 KiB; wireguard-go since 0.0.20230223 asks for 7 MiB itself); the old "
+        "value is restored at the end. 0 leaves the sysctl alone",
+    )
+    p.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -1110,7 +1141,12 @@ def main(argv=None) -> int:
     }
     t_start = time.monotonic()
     stat0 = proc_stat()
+    rmem = contextlib.ExitStack()
     try:
+        old_rmem = rmem.enter_context(wg_receive_buffer(args.wg_rmem))
+        results["facts"]["wg_rmem"] = {"set": args.wg_rmem, "was": old_rmem}
+        if old_rmem is not None:
+            log(f"net.core.rmem_default {old_rmem} -> {args.wg_rmem} for this run")
         for prof in args.profiles:
             t0 = time.monotonic()
             log(f"profile {prof} ...")
@@ -1157,6 +1193,7 @@ def main(argv=None) -> int:
         results["aborted"] = str(exc)
         log(str(exc))
     finally:
+        rmem.close()
         signal.alarm(0)
         results["facts"]["loadavg_end"] = os.getloadavg()
         results["facts"]["cpu_during_run"] = cpu_usage(stat0, proc_stat())

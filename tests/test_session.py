@@ -65,3 +65,31 @@ def test_input_latency_includes_the_wait_for_a_writable_lane(impl, lane_pick):
             lane.connection_lost(None)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+def test_datagrams_that_waited_too_long_are_dropped_as_stale(impl):
+    """queue.max_delay_ms: a datagram that waited longer is dropped (counted ``stale``)
+    when the lanes take data again, so the inner TCP sees loss instead of delay."""
+    async def main():
+        with use_implementation(impl):
+            stats = TunnelStats(role="client", max_lanes=1)
+            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
+                               session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20,
+                               max_queue_delay=0.02)
+            s.port = FakePort()
+            lane = Lane(s, 0)
+            transport = FakeTransport()
+            lane.connection_made(transport)
+            s.lane_up(lane)
+            lane.pause_writing()
+            s.push_datagrams([b"old" * 100] * 4)
+            await asyncio.sleep(WAIT)  # longer than max_delay
+            s.push_datagrams([b"new" * 100] * 2)
+            lane.resume_writing()
+            await asyncio.sleep(0)
+            assert s.counters.drops == {"stale": 4}
+            assert s.counters.lane_tx_frames[0] == 2 and len(s.queue) == 0
+            lane.connection_lost(None)
+
+    asyncio.run(main())

@@ -16,8 +16,10 @@ cdef class Resequencer:
     was given up is released at once (``late``): nothing is dropped here.
 
     ``wait`` adapts: about 1.5 x the longest recent time a gap took to fill (a late
-    datagram counts with its whole delay), at least ``rtt_hint`` (the lanes' round-trip
-    spread, set by the owner) and ``min_wait``, never above ``max_wait``.
+    datagram counts with its whole delay), at least ``rtt_hint`` (the longest a lane
+    takes to repair a loss, set by the owner) and ``min_wait``, never above ``max_wait``.
+    A gap that would still fill is better waited for: giving up on it turns delay into
+    the reordering this class exists to hide. The owner calls ``flush`` when a lane dies.
 
     Numbered datagrams of at most ``pass_bytes`` bytes never wait: they are released at
     once and their number is marked done. Through WireGuard these are the inner TCP
@@ -122,7 +124,8 @@ cdef class Resequencer:
         return self._next
 
     def set_rtt_hint(self, double seconds):
-        """The lanes' round-trip spread as the owner measures it: a floor for ``wait``."""
+        """How long a lane may take to repair a loss, as the owner measures it (e.g. the
+        slowest lane's retransmission timeout plus its round trip): a floor for ``wait``."""
         self._rtt_hint = seconds if seconds > 0.0 else 0.0
 
     def feed(self, list frames, double now):

@@ -60,6 +60,14 @@ REORDER_PASS_BYTES = 256
 RELEASE_BURST_PACKETS = 64
 RELEASE_INTERVAL_SECONDS = 0.001
 LANE_POLL_SECONDS = 0.02  # how often lanes' TCP_INFO is read while datagrams flow
+# skip_slow_lanes: a lane with this many bytes waiting to be sent (TLS buffer + kernel
+# unsent queue) takes no more; if every lane has, datagrams wait in the session queue
+# (looked at again every LANE_RETRY_SECONDS), where queue.max_delay_ms drops those that
+# waited too long. Without it a saturated slow uplink queued in the lanes' buffers,
+# unseen: loaded ping p50 110-146 ms on the slow profile against 58-62 ms with it
+# (20 ms RTT bare), the same goodput (bench/README.md, issue 14).
+LANE_MAX_UNSENT = 16 * 1024
+LANE_RETRY_SECONDS = 0.001
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
 MAX_PAYLOAD = fastpath.MAX_PAYLOAD
@@ -75,6 +83,7 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "resequence": tcp.resequence,
         "resequence_max_wait": tcp.resequence_max_wait_ms / 1000.0,
         "skip_slow_lanes": tcp.skip_slow_lanes,
+        "max_queue_delay": cfg.queue.max_delay_ms / 1000.0,
     }
 
 
@@ -98,6 +107,7 @@ class Session:
         resequence: bool = False,
         resequence_max_wait: float = 0.2,
         skip_slow_lanes: bool = False,
+        max_queue_delay: float = 0.0,
     ) -> None:
         self.loop = loop
         self.stats = stats
@@ -133,6 +143,14 @@ class Session:
         self.skip_slow_lanes = skip_slow_lanes
         self._lanes_polled_at = 0.0
         self._lanes_skipped: set[int] = set()  # lane ids left out while in RTO recovery
+        # With skip_slow_lanes, a lane takes no more while LANE_MAX_UNSENT bytes wait in
+        # it: the rest waits in the session queue, where its age is known and
+        # max_queue_delay applies (a lane's kernel and TLS buffers would hide it).
+        self.lane_max_unsent = LANE_MAX_UNSENT if skip_slow_lanes else 0
+        self.max_queue_delay = max_queue_delay
+        self._stale_log = Debounced(DROP_LOG_WINDOW_SECONDS)
+        self._best_backlog = 0
+        self._retry: asyncio.TimerHandle | None = None
 
     # -- log helper ---------------------------------------------------------
     def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -190,6 +208,16 @@ class Session:
         if due:
             self.log("udp_socket_drop", logging.WARNING, dropped=due)
 
+    def _count_stale(self, n: int) -> None:
+        # Like a router's AQM: datagrams that waited longer than queue.max_delay_ms are
+        # dropped, so the inner TCP sees loss and slows down instead of filling a queue.
+        self.counters.drop("stale", n)
+        due = self._stale_log.hit(n)
+        if due:
+            self.log("queue_drop_stale", logging.INFO, dropped=due,
+                     max_delay_ms=round(self.max_queue_delay * 1000, 1),
+                     queue_len=len(self.queue))
+
     def _count_oldest(self, n: int) -> None:
         self.counters.drop("oldest", n)
         due = self._drop_log.hit(n)
@@ -217,7 +245,18 @@ class Session:
         chunk = self.io_chunk
         numbered = self.tx_numbered and not self._hash
         batches = []  # (arrival of the batch's oldest datagram, datagrams in the batch)
+        max_delay = self.max_queue_delay
         while len(queue) and picker.ready_count:
+            if max_delay:
+                now = time.perf_counter()
+                stale = 0
+                while len(queue) and now - queue.head_stamp > max_delay:
+                    queue.pop()
+                    stale += 1
+                if stale:
+                    self._count_stale(stale)
+                if not len(queue):
+                    break
             batch_stamp = queue.head_stamp
             sent = 0
             if self._hash:
@@ -227,6 +266,12 @@ class Session:
                 # datagrams (at most tcp_buf bytes) in one write. Per-datagram rotation
                 # would cost one TLS record and one send per datagram per lane.
                 lane_id = self._least_backlog_lane() if self.skip_slow_lanes else picker.pick(0)
+                if self.lane_max_unsent and self._best_backlog > self.lane_max_unsent:
+                    # Every lane has enough waiting: keep the rest here, where its age
+                    # is known, and look again shortly.
+                    if self._retry is None:
+                        self._retry = self.loop.call_later(LANE_RETRY_SECONDS, self._retry_flush)
+                    break
                 per_lane = {lane_id: queue.pop_batch(LANE_BURST_PACKETS, chunk)}
             for lane_id, datagrams in per_lane.items():
                 n = len(datagrams)
@@ -248,6 +293,10 @@ class Session:
             hist = c.forward_latency[self.stats.dir_in]
             for stamp, n in batches:
                 hist.observe(now - stamp, n)
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        self._flush()
 
     def _least_backlog_lane(self) -> int:
         """The ready lane with the fewest bytes waiting to be sent (ties: round-robin).
@@ -272,6 +321,7 @@ class Session:
                     best, best_backlog = lane_id, backlog
                     if not backlog:
                         break
+        self._best_backlog = best_backlog
         return best
 
     def _poll_lanes(self, now: float) -> None:

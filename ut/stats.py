@@ -38,6 +38,7 @@ DIRECTIONS = ("up", "down")
 DROP_PATH: dict[str, str] = {
     "udp_socket_full": "socket",  # the kernel dropped it at our full UDP socket (Linux)
     "oldest": "in",  # session queue full (packets or bytes): the oldest datagram made room
+    "stale": "in",  # waited in the session queue longer than queue.max_delay_ms
     "oversize": "in",  # datagram larger than one PDU can carry (logged as pdu_too_large)
     "no_lane": "in",  # still queued when the session closed (idle, linger, shutdown)
     "lane_closed": "in",  # handed to a lane that closed before writing it out
