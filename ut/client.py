@@ -22,14 +22,7 @@ from ._version import __version__
 from .addr import format_addr, parse_addr
 from .config import Config
 from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN, Hello
-from .lane import (
-    LANE_NOTSENT_LOWAT,
-    Lane,
-    set_lane_liveness,
-    set_notsent_lowat,
-    set_sock_buf,
-    set_tcp_options,
-)
+from .lane import Lane, set_lane_liveness, set_tcp_options, tune_connected_lane
 from .logs import event
 from .session import Session, session_options
 from .stats import TunnelStats
@@ -124,10 +117,7 @@ class ClientSession(Session):
                 set_tcp_options(sock, tcp.tcp_nodelay)
                 set_lane_liveness(sock)  # notice a dead path (TCP_USER_TIMEOUT, keepalive)
                 await asyncio.wait_for(loop.sock_connect(sock, addr), tcp.connect_timeout_seconds)
-                # After the handshake, so the SYN offers the usual window scale.
-                set_sock_buf(sock, tcp.sock_buf)
-                if tcp.skip_slow_lanes:
-                    set_notsent_lowat(sock, LANE_NOTSENT_LOWAT)
+                tune_connected_lane(sock, tcp)  # after the SYN: the usual window scale
                 stage = "tls"
                 lane = Lane(self, lane_id, peer=addr, read_chunk=tcp.tcp_buf)
                 await loop.create_connection(

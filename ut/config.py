@@ -146,7 +146,7 @@ class QueueConfig:
     max_packets: int = 4096
     max_bytes: int = 8388608
     drop_policy: str = "oldest"
-    max_delay_ms: float = 20.0
+    max_delay_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "max_packets": KeySpec("int", 4096, check=_range(1, QUEUE_MAX_PACKETS)),
         "max_bytes": KeySpec("int", 8388608, check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES)),
         "drop_policy": KeySpec("enum", "oldest", choices=DROP_POLICIES),
-        "max_delay_ms": KeySpec("float", 20.0, check=_range(0, 10000)),
+        "max_delay_ms": KeySpec("float", 0.0, check=_range(0, 10000)),
     },
     "metrics": {
         "enabled": KeySpec("bool", True),

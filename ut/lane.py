@@ -138,6 +138,15 @@ def set_sock_buf(sock: socket.socket | None, buf_bytes: int) -> None:
         pass
 
 
+def tune_connected_lane(sock: Any, tcp: Any) -> None:
+    """What both roles apply to a lane socket once the TCP handshake is done:
+    ``tcp.sock_buf`` (after the SYN, see ``set_sock_buf``) and, with
+    ``tcp.skip_slow_lanes``, the unsent-backlog bound ``TCP_NOTSENT_LOWAT``."""
+    set_sock_buf(sock, tcp.sock_buf)
+    if tcp.skip_slow_lanes:
+        set_notsent_lowat(sock, LANE_NOTSENT_LOWAT)
+
+
 def set_lane_liveness(sock: socket.socket | None) -> None:
     """Keepalive and ``TCP_USER_TIMEOUT`` on a lane socket (see the constants above).
 

@@ -37,14 +37,7 @@ from .control import (
     decode_control,
 )
 from .errors import ControlError
-from .lane import (
-    LANE_NOTSENT_LOWAT,
-    Lane,
-    set_lane_liveness,
-    set_notsent_lowat,
-    set_sock_buf,
-    set_tcp_options,
-)
+from .lane import Lane, set_lane_liveness, set_tcp_options, tune_connected_lane
 from .logs import Debounced, event
 from .session import Session, session_options
 from .stats import TunnelStats
@@ -216,11 +209,9 @@ class Server:
                 await asyncio.sleep(0.1)
                 continue
             set_tcp_options(conn, nodelay)
-            # Buffer sizes after the handshake, so the SYN-ACK offers the usual window
-            # scale (a listener's small SO_RCVBUF would be inherited before it).
-            set_sock_buf(conn, tcp.sock_buf)
-            if tcp.skip_slow_lanes:
-                set_notsent_lowat(conn, LANE_NOTSENT_LOWAT)
+            # After the handshake, so the SYN-ACK offered the usual window scale (a
+            # listener's small SO_RCVBUF would have been inherited before it).
+            tune_connected_lane(conn, tcp)
             set_lane_liveness(conn)
             while len(self._pending) >= self.max_pending:
                 self._evict_oldest_pending()

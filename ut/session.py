@@ -60,12 +60,12 @@ REORDER_PASS_BYTES = 256
 RELEASE_BURST_PACKETS = 64
 RELEASE_INTERVAL_SECONDS = 0.001
 LANE_POLL_SECONDS = 0.02  # how often lanes' TCP_INFO is read while datagrams flow
-# skip_slow_lanes: a lane with this many bytes waiting to be sent (TLS buffer + kernel
-# unsent queue) takes no more; if every lane has, datagrams wait in the session queue
-# (looked at again every LANE_RETRY_SECONDS), where queue.max_delay_ms drops those that
-# waited too long. Without it a saturated slow uplink queued in the lanes' buffers,
-# unseen: loaded ping p50 110-146 ms on the slow profile against 58-62 ms with it
-# (20 ms RTT bare), the same goodput (bench/README.md, issue 14).
+# queue.max_delay_ms with skip_slow_lanes: a lane with this many bytes waiting to be sent
+# (TLS buffer + kernel unsent queue) takes no more; if every lane has, datagrams wait in
+# the session queue (looked at again every LANE_RETRY_SECONDS), where max_delay_ms drops
+# those that waited too long. Without the cap a saturated slow uplink queues in the
+# lanes' buffers, unseen: loaded ping p50 154 ms on the slow profile against 79 ms with
+# it (bare link 35), the same goodput (bench/README.md, issue 14).
 LANE_MAX_UNSENT = 16 * 1024
 LANE_RETRY_SECONDS = 0.001
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
@@ -146,7 +146,7 @@ class Session:
         # With skip_slow_lanes, a lane takes no more while LANE_MAX_UNSENT bytes wait in
         # it: the rest waits in the session queue, where its age is known and
         # max_queue_delay applies (a lane's kernel and TLS buffers would hide it).
-        self.lane_max_unsent = LANE_MAX_UNSENT if skip_slow_lanes else 0
+        self.lane_max_unsent = LANE_MAX_UNSENT if skip_slow_lanes and max_queue_delay else 0
         self.max_queue_delay = max_queue_delay
         self._stale_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._best_backlog = 0
