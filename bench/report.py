@@ -447,22 +447,19 @@ def default_section(w, prof, order):
     w("")
     w("### Throughput, Mbit/s (median [min–max])")
     w("")
-    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
-    w("|---|" + "---|" * len(tests))
-    for n in R.names:
-        cells = []
-        for t in tests:
-            v = R.values(n, _get("tests", t, "mbps"))
-            errs = sum(
-                1
-                for r in R.recs
-                if r["carrier"] == n and (r.get("tests") or {}).get(t, {}).get("error")
-            )
-            cell = f"{f(med(v))} [{f(min(v))}–{f(max(v))}]" if v else "–"
-            if errs:
-                cell += f" ({errs} failed)" if v else f" **failed {errs}×**"
-            cells.append(cell)
-        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    def throughput(n, t):
+        v = R.values(n, _get("tests", t, "mbps"))
+        errs = sum(
+            1
+            for r in R.recs
+            if r["carrier"] == n and (r.get("tests") or {}).get(t, {}).get("error")
+        )
+        cell = f"{f(med(v))} [{f(min(v))}–{f(max(v))}]" if v else "–"
+        if errs:
+            cell += f" ({errs} failed)" if v else f" **failed {errs}×**"
+        return cell
+
+    _test_table(w, R, tests, throughput)
     w("")
     w("### Throughput ratios (median of per-round ratios)")
     w("")
@@ -746,6 +743,14 @@ OPENVPN = "openvpn"
 LINK_REFS = (DIRECT, OPENVPN, REF, "ut-1lane")
 
 
+def _test_table(w, R, tests, cell) -> None:
+    """A markdown table: one row per carrier, one column per test, ``cell(name, test)``."""
+    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
+    w("|---|" + "---|" * len(tests))
+    for n in R.names:
+        w(f"| `{n}` | " + " | ".join(cell(n, t) for t in tests) + " |")
+
+
 def _test_pings(R, n, t):
     return _pool(R, n, lambda r: _loaded_samples(r, [t]))
 
@@ -858,14 +863,11 @@ def lossy_section(w, prof, order, kind="lossy"):
         w("")
     w("### Loaded ping p50 / p95 by test, ms (all rounds pooled)")
     w("")
-    w("| carrier | " + " | ".join(TEST_LABEL[t] for t in tests) + " |")
-    w("|---|" + "---|" * len(tests))
-    for n in R.names:
-        cells = []
-        for t in tests:
-            s_ = _test_pings(R, n, t)
-            cells.append(f"{f(pct(s_, 50), 1)} / {f(pct(s_, 95), 1)}" if s_ else "–")
-        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    def pings(n, t):
+        s_ = _test_pings(R, n, t)
+        return f"{f(pct(s_, 50), 1)} / {f(pct(s_, 95), 1)}" if s_ else "–"
+
+    _test_table(w, R, tests, pings)
     w("")
     w("### Inner TCP retransmissions (iperf3 sender; median per test)")
     w("")
