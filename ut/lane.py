@@ -54,10 +54,9 @@ LANE_NOTSENT_LOWAT = 32 * 1024
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
 # struct tcp_info (linux/tcp.h): ca_state at byte 1; rto at 8; rtt, rttvar (microseconds)
-# at 68, 72;
-# notsent_bytes at 144 (Linux 4.6+). Older kernels return a shorter struct.
+# at 68, 72. (Unsent bytes come from SIOCOUTQNSD, a cheaper call made per burst.)
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-_TCP_INFO_LEN = 148
+_TCP_INFO_LEN = 104
 _TCP_CA_LOSS = 4  # retransmission timeout: the lane sends nothing new until it recovers
 # ioctl SIOCOUTQNSD (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.
 _SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
@@ -74,7 +73,6 @@ class TcpState(NamedTuple):
     rto_seconds: float  # the retransmission timeout now
     rtt_seconds: float  # smoothed round-trip time
     rttvar_seconds: float  # its mean deviation
-    notsent_bytes: int  # written by us, not yet sent by TCP
 
 
 def set_notsent_lowat(sock: Any, nbytes: int) -> None:
@@ -99,8 +97,7 @@ def tcp_state(sock: Any) -> TcpState | None:
         return None
     rto = struct.unpack_from("=I", raw, 8)[0]
     rtt, rttvar = struct.unpack_from("=II", raw, 68)
-    notsent = struct.unpack_from("=I", raw, 144)[0] if len(raw) >= 148 else 0
-    return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6, notsent)
+    return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6)
 
 
 class LaneOwner(Protocol):

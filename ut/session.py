@@ -20,11 +20,14 @@ dialling and accepting):
   sends are numbered; what a session receives passes through its ``Resequencer``,
   which releases numbered datagrams in order, waiting for a gap at most an adaptive,
   capped time (a timer calls ``_reorder_expire`` at its deadline).
-* Slow lanes (``tcp.skip_slow_lanes``): a lane socket is writable only while its
-  unsent backlog is small (``TCP_NOTSENT_LOWAT``), so a lane whose TCP slowed down
-  pauses and the picker skips it; a lane in RTO recovery is skipped as well (Linux
-  ``TCP_INFO``, read at most every ``LANE_POLL_SECONDS`` while datagrams flow), which
-  also gives the resequencer the lanes' round-trip times.
+* Slow lanes (``tcp.skip_slow_lanes``): each burst goes to the ready lane with the
+  fewest bytes waiting to be sent (``_least_backlog_lane``); a lane socket takes little
+  unsent data (``TCP_NOTSENT_LOWAT``), so a lane whose TCP slowed down pauses; a lane in
+  RTO recovery is left out (Linux ``TCP_INFO``, read at most every
+  ``LANE_POLL_SECONDS`` while datagrams flow, which also tells the resequencer how long
+  a lane may take to repair a loss). With ``queue.max_delay_ms`` a lane takes no more
+  while ``LANE_MAX_UNSENT`` bytes wait in it, and datagrams that aged in the session
+  queue are dropped (``stale``).
 """
 
 from __future__ import annotations
@@ -306,17 +309,16 @@ class Session:
         its datagrams arrive late, behind the others': reordering, or with resequencing,
         waits for every lane. Joining the shortest queue keeps the lanes' delays even.
         """
-        first = self.picker.pick(0)  # advances round-robin: ties go to the next lane
-        best, best_backlog = first, self.lanes[first].unsent_bytes()  # type: ignore[union-attr]
+        picker, lanes = self.picker, self.lanes
+        first = picker.pick(0)  # advances round-robin: ties go to the next lane
+        best, best_backlog = first, lanes[first].unsent_bytes()  # type: ignore[union-attr]
         if best_backlog:
             n = self.n_lanes
             for i in range(1, n):
                 lane_id = (first + i) % n
-                lane = self.lanes[lane_id]
-                if (lane is None or not lane.ready or not lane.writable
-                        or lane_id in self._lanes_skipped):
+                if not picker.is_ready(lane_id):  # open, HELLO done, writable, not skipped
                     continue
-                backlog = lane.unsent_bytes()
+                backlog = lanes[lane_id].unsent_bytes()  # type: ignore[union-attr]
                 if backlog < best_backlog:
                     best, best_backlog = lane_id, backlog
                     if not backlog:
