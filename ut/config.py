@@ -70,6 +70,8 @@ TCP_BUF_MAX = 1024 * 1024
 SOCK_BUF_MIN = 4096
 SOCK_BUF_MAX = 64 * 1024 * 1024
 RESEQUENCE_MAX_WAIT_MS_MAX = 5000.0
+COALESCE_MS_MAX = 20.0  # longer holds would show in every interactive round trip
+ALPN_MAX = 8
 QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any link buffers
 QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
 QUEUE_MAX_BYTES = 1 << 30
@@ -173,6 +175,15 @@ class TlsConfig:
     cert: str
     key: str
     server_name: str | None = None
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """``shaping:`` — what a passive observer sees of each lane write (docs/protocol.md, "Padding")."""
+
+    padding: bool = True
+    coalesce_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,7 @@ class Config:
     tls: TlsConfig
     log: LogConfig
     source: str
+    shaping: ShapingConfig = ShapingConfig()
 
     @property
     def is_client(self) -> bool:
@@ -223,7 +235,8 @@ class Config:
         """The configuration as plain nested dicts, YAML-shaped (``source`` left out)."""
         out: dict[str, Any] = {"role": self.role}
         for section in SECTIONS:
-            out[section] = {f.name: getattr(getattr(self, section), f.name) for f in fields(_SECTION_CLASSES[section])}
+            values = {f.name: getattr(getattr(self, section), f.name) for f in fields(_SECTION_CLASSES[section])}
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -282,7 +295,7 @@ class KeySpec:
     """One configuration key: its type, default, checks, and which roles use it.
 
     ``kind`` is ``int``, ``float``, ``bool``, ``str``, ``enum``, ``addr``,
-    ``path`` or ``name``. ``required`` lists the roles for which the key must be
+    ``path``, ``name`` or ``strlist`` (a list of strings, kept as a tuple). ``required`` lists the roles for which the key must be
     present. ``check`` returns a problem text or ``None``.
     """
 
@@ -357,6 +370,17 @@ def _metrics_path(value: str) -> str | None:
     return None
 
 
+def _alpn(value: tuple[str, ...]) -> str | None:
+    if not 1 <= len(value) <= ALPN_MAX:
+        return f"must list 1 to {ALPN_MAX} protocol names (e.g. [h2, http/1.1]), got {len(value)}"
+    for name in value:
+        if not 1 <= len(name.encode()) <= 255 or not name.isprintable() or not name.isascii():
+            return f"protocol names must be 1 to 255 printable ASCII characters, got {name!r}"
+    if len(set(value)) != len(value):
+        return f"lists a protocol twice: {list(value)}"
+    return None
+
+
 def _server_name(value: str) -> str | None:
     if is_ip(value) or HOSTNAME_RE.fullmatch(value):
         return None
@@ -408,6 +432,11 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "cert": KeySpec("path", None, required=ROLES),
         "key": KeySpec("path", None, required=ROLES),
         "server_name": KeySpec("name", None, _C, check=_server_name),
+        "alpn": KeySpec("strlist", ("h2", "http/1.1"), check=_alpn),
+    },
+    "shaping": {
+        "padding": KeySpec("bool", True),
+        "coalesce_ms": KeySpec("float", 0.0, check=_range(0, COALESCE_MS_MAX)),
     },
     "log": {
         "level": KeySpec("enum", "info", choices=LOG_LEVELS),
@@ -421,6 +450,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "metrics": MetricsConfig,
     "tls": TlsConfig,
     "log": LogConfig,
+    "shaping": ShapingConfig,
 }
 _ALL_KEYS: tuple[str, ...] = ("role",) + SECTIONS + tuple(
     f"{section}.{name}" for section, keys in SCHEMA.items() for name in keys
@@ -596,6 +626,12 @@ def _convert(file: str, dotted: str, spec: KeySpec, value: Any, directory: Path)
             raise fail(f"must be {_choices(spec.choices)}, got {value!r}{_choice_hint(value, spec.choices)}")
         if kind == "name" and not value:
             raise fail("must not be empty (leave the key out to use the server_addr host)")
+    elif kind == "strlist":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise fail(f"must be a list of strings, got {_type_name(value)}")
+        value = tuple(value)
     elif kind == "addr":
         if not isinstance(value, str):
             hint = ' (quote it: "host:port")' if isinstance(value, (int, float)) else ""
@@ -704,5 +740,6 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
         metrics=MetricsConfig(**sections["metrics"]),
         tls=TlsConfig(**sections["tls"]),
         log=LogConfig(**sections["log"]),
+        shaping=ShapingConfig(**sections["shaping"]),
         source=file,
     )
