@@ -50,18 +50,26 @@ import asyncio
 import errno
 import os
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
+from ut.addr import is_ip
 from ut.errors import ConfigError
 
 __all__ = [
     "REASONS",
+    "DEFAULT_ALPN",
+    "ClientContext",
     "server_context",
     "client_context",
+    "sends_sni",
     "peer_cn",
     "own_cn",
     "failure_reason",
 ]
+
+#: What a browser or ``curl`` offers, and the default of ``tls.alpn``.
+DEFAULT_ALPN: tuple[str, ...] = ("h2", "http/1.1")
 
 #: Every word ``failure_reason`` can return.
 REASONS: tuple[str, ...] = (
@@ -136,8 +144,8 @@ def _check_pem(path: str, key: str) -> None:
         raise ConfigError(path, key, f"not a PEM {what}") from None
 
 
-def _base_context(purpose: int) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(purpose)
+def _base_context(purpose: int, cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
+    ctx = cls(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -149,9 +157,18 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(ca_cert: Any, cert: Any, key: Any) -> ssl.SSLContext:
+def server_context(
+    ca_cert: Any, cert: Any, key: Any, *, alpn: Sequence[str] = DEFAULT_ALPN
+) -> ssl.SSLContext:
     """A server context: presents ``cert``/``key``, requires a client certificate
     signed by ``ca_cert`` (and nothing else). TLS 1.2 minimum, 1.3 preferred.
+
+    ``alpn`` (``tls.alpn``) is what the server is willing to select. Python's
+    ALPN callback (``SSL_select_next_proto``) picks the first protocol of *the
+    server's* list that the client also offers; with no overlap it selects none
+    and the handshake goes on, and a client that offers no ALPN (an older
+    ut-tunnel, a scanner) is not asked about it at all. Lanes speak ut-tunnel
+    frames whatever was selected. An empty ``alpn`` selects nothing.
 
     Paths may be ``str`` or path-like. A missing or bad file raises
     ``ConfigError`` naming the file and the key (``tls.ca_cert``, ``tls.cert``,
@@ -161,20 +178,92 @@ def server_context(ca_cert: Any, cert: Any, key: Any) -> ssl.SSLContext:
     """
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
     _load(ctx, ca_cert, cert, key)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
-def client_context(ca_cert: Any, cert: Any, key: Any) -> ssl.SSLContext:
+class ClientContext(ssl.SSLContext):
+    """A client ``SSLContext`` whose connections offer ``resume_session``.
+
+    asyncio's and uvloop's ``create_connection`` take no ``session=``, but both
+    build the connection with ``sslcontext.wrap_bio(...)``: this override passes
+    ``resume_session`` there. One session serves every lane (they all dial the
+    same server with the same context); a session the server no longer accepts
+    (restarted, ticket expired) just costs a full handshake. ``None`` (the
+    start) offers nothing to resume.
+    """
+
+    resume_session: ssl.SSLSession | None = None
+
+    def wrap_bio(  # type: ignore[override]
+        self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+        server_hostname: str | None = None, session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and not server_side:
+            session = self.resume_session
+        return super().wrap_bio(incoming, outgoing, server_side=server_side,
+                                server_hostname=server_hostname, session=session)
+
+
+def client_context(
+    ca_cert: Any, cert: Any, key: Any, *, alpn: Sequence[str] = DEFAULT_ALPN
+) -> ClientContext:
     """A client context: presents ``cert``/``key``, verifies the server's chain
     against ``ca_cert`` only and its name (``check_hostname``; pass
     ``server_hostname=`` when connecting). TLS 1.2 minimum, 1.3 preferred.
 
+    Its ClientHello is ``curl``'s on the same OpenSSL (same JA4, see
+    ``_like_curl``), offering ``alpn`` (``tls.alpn``) in that order. Set
+    ``resume_session`` (``ClientContext``) to resume a session on later
+    connections.
+
     >>> ctx = client_context("/etc/ut/ca.pem", "/etc/ut/home.pem", "/etc/ut/home.key")
     """
-    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, ClientContext)
     ctx.check_hostname = True
     _load(ctx, ca_cert, cert, key)
-    return ctx
+    _like_curl(ctx)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx  # type: ignore[return-value]
+
+
+def _like_curl(ctx: ssl.SSLContext) -> None:
+    """Make the ClientHello the one ``curl`` sends through the same OpenSSL.
+
+    A DPI engine files a hello under its JA4 (tests/test_tls_hello.py compares
+    ours with curl's). Python's own client hello differs from curl's in three
+    ways, each undone here:
+
+    - cipher suites: Python narrows the TLS 1.2 list (no CBC, no RSA key
+      exchange); curl keeps OpenSSL's ``DEFAULT``. We offer ``DEFAULT`` too. It
+      costs nothing: our server keeps Python's strict list and its own order, and
+      TLS 1.3 (what two ut-tunnel ends speak) ignores the 1.2 list. The
+      security level Python set (``@SECLEVEL=2``) stays.
+    - session_ticket (0x0023): curl sets ``SSL_OP_NO_TICKET``, which drops that
+      TLS 1.2 extension. TLS 1.3 resumption (what lanes use) does not need it.
+    - post_handshake_auth (0x0031): curl offers it, Python only when asked.
+
+    What still differs, outside JA4: curl's supported_versions also lists TLS
+    1.1 and 1.0; ours starts at 1.2 (the spec's minimum), and the padding
+    extension absorbs the 4 bytes, so the record is the same length. The
+    key_share, groups, signature algorithms and extension order are OpenSSL's
+    and so already curl's.
+    """
+    ctx.set_ciphers("DEFAULT")
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.post_handshake_auth = True
+
+
+def sends_sni(server_hostname: str | None) -> bool:
+    """Whether a client connecting with ``server_hostname`` sends SNI.
+
+    Python (like OpenSSL's callers generally) never puts an IP address into
+    SNI, so a client dialling ``203.0.113.7`` with no ``tls.server_name`` sends
+    a ClientHello without one, which browsers never do and an observer notices.
+    """
+    return bool(server_hostname) and not is_ip(server_hostname.strip("[]"))  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------- identity
