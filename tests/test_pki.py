@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.certs import make_test_pki
@@ -56,7 +57,7 @@ def test_init_writes_ca_and_server_files_with_modes(tmp_path: Path) -> None:
 
     ca = pki.load_cert(paths["ca"])
     server = pki.load_cert(paths["server_cert"])
-    assert pki.cert_cn(ca) == "ut-tunnel CA"
+    assert pki.cert_cn(ca) == "vpn.example.com Root CA"
     assert pki.cert_cn(server) == "vpn.example.com"
     assert server.issuer == ca.subject
     assert _eku(server) == [ExtendedKeyUsageOID.SERVER_AUTH]
@@ -164,11 +165,140 @@ def test_cert_summary(tmp_path: Path) -> None:
     pki.init_pki(tmp_path, "localhost", ips=["127.0.0.1"])
     cert_path, _ = pki.issue_client(tmp_path, "home")
     s = pki.cert_summary(cert_path)
-    assert s["cn"] == "home" and s["issuer"] == "ut-tunnel CA"
+    assert s["cn"] == "home" and s["issuer"] == "localhost Root CA"
     assert s["expired"] is False and s["is_ca"] is False
     assert dt.datetime.fromisoformat(s["not_after"]) > dt.datetime.now(dt.timezone.utc)
     server = pki.cert_summary(tmp_path / "server.pem")
     assert server["san"] == ["localhost", "127.0.0.1"]
+
+
+# ------------------------------------------------------- neutral certificates
+
+
+_PRODUCT = (b"ut-tunnel", b"ut tunnel", b"ut_tunnel", b"uttunnel")
+
+
+def _cert_texts(path: Path) -> list[bytes]:
+    """Every form of the certificate at ``path`` a prober could read: DER, PEM, text dumps."""
+    cert = pki.load_cert(path)
+    texts = [
+        cert.public_bytes(serialization.Encoding.DER),
+        path.read_bytes(),
+        cert.subject.rfc4514_string().encode(),
+        cert.issuer.rfc4514_string().encode(),
+        repr(list(cert.extensions)).encode(),
+        format(cert.serial_number, "x").encode(),
+    ]
+    if OPENSSL is not None:
+        dump = subprocess.run([OPENSSL, "x509", "-in", str(path), "-noout", "-text"],
+                              capture_output=True, check=True)
+        texts.append(dump.stdout)
+    return texts
+
+
+def test_no_certificate_names_the_product(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "pki"
+    assert pki.run_pki(_parse(["pki", "init", str(d), "--server-name", "vpn.example.com",
+                               "--ip", "203.0.113.7"])) == 0
+    assert pki.run_pki(_parse(["pki", "client", str(d), "home"])) == 0
+    capsys.readouterr()
+    for name in ("ca.pem", "server.pem", "home.pem"):
+        for text in _cert_texts(d / name):
+            for word in _PRODUCT:
+                assert word not in text.lower(), f"{name} says {word!r}"
+    assert pki.cert_cn(pki.load_cert(d / "ca.pem")) == "vpn.example.com Root CA"
+
+
+def test_default_ca_name() -> None:
+    assert pki.default_ca_name("vpn.example.com") == "vpn.example.com Root CA"
+    assert pki.default_ca_name("203.0.113.7") == "203.0.113.7 Root CA"
+    # Too long for a CN: leading labels go first.
+    long_name = "a" * 30 + "." + "b" * 30 + ".example.com"
+    assert pki.default_ca_name(long_name) == "b" * 30 + ".example.com Root CA"
+    assert pki.default_ca_name("c" * 60) == "Root CA"
+    for name in (long_name, "c" * 60, "x.y"):
+        assert len(pki.default_ca_name(name)) <= 64
+    # The trimmed name is a valid CN.
+    assert len(pki.cert_cn(pki.make_ca(pki.default_ca_name(long_name))[0])) <= 64
+
+
+def test_cli_ca_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "pki"
+    assert pki.run_pki(_parse(["pki", "init", str(d), "--server-name", "vpn.example.com",
+                               "--ca-name", "Example Corp Internal CA"])) == 0
+    assert "CN=Example Corp Internal CA" in capsys.readouterr().out
+    assert pki.run_pki(_parse(["pki", "client", str(d), "home"])) == 0
+    ca = pki.load_cert(d / "ca.pem")
+    assert pki.cert_cn(ca) == "Example Corp Internal CA"
+    for leaf in ("server.pem", "home.pem"):
+        assert pki.load_cert(d / leaf).issuer == ca.subject
+    assert pki.run_pki(_parse(["pki", "init", str(d / "x"), "--server-name", "a", "--ca-name", ""])) == 1
+    assert "bad CA name" in capsys.readouterr().err
+    with pytest.raises(pki.PkiError, match="bad CA name"):
+        pki.init_pki(tmp_path / "y", "localhost", ca_cn="x" * 65)
+
+
+def test_leaf_lifetime_is_at_most_398_days_and_the_ca_lives_10_years(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert pki.LEAF_DAYS <= 398
+    d = tmp_path / "pki"
+    assert pki.run_pki(_parse(["pki", "init", str(d), "--server-name", "localhost"])) == 0
+    assert pki.run_pki(_parse(["pki", "client", str(d), "home"])) == 0
+    capsys.readouterr()
+
+    def lifetime(name: str) -> dt.timedelta:
+        cert = pki.load_cert(d / name)
+        return cert.not_valid_after_utc - cert.not_valid_before_utc
+
+    for leaf in ("server.pem", "home.pem"):
+        assert dt.timedelta(days=pki.LEAF_DAYS) <= lifetime(leaf) <= dt.timedelta(days=398), leaf
+    assert lifetime("ca.pem") >= dt.timedelta(days=3650)
+
+
+def test_a_pki_made_the_old_way_still_connects(tmp_path: Path) -> None:
+    """CA "ut-tunnel CA", 825-day leaves: what `pki init`/`pki client` made before."""
+    from ut import tls
+
+    paths = pki.init_pki(tmp_path, "localhost", ips=["127.0.0.1"], days=825, ca_cn="ut-tunnel CA")
+    cert_path, key_path = pki.issue_client(tmp_path, "home", days=825)
+    assert pki.cert_cn(pki.load_cert(paths["ca"])) == "ut-tunnel CA"
+    leaf = pki.load_cert(cert_path)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc >= dt.timedelta(days=825)
+    server_ctx = tls.server_context(paths["ca"], paths["server_cert"], paths["server_key"])
+    client_ctx = tls.client_context(paths["ca"], cert_path, key_path)
+    server, client = _memory_handshake(server_ctx, client_ctx, "localhost")
+    assert tls.peer_cn(server) == "home"
+    assert tls.peer_cn(client) == "localhost"
+
+
+def _memory_handshake(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A whole handshake between two contexts in memory (no sockets, no threads)."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {id(client): False, id(server): False}
+    for _ in range(10):
+        for obj in (client, server):
+            if not done[id(obj)]:
+                try:
+                    obj.do_handshake()
+                    done[id(obj)] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    assert all(done.values()), "the handshake did not finish"
+    # TLS 1.3: the server judges the client's certificate after the client is done;
+    # one read each way surfaces a refusal.
+    client.write(b"x")
+    s_in.write(c_out.read())
+    assert server.read(1) == b"x"
+    return server, client
 
 
 # -------------------------------------------------------------- chain checks

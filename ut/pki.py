@@ -14,6 +14,13 @@ Authority Key Identifiers, ExtendedKeyUsage (``serverAuth`` or ``clientAuth``)
 and, on server certificates, a SubjectAlternativeName that always contains the
 server name: hostname checks read the SAN, never the CN.
 
+Certificates look like those of any private PKI: nothing in them names this
+software. The CA is called ``<server name> Root CA`` unless ``--ca-name`` /
+``ca_cn`` says otherwise (``default_ca_name``), and leaf certificates live 397
+days by default (``LEAF_DAYS``), under the 398 days a public website's may; the
+CA lives 10 years. (What a handshake *sends* is ut/tls.py's business: the leaf
+and any intermediate, not the root.)
+
 Files: a PKI directory that ``init_pki`` creates is mode 0700; private keys are
 written mode 0600 and are never world-readable, not even for an instant (they are created 0600 under a temporary name, then renamed into
 place); certificates are written 0644.
@@ -47,6 +54,7 @@ __all__ = [
     "SERVER_CERT_FILE",
     "SERVER_KEY_FILE",
     "PkiError",
+    "default_ca_name",
     "make_ca",
     "make_cert",
     "write_cert",
@@ -68,7 +76,10 @@ SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server.key"
 
 CA_DAYS = 3650
-LEAF_DAYS = 825  # the longest leaf lifetime browsers ever accepted; a sane ceiling here too
+# Leaf certificates: 397 days (+ the 5-minute backdate) stays under the 398-day
+# ceiling browsers have enforced on public certificates since 2020, so a leaf's
+# lifetime looks like any website's. (825 before: PKIs made then keep working.)
+LEAF_DAYS = 397
 # Certificates start this long in the past so a peer whose clock is a little
 # behind does not see a brand-new certificate as "not yet valid".
 _BACKDATE = _dt.timedelta(minutes=5)
@@ -77,6 +88,8 @@ _BACKDATE = _dt.timedelta(minutes=5)
 # characters (the X.509 upper bound for a CN). Safe in a file name, a CN, a
 # metric label and a log line.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The X.509 upper bound for a CN (RFC 5280 ub-common-name).
+_MAX_CN = 64
 # Names whose files init_pki owns.
 _RESERVED_NAMES = frozenset({"ca", "server"})
 
@@ -114,8 +127,31 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+def default_ca_name(server_name: str) -> str:
+    """The CA's name when none is given: ``"<server_name> Root CA"``.
+
+    Named after the server, like a company's private CA, and different for every
+    PKI: a fixed default would be one more string shared by every installation.
+    Leading DNS labels are dropped if needed to fit the 64-character CN limit.
+
+    >>> default_ca_name("vpn.example.com")
+    'vpn.example.com Root CA'
+    """
+    suffix = " Root CA"
+    name = server_name
+    while len(name) + len(suffix) > _MAX_CN and "." in name:
+        name = name.split(".", 1)[1]
+    return name + suffix if len(name) + len(suffix) <= _MAX_CN else "Root CA"
+
+
+def _check_ca_name(cn: str) -> str:
+    if not isinstance(cn, str) or not cn.strip() or len(cn) > _MAX_CN or not cn.isprintable():
+        raise PkiError(f"bad CA name {cn!r}: use 1-{_MAX_CN} printable characters")
+    return cn
+
+
 def make_ca(
-    cn: str = "ut-tunnel CA",
+    cn: str = "Root CA",
     *,
     not_before: _dt.datetime | None = None,
     not_after: _dt.datetime | None = None,
@@ -385,14 +421,15 @@ def init_pki(
     *,
     dns: Sequence[str] = (),
     ca_days: int = CA_DAYS,
-    ca_cn: str = "ut-tunnel CA",
+    ca_cn: str | None = None,
     force: bool = False,
 ) -> dict[str, Path]:
     """Create a PKI in ``directory``: a CA and the server's certificate.
 
     Writes ``ca.pem``, ``ca.key``, ``server.pem``, ``server.key``. The server
     certificate's CN is ``server_name`` and its SAN holds ``server_name``,
-    ``dns`` and ``ips``; it is valid ``days`` days, the CA ``ca_days``. Refuses
+    ``dns`` and ``ips``; it is valid ``days`` days, the CA ``ca_days``. The
+    CA's CN is ``ca_cn``, by default ``default_ca_name(server_name)``. Refuses
     (PkiError) when ``ca.pem`` or ``ca.key`` already exists unless ``force``:
     a new CA invalidates every client certificate issued so far.
 
@@ -409,6 +446,7 @@ def init_pki(
             raise PkiError(f"bad IP address {ip!r}")
     if days <= 0 or ca_days <= 0:
         raise PkiError("days must be a positive number")
+    ca_cn = _check_ca_name(default_ca_name(server_name) if ca_cn is None else ca_cn)
     root = Path(directory)
     paths = {
         "ca": root / CA_CERT_FILE,
@@ -538,7 +576,8 @@ def add_pki_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="create a CA and the server certificate in DIR",
         description=(
             "Create ca.pem, ca.key, server.pem and server.key in DIR. Copy ca.pem and "
-            "server.* to the server; keep ca.key private (it signs client certificates)."
+            "server.* to the server; keep ca.key private (it signs client certificates). "
+            "No certificate names this software."
         ),
     )
     init.add_argument("dir", metavar="DIR", help="directory for the PKI (created mode 0700 if missing)")
@@ -549,6 +588,10 @@ def add_pki_parser(subparsers: Any) -> argparse.ArgumentParser:
     init.add_argument(
         "--ip", action="append", default=[], metavar="IP",
         help="an extra IP address for the server certificate's SAN (repeatable)",
+    )
+    init.add_argument(
+        "--ca-name", metavar="NAME", default=None,
+        help="the CA's name (its CN, which peers see as the issuer); default '<server-name> Root CA'",
     )
     init.add_argument(
         "--days", type=_positive_int, default=LEAF_DAYS,
@@ -596,7 +639,10 @@ def run_pki(args: argparse.Namespace, *, out: Any = None, err: Any = None) -> in
     err = err if err is not None else sys.stderr
     try:
         if args.pki_command == "init":
-            paths = init_pki(args.dir, args.server_name, ips=args.ip, days=args.days, force=args.force)
+            paths = init_pki(
+                args.dir, args.server_name, ips=args.ip, days=args.days,
+                ca_cn=args.ca_name, force=args.force,
+            )
             print(f"wrote a new PKI in {args.dir}:", file=out)
             _describe(paths["ca"], out)
             print(f"  {paths['ca_key']}  (CA private key, mode 0600: keep it off the servers)", file=out)

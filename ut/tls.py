@@ -47,9 +47,12 @@ out (pinned down in ``tests/test_tls.py``).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import functools
 import os
 import ssl
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,6 +126,103 @@ def _load(ctx: ssl.SSLContext, ca_cert: Any, cert: Any, key: Any) -> None:
                 key_path, "tls.key", f"this key does not belong to the certificate {cert_path}"
             ) from None
         raise ConfigError(cert_path, "tls.cert", f"cannot use certificate and key ({text})") from None
+    _send_chain_without_root(ctx)
+
+
+# ------------------------------------------------------------- chain we send
+#
+# A handshake must not send our root CA. OpenSSL's "auto chain" completes the
+# chain we send from the context's trust store when the certificate file holds
+# only the leaf, and that store holds ca_cert (we need it to verify the peer):
+# so without help every lane sends the private CA, whose name and self-signature
+# a TLS 1.2 observer reads in clear, and which no ordinary HTTPS server sends
+# (a peer must already have the root to trust it). Python's ssl module exposes
+# neither SSL_CTX_set_mode nor SSL_CTX_build_cert_chain, so this calls the
+# latter through ctypes, once per context, after the certificate and ca_cert are
+# loaded: OpenSSL builds the chain the way auto chain would (certificates in the
+# certificate file first, then ca_cert), drops a self-signed root at the end, and
+# stores the result as the context's explicit chain, which turns auto chain off.
+# So a leaf signed by the root is sent alone, and an intermediate CA (in the
+# certificate file or in ca_cert) is still sent. Where this cannot be done safely
+# (another Python, a statically linked OpenSSL without exported symbols, an
+# unexpected object layout) it does nothing: the lanes work as before and send
+# the root too.
+
+# From openssl/ssl.h (unchanged since OpenSSL 1.0.2).
+_SSL_CTRL_BUILD_CERT_CHAIN = 105
+_SSL_BUILD_CHAIN_FLAG_UNTRUSTED = 0x1    # use the certificate file's extra certificates
+_SSL_BUILD_CHAIN_FLAG_NO_ROOT = 0x2      # leave out a self-signed root
+_SSL_BUILD_CHAIN_FLAG_IGNORE_ERROR = 0x8  # an incomplete chain is fine: send what there is
+_SSL_BUILD_CHAIN_FLAG_CLEAR_ERROR = 0x10  # ... and leave no errors on OpenSSL's queue
+_BUILD_FLAGS = (
+    _SSL_BUILD_CHAIN_FLAG_UNTRUSTED
+    | _SSL_BUILD_CHAIN_FLAG_NO_ROOT
+    | _SSL_BUILD_CHAIN_FLAG_IGNORE_ERROR
+    | _SSL_BUILD_CHAIN_FLAG_CLEAR_ERROR
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _libssl() -> Any | None:
+    """The OpenSSL that Python's ``_ssl`` module runs on, via ctypes; None if unavailable.
+
+    Opening ``_ssl``'s own file (already loaded) and looking symbols up through
+    it finds the libssl that ``_ssl`` is linked to (or the copy built into it),
+    never another OpenSSL that happens to be on the system.
+    """
+    if sys.implementation.name != "cpython":
+        return None  # the SSL_CTX pointer is read from CPython's object layout
+    try:
+        import _ssl
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        ctrl, get_options, clear_error = lib.SSL_CTX_ctrl, lib.SSL_CTX_get_options, lib.ERR_clear_error
+    except (ImportError, OSError, AttributeError, TypeError):
+        return None
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    ctrl.restype = ctypes.c_long
+    get_options.argtypes = [ctypes.c_void_p]
+    get_options.restype = ctypes.c_uint64
+    clear_error.argtypes = []
+    clear_error.restype = None
+    return lib
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: Any) -> int | None:
+    """The ``SSL_CTX *`` behind ``ctx``, or None if it cannot be found with confidence.
+
+    CPython's context object is ``{PyObject_HEAD; SSL_CTX *ctx; ...}``
+    (Modules/_ssl.c, the same since Python 3.0); ``object.__basicsize__`` is
+    the size of PyObject_HEAD on this build (bigger on free-threaded builds).
+    The pointer is trusted only if OpenSSL reports for it the same options as
+    Python does for ``ctx``.
+    """
+    offset = object.__basicsize__
+    if type(ctx).__basicsize__ < offset + ctypes.sizeof(ctypes.c_void_p):
+        return None
+    ptr = ctypes.c_void_p.from_address(id(ctx) + offset).value
+    if not ptr or lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        return None
+    return int(ptr)
+
+
+def _send_chain_without_root(ctx: ssl.SSLContext) -> bool:
+    """Make ``ctx`` send its certificate chain without the root CA (see above).
+
+    Call it once the certificate, its key and the CAs are loaded. Returns True
+    if the chain was set, False if nothing was changed. Never raises.
+    """
+    try:
+        lib = _libssl()
+        ptr = _ssl_ctx_pointer(ctx, lib) if lib is not None else None
+        if ptr is None:
+            return False
+        if lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_BUILD_CERT_CHAIN, _BUILD_FLAGS, None) == 0:
+            lib.ERR_clear_error()  # a failure leaves the chain as it was (auto chain)
+            return False
+        return True
+    except Exception:  # an improvement to what is sent, never a reason to fail
+        return False
 
 
 def _check_pem(path: str, key: str) -> None:
