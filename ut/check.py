@@ -73,7 +73,7 @@ def check_config(path: str, *, out: IO[str] | None = None, err: IO[str] | None =
     try:
         cfg = load_config(path)
         make = tls.client_context if cfg.is_client else tls.server_context
-        make(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key)
+        make(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key, alpn=cfg.tls.alpn)
     except ConfigError as exc:
         print(f"ut-tunnel check: configuration error: {exc}", file=err)
         return EXIT_INVALID
@@ -83,6 +83,10 @@ def check_config(path: str, *, out: IO[str] | None = None, err: IO[str] | None =
         facts = _tls_facts(cfg)
     except Exception as exc:  # noqa: BLE001 - informative only; the context loaded above
         facts = [f"(could not describe the certificates: {exc})"]
+    if cfg.is_client and not tls.sends_sni(cfg.tls_server_name):
+        facts.append(f"WARNING: tls.server_name {cfg.tls_server_name} is an IP address, so the "
+                     "ClientHello carries no SNI (an observer flags that): set tls.server_name "
+                     "to the DNS name in the server certificate")
     for line in facts:
         print(f"# {line}", file=out)
     print(f"# OK: {path} is a valid {cfg.role} configuration", file=out)

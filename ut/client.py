@@ -1,8 +1,14 @@
 """The client role: a local UDP port for WireGuard, N lanes dialled to the server.
 
-The first datagram dials all lanes at once; datagrams wait in the session
-queue until a lane has exchanged HELLO. Lanes lost while traffic flows are
-re-dialled at once, then with exponential backoff while dialling fails. After
+The first datagram dials the first missing lane at once; once the server has
+answered its HELLO (so its TLS 1.3 session tickets have arrived), the other
+lanes follow, each after its own random delay (``LANE_STAGGER_SECONDS``), and
+resume that TLS session (``ut.tls.ClientContext``): N lanes opening in
+lock-step with N full handshakes is a pattern no browser makes. Datagrams wait
+in the session queue until a lane has exchanged HELLO. Lanes lost while other
+lanes carry traffic are re-dialled after such a delay, resuming too; when none
+is left the first again goes alone and at once. Dialling that fails backs off
+exponentially. After
 ``idle_seconds`` without payload the lanes close; the next datagram rebuilds
 them. The session id is fixed for the life of a ``Client``, so the server keeps
 the same UDP port towards its WireGuard for us across lane rebuilds.
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import socket
 import ssl
@@ -26,8 +33,13 @@ from .lane import Lane, set_lane_liveness, set_tcp_options, tune_connected_lane
 from .logs import event
 from .session import Session, session_options
 from .stats import TunnelStats
-from .tls import client_context, failure_reason, own_cn
+from .tls import ClientContext, client_context, failure_reason, own_cn, sends_sni
 from .udp import UdpPort, open_udp_socket
+
+#: Each lane after the first of a session waits a uniform random time in this range
+#: (seconds) before it dials: lanes then open like a browser's connections, spread
+#: over a fraction of a second, not in lock-step. The first lane never waits.
+LANE_STAGGER_SECONDS: tuple[float, float] = (0.010, 0.250)
 
 
 class _RefusedByServer(Exception):
@@ -59,6 +71,7 @@ class ClientSession(Session):
         self._dialer: asyncio.Task | None = None
         self._acks: dict[Lane, asyncio.Future] = {}
         self._lost_slots: set[int] = set()
+        self._opening_resumed: bool | None = None  # for the lane_open event being logged
 
     # -- UDP side -----------------------------------------------------------
     def on_udp_batch(self, batch: list) -> None:
@@ -85,9 +98,7 @@ class ClientSession(Session):
                 slots = self._missing_slots()
                 if not slots:
                     return
-                results = await asyncio.gather(
-                    *(self._dial_one(i) for i in slots), return_exceptions=True
-                )
+                results = await self._dial_round(slots)
                 if self.closed or self.idle:
                     return
                 ok = sum(1 for r in results if r is True)
@@ -101,10 +112,30 @@ class ClientSession(Session):
         finally:
             self._dialer = None
 
-    async def _dial_one(self, lane_id: int) -> bool:
+    async def _dial_round(self, slots: list[int]) -> list[Any]:
+        """Dial ``slots``: with no lane up, the first alone and at once, then (once it
+        is up and its TLS session known) the rest; each of those after its own delay."""
+        results: list[Any] = []
+        if self.active_lanes == 0:
+            first = await self._dial_one(slots[0])
+            results.append(first)
+            # The server's HELLO may have lowered target_lanes: dial no more than it takes.
+            slots = [i for i in slots[1:] if i < self.target_lanes] if first is True else []
+        if slots:
+            results += await asyncio.gather(
+                *(self._dial_one(i, delay=random.uniform(*LANE_STAGGER_SECONDS)) for i in slots),
+                return_exceptions=True,
+            )
+        return results
+
+    async def _dial_one(self, lane_id: int, delay: float = 0.0) -> bool:
         client = self.client
         tcp = self.cfg.tcp
         loop = self.loop
+        if delay > 0:
+            await asyncio.sleep(delay)
+            if self.closed or self.idle or self.lanes[lane_id] is not None:
+                return False
         t0 = loop.time()
         stage = "connect"
         lane: Lane | None = None
@@ -215,9 +246,20 @@ class ClientSession(Session):
                 # A client session counts as active while it has a lane up.
                 self.counters.sessions_active += 1
             self.active_lanes += 1
-            self.lane_up(lane)
+            self._opening_resumed = self.client.keep_tls_session(lane)
+            try:
+                self.lane_up(lane)
+            finally:
+                self._opening_resumed = None
             return
         super().on_control(lane, msg, flags)
+
+    def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
+        # lane_open is written by Session.lane_up, which does not know about TLS
+        # sessions: add whether this lane resumed one.
+        if name == "lane_open" and self._opening_resumed is not None:
+            fields["tls_resumed"] = self._opening_resumed
+        super().log(name, level, **fields)
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         self.active_lanes -= 1
@@ -272,7 +314,7 @@ class Client:
         )
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.session: ClientSession | None = None
-        self.ssl_context: ssl.SSLContext | None = None
+        self.ssl_context: ClientContext | None = None
         self.server_addr: tuple[str, int] = parse_addr(config.tcp.server_addr)
         self.server_name = config.tls.server_name or self.server_addr[0]
         self.metrics: Any = None
@@ -283,7 +325,8 @@ class Client:
         """Bind the UDP port, start metrics; lanes are dialled on the first datagram."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
-        self.ssl_context = client_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key)
+        self.ssl_context = client_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
+                                          alpn=cfg.tls.alpn)
         client_cn = own_cn(cfg.tls.cert)
         self.session = ClientSession(
             self, client_cn=client_cn, session_id=secrets.randbits(64),
@@ -305,6 +348,24 @@ class Client:
             client_cn=client_cn, session_id=f"{self.session.session_id:016x}",
             udp_listen=format_addr(self.udp_address), config=cfg.summary(),
         )
+        if not sends_sni(self.server_name):
+            event(
+                "no_sni", logging.WARNING, role="client", server_name=self.server_name,
+                err=(f"the server name {self.server_name!r} is an IP address, which TLS never "
+                     "sends as SNI: every lane's ClientHello goes without one, which ordinary "
+                     "HTTPS clients do not do and an observer flags; set tls.server_name to the "
+                     "DNS name in the server certificate"),
+            )
+
+    def keep_tls_session(self, lane: Lane) -> bool | None:
+        """Note ``lane``'s TLS session for the next lanes to resume (its HELLO has been
+        answered, so TLS 1.3 tickets have arrived); return whether it resumed one."""
+        obj = lane.transport.get_extra_info("ssl_object") if lane.transport else None
+        if obj is None or self.ssl_context is None:
+            return None
+        if obj.session is not None:
+            self.ssl_context.resume_session = obj.session
+        return bool(obj.session_reused)
 
     def _udp_error(self, exc: OSError) -> None:
         event("udp_error", logging.DEBUG, role="client", err=str(exc))

@@ -158,7 +158,8 @@ class Server:
         """Listen for lanes and serve metrics."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
-        self.ssl_context = server_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key)
+        self.ssl_context = server_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
+                                          alpn=cfg.tls.alpn)
         host, port = parse_addr(cfg.tcp.listen_addr)
         infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                             flags=socket.AI_PASSIVE)
