@@ -51,6 +51,8 @@ class ProxiedConn:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
     closed: bool = False
     lag_ms: float = 0.0  # extra one-way latency of this connection alone
+    # Every byte forwarded, per direction, when the proxy records (FaultProxy(record=True)).
+    seen: dict[str, bytearray] = field(default_factory=lambda: {d: bytearray() for d in DIRECTIONS})
 
     def abort(self) -> None:
         self.closed = True
@@ -69,8 +71,9 @@ class FaultProxy:
     """A TCP proxy from 127.0.0.1:<port> to ``target`` with faults on demand."""
 
     def __init__(self, target: tuple[str, int], *, delay_ms: float = 0.0,
-                 rate_bps: float = 0.0, listen_port: int = 0) -> None:
+                 rate_bps: float = 0.0, listen_port: int = 0, record: bool = False) -> None:
         self.target = target
+        self.record = record  # keep a copy of every byte forwarded (ProxiedConn.seen)
         self.delay_ms = delay_ms
         self.rate_bps = rate_bps
         self.refuse = False
@@ -176,6 +179,8 @@ class FaultProxy:
                 if conn.closed:
                     return
                 writer.write(data)
+                if self.record:
+                    conn.seen[direction] += data
                 conn.bytes[direction] += len(data)
                 self.bytes[direction] += len(data)
                 await writer.drain()

@@ -136,6 +136,7 @@ def test_pki_then_tunnel_processes_then_sigterm(tmp_path):
         assert data == b"ping"
         echo.sendto(b"pong", back)
         assert wg.recvfrom(65535)[0] == b"pong"
+        client.wait_event("lane_open", count=3)  # lanes after the first dial with a stagger
         assert client.stop() == 0
         # The server saw the client's GOODBYE on every lane.
         server.wait_event("lane_close", count=3)

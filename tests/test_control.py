@@ -145,7 +145,7 @@ def test_unencodable_text_is_replaced():
     [
         (b"", "empty"),
         (b"\x00", "unknown_kind"),
-        (b"\x04\x00", "unknown_kind"),
+        (b"\x05\x00", "unknown_kind"),
         (b"\xff", "unknown_kind"),
         (b"\x01", "bad_length"),
         (bytes.fromhex("01 0102030405060708 0003 00"), "bad_length"),

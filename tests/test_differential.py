@@ -44,6 +44,7 @@ PUBLIC = [
     "MAGIC", "VERSION", "TYPE_DATA", "TYPE_CTRL", "HEADER_LEN", "MAX_PAYLOAD", "HAVE_MMSG",
     "HAVE_GSO", "encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
     "recv_batch", "send_batch", "encode_data_seq", "FLAG_SEQ", "SEQ_LEN", "Resequencer",
+    "pad_frame", "FLAG_PAD", "KIND_PAD",
 ]
 
 
@@ -68,7 +69,7 @@ def _members(obj):
 @pytest.mark.parametrize(
     "name",
     ["encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
-     "recv_batch", "send_batch", "encode_data_seq", "Resequencer"],
+     "recv_batch", "send_batch", "encode_data_seq", "Resequencer", "pad_frame"],
 )
 def test_same_docstrings(fp_compiled, fp_pure, name):
     c, p = getattr(fp_compiled, name), getattr(fp_pure, name)
@@ -213,6 +214,25 @@ def test_encode_data_agrees(fp_compiled, fp_pure, grams):
     assert outcome(fp_compiled.encode_data, grams) == outcome(fp_pure.encode_data, grams)
     mixed = [bytearray(g) if i % 2 else memoryview(g) for i, g in enumerate(grams)]
     assert outcome(fp_compiled.encode_data, mixed) == outcome(fp_pure.encode_data, grams)
+
+
+PADS = st.integers(-3, 600) | st.sampled_from([65533, 65534, 65535, 65536])
+
+
+@SETTINGS
+@given(grams=st.lists(st.binary(max_size=100), max_size=8), pad=PADS,
+       seq=st.integers(0, 2**32 - 1))
+def test_padding_agrees(fp_compiled, fp_pure, grams, pad, seq):
+    # A PAD frame after the datagrams, in both encoders, and alone.
+    assert outcome(fp_compiled.encode_data, grams, pad) == outcome(fp_pure.encode_data, grams, pad)
+    assert outcome(fp_compiled.encode_data_seq, grams, seq, pad) == outcome(
+        fp_pure.encode_data_seq, grams, seq, pad)
+    assert outcome(fp_compiled.pad_frame, pad) == outcome(fp_pure.pad_frame, pad)
+    if 0 <= pad < 65535:
+        data = fp_pure.encode_data(grams, pad)
+        frames = fp_compiled.Deframer().feed(data)
+        assert [p for t, _f, p in frames if t == fp_pure.TYPE_DATA] == grams
+        assert frames[-1] == (fp_pure.TYPE_CTRL, 0, bytes([fp_pure.KIND_PAD]) + bytes(pad))
 
 
 # -- ring queue -----------------------------------------------------------------------

@@ -86,7 +86,8 @@ def test_constants(fp):
 
 def test_doc_has_the_vectors():
     for name in ("data-empty", "data-hello", "ctrl-hello", "ctrl-goodbye-idle",
-                 "ctrl-err-lane-range", "data-seq", "ctrl-hello-seq"):
+                 "ctrl-err-lane-range", "data-seq", "ctrl-hello-seq", "ctrl-pad",
+                 "ctrl-hello-seq-pad", "write-padded"):
         assert name in VECTORS, f"docs/protocol.md lacks test vector {name!r}"
 
 
@@ -98,6 +99,20 @@ def test_numbered_data_and_hello_vectors(fp):
     r.feed(fp.Deframer().feed(VECTORS["data-seq"]), 0.0)  # number 7 while 0 is expected
     assert r.held == 1
     assert control_frame(Hello(0x0102030405060708, 3, 5), fp.FLAG_SEQ) == VECTORS["ctrl-hello-seq"]
+
+
+def test_padding_vectors(fp):
+    from ut.control import Hello, Pad, control_frame, decode_control
+
+    assert fp.pad_frame(3) == VECTORS["ctrl-pad"]
+    ((ftype, flags, payload),) = fp.Deframer().feed(VECTORS["ctrl-pad"])
+    assert (ftype, flags) == (fp.TYPE_CTRL, 0) and decode_control(payload) == Pad(3)
+    hello = Hello(0x0102030405060708, 3, 5)
+    assert control_frame(hello, fp.FLAG_SEQ | fp.FLAG_PAD) == VECTORS["ctrl-hello-seq-pad"]
+    assert fp.encode_data_seq([b"hi"], 7, 2) == (VECTORS["write-padded"], 8)
+    assert fp.encode_data_seq([b"hi"], 7)[0] + fp.pad_frame(2) == VECTORS["write-padded"]
+    assert fp.Deframer().feed(VECTORS["write-padded"]) == [
+        (fp.TYPE_DATA, fp.FLAG_SEQ, b"\x00\x00\x00\x07hi"), (fp.TYPE_CTRL, 0, b"\x04\x00\x00")]
 
 
 def test_data_vectors_encode_byte_for_byte(fp):

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from tests.certs import TestPki, make_test_pki
+from ut import pki as pki_mod
 from ut import tls
 from ut.errors import ConfigError
 
@@ -256,7 +257,7 @@ def test_context_settings(pki: TestPki) -> None:
         # Only our CA: no system trust store.
         assert ctx.cert_store_stats()["x509_ca"] == 1
         assert [dict(x[0] for x in ca["subject"])["commonName"] for ca in ctx.get_ca_certs()] == [
-            "ut-tunnel CA"
+            pki_mod.cert_cn(pki_mod.load_cert(pki.ca))
         ]
     assert c.check_hostname is True
     assert s.check_hostname is False

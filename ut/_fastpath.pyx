@@ -44,7 +44,10 @@ __all__ = [
     "encode_frame",
     "encode_data",
     "encode_data_seq",
+    "pad_frame",
     "FLAG_SEQ",
+    "FLAG_PAD",
+    "KIND_PAD",
     "SEQ_LEN",
     "Deframer",
     "RingQueue",
@@ -63,10 +66,13 @@ HEADER_LEN = UT_HEADER_LEN
 MAX_PAYLOAD = UT_MAX_PAYLOAD
 FLAG_SEQ = 0x01
 SEQ_LEN = 4
+FLAG_PAD = 0x02
+KIND_PAD = 0x04
 
 cdef enum:
     _SEQ_LEN = 4
     _FLAG_SEQ = 0x01
+    _KIND_PAD = 0x04
 
 include "_fp_framing.pxi"
 include "_fp_ring.pxi"

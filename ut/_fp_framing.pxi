@@ -41,18 +41,49 @@ def encode_frame(int ftype, payload, int flags=0):
         PyBuffer_Release(&view)
 
 
-def encode_data(datagrams):
+cdef inline Py_ssize_t _pad_total(Py_ssize_t pad) except -1:
+    # Bytes of the PAD frame that ``pad`` asks for: none for pad < 0.
+    if pad < 0:
+        return 0
+    if pad >= UT_MAX_PAYLOAD:
+        raise ValueError(f"pad {pad!r} out of range 0..{UT_MAX_PAYLOAD - 1}")
+    return UT_HEADER_LEN + 1 + pad
+
+
+cdef inline void _write_pad(uint8_t* out, Py_ssize_t pad) noexcept:
+    ut_write_header(out, UT_TYPE_CTRL, 0, <uint32_t>(pad + 1))
+    out[UT_HEADER_LEN] = _KIND_PAD
+    memset(out + UT_HEADER_LEN + 1, 0, pad)
+
+
+def pad_frame(Py_ssize_t pad):
+    """Return one PAD control frame: a CTRL frame whose payload is ``KIND_PAD`` and ``pad``
+    zero bytes (``pad`` 0 .. ``MAX_PAYLOAD - 1``, else ``ValueError``). Receivers discard it.
+
+    >>> pad_frame(2).hex()
+    '555401100000000003040000'
+    """
+    cdef bytes frame
+    if pad < 0:
+        raise ValueError(f"pad {pad!r} out of range 0..{UT_MAX_PAYLOAD - 1}")
+    frame = PyBytes_FromStringAndSize(NULL, _pad_total(pad))
+    _write_pad(<uint8_t*>PyBytes_AS_STRING(frame), pad)
+    return frame
+
+
+def encode_data(datagrams, Py_ssize_t pad=-1):
     """Return every datagram of ``datagrams`` as consecutive DATA frames in one ``bytes``.
 
     One datagram is one DATA frame (SPEC: a datagram is never split). Items are bytes-like,
     each at most ``MAX_PAYLOAD`` bytes, else ``ValueError`` and nothing is encoded.
+    ``pad`` >= 0 appends one PAD control frame (``pad_frame(pad)``) after the datagrams.
 
     >>> encode_data([b"a", b""]).hex()
     '55540101000000000161555401010000000000'
     """
     cdef list items = datagrams if type(datagrams) is list else list(datagrams)
     cdef Py_ssize_t count = len(items)
-    cdef Py_ssize_t i, n, total = 0
+    cdef Py_ssize_t i, n, total = 0, padding
     cdef bint all_bytes = True
     cdef object d
     cdef bytes frame
@@ -69,7 +100,8 @@ def encode_data(datagrams):
             n = memoryview(d).nbytes
         _check_len(n)
         total += UT_HEADER_LEN + n
-    frame = PyBytes_FromStringAndSize(NULL, total)
+    padding = _pad_total(pad)
+    frame = PyBytes_FromStringAndSize(NULL, total + padding)
     out = <uint8_t*>PyBytes_AS_STRING(frame)
     stop = out + total
     # Pass 2: headers and payloads. A non-bytes item is re-measured: its size must not have
@@ -92,16 +124,19 @@ def encode_data(datagrams):
         out += UT_HEADER_LEN + n
     if out != stop:
         raise ValueError("datagram changed size while being encoded")
+    if padding:
+        _write_pad(out, pad)
     return frame
 
 
-def encode_data_seq(datagrams, seq):
+def encode_data_seq(datagrams, seq, Py_ssize_t pad=-1):
     """Like ``encode_data``, but numbers the datagrams ``seq, seq + 1, ...`` (mod 2**32).
 
     Each numbered frame has ``FLAG_SEQ`` set and its payload is the sequence number
     (u32, big-endian) followed by the datagram. A datagram too long to carry its number
     (more than ``MAX_PAYLOAD - SEQ_LEN`` bytes) goes out as a plain DATA frame and takes
-    no number. Returns ``(frames, next_seq)``. ``seq`` must be 0..2**32-1.
+    no number. Returns ``(frames, next_seq)``. ``seq`` must be 0..2**32-1. ``pad`` as in
+    ``encode_data``.
 
     >>> encode_data_seq([b"hi"], 7)[0].hex()
     '555401010100000006000000076869'
@@ -110,7 +145,7 @@ def encode_data_seq(datagrams, seq):
     """
     cdef list items = datagrams if type(datagrams) is list else list(datagrams)
     cdef Py_ssize_t count = len(items)
-    cdef Py_ssize_t i, n, total = 0
+    cdef Py_ssize_t i, n, total = 0, padding
     cdef object d
     cdef bytes frame
     cdef uint8_t* out
@@ -126,7 +161,8 @@ def encode_data_seq(datagrams, seq):
         n = PyBytes_GET_SIZE(d) if type(d) is bytes else memoryview(d).nbytes
         _check_len(n)
         total += UT_HEADER_LEN + n + (_SEQ_LEN if n <= UT_MAX_PAYLOAD - _SEQ_LEN else 0)
-    frame = PyBytes_FromStringAndSize(NULL, total)
+    padding = _pad_total(pad)
+    frame = PyBytes_FromStringAndSize(NULL, total + padding)
     out = <uint8_t*>PyBytes_AS_STRING(frame)
     stop = out + total
     for i in range(count):
@@ -152,6 +188,8 @@ def encode_data_seq(datagrams, seq):
             PyBuffer_Release(&view)
     if out != stop:
         raise ValueError("datagram changed size while being encoded")
+    if padding:
+        _write_pad(out, pad)
     return frame, s
 
 

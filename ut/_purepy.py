@@ -53,7 +53,10 @@ __all__ = [
     "encode_frame",
     "encode_data",
     "encode_data_seq",
+    "pad_frame",
     "FLAG_SEQ",
+    "FLAG_PAD",
+    "KIND_PAD",
     "SEQ_LEN",
     "Deframer",
     "RingQueue",
@@ -75,6 +78,12 @@ MAX_PAYLOAD = 65535
 FLAG_SEQ = 0x01
 #: Bytes of the sequence number in front of a numbered datagram.
 SEQ_LEN = 4
+#: HELLO frame flag: "I understand PAD frames, pad what you send me" (docs/protocol.md,
+#: "Padding").
+FLAG_PAD = 0x02
+#: The control kind of a PAD frame: its body is padding, which receivers discard.
+KIND_PAD = 0x04
+_PAD_KIND_BYTE = bytes([KIND_PAD])
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
 HAVE_MMSG = False
 _SOL_UDP = 17  # IPPROTO_UDP
@@ -141,11 +150,12 @@ def encode_frame(ftype: int, payload: Any, flags: int = 0) -> bytes:
         return _HEADER_PACK(MAGIC, VERSION, ftype, flags, n) + view.tobytes()
 
 
-def encode_data(datagrams: list) -> bytes:
+def encode_data(datagrams: list, pad: int = -1) -> bytes:
     """Return every datagram of ``datagrams`` as consecutive DATA frames in one ``bytes``.
 
     One datagram is one DATA frame (SPEC: a datagram is never split). Items are bytes-like,
     each at most ``MAX_PAYLOAD`` bytes, else ``ValueError`` and nothing is encoded.
+    ``pad`` >= 0 appends one PAD control frame (``pad_frame(pad)``) after the datagrams.
 
     >>> encode_data([b"a", b""]).hex()
     '55540101000000000161555401010000000000'
@@ -158,7 +168,21 @@ def encode_data(datagrams: list) -> bytes:
             raise ValueError(f"payload of {n} bytes > MAX_PAYLOAD ({MAX_PAYLOAD})")
         append(_HEADER_PACK(MAGIC, VERSION, TYPE_DATA, 0, n))
         append(d)
+    if pad >= 0:
+        append(pad_frame(pad))
     return b"".join(parts)
+
+
+def pad_frame(pad: int) -> bytes:
+    """Return one PAD control frame: a CTRL frame whose payload is ``KIND_PAD`` and ``pad``
+    zero bytes (``pad`` 0 .. ``MAX_PAYLOAD - 1``, else ``ValueError``). Receivers discard it.
+
+    >>> pad_frame(2).hex()
+    '555401100000000003040000'
+    """
+    if not 0 <= pad < MAX_PAYLOAD:
+        raise ValueError(f"pad {pad!r} out of range 0..{MAX_PAYLOAD - 1}")
+    return _HEADER_PACK(MAGIC, VERSION, TYPE_CTRL, 0, pad + 1) + _PAD_KIND_BYTE + bytes(pad)
 
 
 _SEQ_PACK = struct.Struct(">2sBBBII").pack  # a numbered DATA header: header + seq u32
@@ -166,13 +190,14 @@ _SEQ_UNPACK_FROM = struct.Struct(">I").unpack_from
 _SEQ_MASK = 0xFFFFFFFF
 
 
-def encode_data_seq(datagrams: list, seq: int) -> tuple[bytes, int]:
+def encode_data_seq(datagrams: list, seq: int, pad: int = -1) -> tuple[bytes, int]:
     """Like ``encode_data``, but numbers the datagrams ``seq, seq + 1, ...`` (mod 2**32).
 
     Each numbered frame has ``FLAG_SEQ`` set and its payload is the sequence number
     (u32, big-endian) followed by the datagram. A datagram too long to carry its number
     (more than ``MAX_PAYLOAD - SEQ_LEN`` bytes) goes out as a plain DATA frame and takes
-    no number. Returns ``(frames, next_seq)``. ``seq`` must be 0..2**32-1.
+    no number. Returns ``(frames, next_seq)``. ``seq`` must be 0..2**32-1. ``pad`` as in
+    ``encode_data``.
 
     >>> encode_data_seq([b"hi"], 7)[0].hex()
     '555401010100000006000000076869'
@@ -193,6 +218,8 @@ def encode_data_seq(datagrams: list, seq: int) -> tuple[bytes, int]:
             append(_SEQ_PACK(MAGIC, VERSION, TYPE_DATA, FLAG_SEQ, n + SEQ_LEN, seq))
             seq = (seq + 1) & _SEQ_MASK
         append(d)
+    if pad >= 0:
+        append(pad_frame(pad))
     return b"".join(parts), seq
 
 

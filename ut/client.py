@@ -163,8 +163,10 @@ class ClientSession(Session):
             stage = "hello"
             ack = loop.create_future()
             self._acks[lane] = ack
+            # Padded even before we know the server pads: an older server ignores the
+            # PAD frame, and an unpadded first write would give the lane away.
             lane.send_control(Hello(self.session_id, lane_id, self.n_lanes),
-                              fastpath.FLAG_SEQ if self.resequence else 0)
+                              self.hello_flags(), pad=self.padding)
             done, _ = await asyncio.wait(
                 {ack, lane.lost}, timeout=tcp.hello_timeout_seconds,
                 return_when=asyncio.FIRST_COMPLETED,
@@ -237,8 +239,9 @@ class ClientSession(Session):
                 ack.set_result(False)
                 return
             ack.set_result(True)
-            # The server asked for numbered DATA (it resequences what we send).
-            self.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
+            # The server asked for numbered DATA (it resequences what we send) and
+            # says whether it understands PAD frames.
+            self.peer_hello(lane, flags)
             if lane.lane_id in self._lost_slots:
                 self._lost_slots.discard(lane.lane_id)
                 self.counters.lane_reconnects += 1

@@ -30,6 +30,7 @@ __all__ = [
     "KIND_HELLO",
     "KIND_GOODBYE",
     "KIND_ERR",
+    "KIND_PAD",
     "GOODBYE_SHUTDOWN",
     "GOODBYE_IDLE",
     "GOODBYE_REPLACED",
@@ -45,6 +46,7 @@ __all__ = [
     "Hello",
     "Goodbye",
     "Err",
+    "Pad",
     "ControlMessage",
     "encode_control",
     "control_frame",
@@ -54,6 +56,7 @@ __all__ = [
 KIND_HELLO = 0x01
 KIND_GOODBYE = 0x02
 KIND_ERR = 0x03
+KIND_PAD = fastpath.KIND_PAD  # 0x04: padding, discarded (docs/protocol.md, "Padding")
 
 GOODBYE_SHUTDOWN = 0  # the peer is stopping
 GOODBYE_IDLE = 1  # no payload for idle_seconds; the next datagram rebuilds the lanes
@@ -143,7 +146,18 @@ class Err:
         return ERR_CODES.get(self.code, "unknown")
 
 
-ControlMessage = Hello | Goodbye | Err
+@dataclass(frozen=True)
+class Pad:
+    """Padding: ``length`` bytes that the receiver discards (docs/protocol.md, "Padding").
+    Its only job is to change the length of the lane write it ends."""
+
+    length: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("length", self.length, 0, fastpath.MAX_PAYLOAD - 1)
+
+
+ControlMessage = Hello | Goodbye | Err | Pad
 
 
 def _truncate_utf8(text: str, limit: int) -> bytes:
@@ -171,6 +185,8 @@ def encode_control(msg: ControlMessage) -> bytes:
         return _ERR_HEAD.pack(KIND_ERR, msg.code) + _truncate_utf8(
             msg.message, ERR_MESSAGE_MAX_BYTES
         )
+    if isinstance(msg, Pad):
+        return bytes([KIND_PAD]) + bytes(msg.length)
     raise TypeError(f"not a control message: {type(msg).__name__}")
 
 
@@ -178,7 +194,8 @@ def control_frame(msg: ControlMessage, flags: int = 0) -> bytes:
     """Return ``msg`` as a whole CTRL frame, ready to write to a lane.
 
     ``flags``: the frame's Flags byte; on HELLO, ``fastpath.FLAG_SEQ`` asks the peer for
-    numbered DATA frames (docs/protocol.md, "Sequence numbers").
+    numbered DATA frames (docs/protocol.md, "Sequence numbers") and ``fastpath.FLAG_PAD``
+    says "I understand PAD frames" ("Padding").
     """
     return fastpath.encode_frame(fastpath.TYPE_CTRL, encode_control(msg), flags)
 
@@ -190,6 +207,8 @@ def decode_control(payload: bytes | bytearray | memoryview) -> ControlMessage:
     >>> decode_control(bytes.fromhex("0201"))
     Goodbye(reason=1)
     """
+    if len(payload) and payload[0] == KIND_PAD:
+        return Pad(len(payload) - 1)  # the body is not read: any bytes will do
     data = bytes(payload)
     if not data:
         raise ControlError("empty", "CTRL frame with no payload")

@@ -36,7 +36,10 @@ __all__ = [
     "encode_frame",
     "encode_data",
     "encode_data_seq",
+    "pad_frame",
     "FLAG_SEQ",
+    "FLAG_PAD",
+    "KIND_PAD",
     "SEQ_LEN",
     "Deframer",
     "Resequencer",
@@ -57,10 +60,12 @@ def _no_extensions() -> bool:
 if TYPE_CHECKING:
     # Type checkers read the typed pure-Python twin; the compiled module has the same API.
     from ut._purepy import (
+        FLAG_PAD,
         FLAG_SEQ,
         HAVE_GSO,
         HAVE_MMSG,
         HEADER_LEN,
+        KIND_PAD,
         MAGIC,
         MAX_PAYLOAD,
         SEQ_LEN,
@@ -75,6 +80,7 @@ if TYPE_CHECKING:
         encode_data_seq,
         encode_frame,
         flow_key,
+        pad_frame,
         recv_batch,
         send_batch,
     )
@@ -85,10 +91,12 @@ else:
     if not _no_extensions():
         try:
             from ut._fastpath import (
+                FLAG_PAD,
                 FLAG_SEQ,
                 HAVE_GSO,
                 HAVE_MMSG,
                 HEADER_LEN,
+                KIND_PAD,
                 MAGIC,
                 MAX_PAYLOAD,
                 SEQ_LEN,
@@ -103,6 +111,7 @@ else:
                 encode_data_seq,
                 encode_frame,
                 flow_key,
+                pad_frame,
                 recv_batch,
                 send_batch,
             )
@@ -112,10 +121,12 @@ else:
             pass
     if IMPLEMENTATION == "pure":
         from ut._purepy import (
+            FLAG_PAD,
             FLAG_SEQ,
             HAVE_GSO,
             HAVE_MMSG,
             HEADER_LEN,
+            KIND_PAD,
             MAGIC,
             MAX_PAYLOAD,
             SEQ_LEN,
@@ -130,6 +141,7 @@ else:
             encode_data_seq,
             encode_frame,
             flow_key,
+            pad_frame,
             recv_batch,
             send_batch,
         )

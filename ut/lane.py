@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 from . import fastpath
 from .control import Goodbye, control_frame
+from .shaping import pad_length
 
 # Above this many bytes waiting in the TLS transport the lane reports itself
 # busy and the picker skips it, so a backlog builds in the session queue
@@ -183,10 +184,12 @@ class Lane(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.deframer = fastpath.Deframer()
         self.ready = False  # HELLO exchanged: may carry DATA
+        self.pad_writes = False  # the peer understands PAD frames: end each write with one
         self.writable = True  # transport below its high-water mark
         self.closing = False
         self.tx_frames = 0
         self.tx_bytes = 0
+        self.tx_pad_bytes = 0  # PAD frames written (shaping.padding), not in tx_bytes
         self.rx_frames = 0
         self.rx_bytes = 0
         self.rx_bytes_counted = 0  # part of rx_bytes already added to the session's counters
@@ -251,8 +254,9 @@ class Lane(asyncio.BufferedProtocol):
         self.owner.lane_lost(self, exc)
 
     # -- writing --------------------------------------------------------
-    def write(self, data: bytes, frames: int) -> bool:
-        """Write ``frames`` already-encoded frames in one TLS write.
+    def write(self, data: bytes, frames: int, pad_bytes: int = 0) -> bool:
+        """Write ``frames`` already-encoded frames in one TLS write; the last
+        ``pad_bytes`` of ``data`` are a PAD frame (counted apart, in ``tx_pad_bytes``).
 
         Returns False (and writes nothing) when the lane is closing or its
         transport is: the caller must count those frames as dropped
@@ -262,16 +266,24 @@ class Lane(asyncio.BufferedProtocol):
         if transport is None or self.closing or transport.is_closing():
             return False
         self.tx_frames += frames
-        self.tx_bytes += len(data)
+        self.tx_bytes += len(data) - pad_bytes
+        self.tx_pad_bytes += pad_bytes
         transport.write(data)
         return True
 
-    def send_control(self, msg: Any, flags: int = 0) -> None:
+    def send_control(self, msg: Any, flags: int = 0, pad: bool | None = None) -> None:
+        """Write one control message. It ends with a PAD frame when ``pad`` is true, or,
+        for ``pad=None``, when this lane pads its writes (``pad_writes``)."""
         if self.transport is not None and not self.transport.is_closing():
             frame = control_frame(msg, flags)
-            # Lane totals count every frame both ways (DATA and CTRL), like rx_*.
+            # Lane totals count every frame both ways (DATA and CTRL), like rx_*;
+            # padding is counted apart.
             self.tx_frames += 1
             self.tx_bytes += len(frame)
+            if self.pad_writes if pad is None else pad:
+                padding = fastpath.pad_frame(pad_length(len(frame)))
+                self.tx_pad_bytes += len(padding)
+                frame += padding
             self.transport.write(frame)
 
     def close(self, goodbye_reason: int | None = None, reason: str = "") -> None:

@@ -343,9 +343,9 @@ class Server:
         lane.lane_id = hello.lane_id
         # FLAG_SEQ on the client's HELLO: it resequences, so number what we send it;
         # on ours: number what you send us (docs/protocol.md, "Sequence numbers").
-        session.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
-        lane.send_control(Hello(hello.session_id, hello.lane_id, n),
-                          fastpath.FLAG_SEQ if session.resequence else 0)
+        # FLAG_PAD: it understands PAD frames, so our writes to it end with one.
+        session.peer_hello(lane, flags)
+        lane.send_control(Hello(hello.session_id, hello.lane_id, n), session.hello_flags())
         session.admit(lane)
         if len(frames) > 1:
             session.lane_frames(lane, frames[1:])

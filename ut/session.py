@@ -39,10 +39,11 @@ from typing import Any
 
 from . import fastpath
 from .addr import format_addr
-from .control import GOODBYE_REPLACED, Goodbye, Hello, decode_control
+from .control import GOODBYE_REPLACED, KIND_PAD, Goodbye, Hello, decode_control
 from .errors import ControlError, FrameError
 from .lane import Lane, tcp_state
 from .logs import Debounced, event
+from .shaping import PAD_FRAME_OVERHEAD, pad_length
 from .stats import Counters, TunnelStats
 
 FLUSH_BATCH_PACKETS = 512  # hash strategy: datagrams per picker pass
@@ -75,6 +76,8 @@ DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
 MAX_PAYLOAD = fastpath.MAX_PAYLOAD
 HEADER_LEN = fastpath.HEADER_LEN
+SEQ_LEN = fastpath.SEQ_LEN
+_PAD_KIND = bytes([KIND_PAD])
 
 
 def session_options(cfg: Any) -> dict[str, Any]:
@@ -87,6 +90,7 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "resequence_max_wait": tcp.resequence_max_wait_ms / 1000.0,
         "skip_slow_lanes": tcp.skip_slow_lanes,
         "max_queue_delay": cfg.queue.max_delay_ms / 1000.0,
+        "padding": cfg.shaping.padding,
     }
 
 
@@ -111,6 +115,7 @@ class Session:
         resequence_max_wait: float = 0.2,
         skip_slow_lanes: bool = False,
         max_queue_delay: float = 0.0,
+        padding: bool = False,
     ) -> None:
         self.loop = loop
         self.stats = stats
@@ -143,6 +148,8 @@ class Session:
         # Sending: number our DATA frames once the peer asked for it (its HELLO).
         self.tx_numbered = False
         self.tx_seq = 0
+        # Pad each lane write (shaping.padding) on lanes whose peer understands PAD frames.
+        self.padding = padding
         self.skip_slow_lanes = skip_slow_lanes
         self._lanes_polled_at = 0.0
         self._lanes_skipped: set[int] = set()  # lane ids left out while in RTO recovery
@@ -154,6 +161,17 @@ class Session:
         self._stale_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._best_backlog = 0
         self._retry: asyncio.TimerHandle | None = None
+
+    # -- HELLO flags (docs/protocol.md, "Sequence numbers" and "Padding") -------
+    def hello_flags(self) -> int:
+        """Flags for our HELLO: ask for numbered DATA if we resequence; we understand PAD."""
+        return (fastpath.FLAG_SEQ if self.resequence else 0) | fastpath.FLAG_PAD
+
+    def peer_hello(self, lane: Lane, flags: int) -> None:
+        """Apply the flags of the peer's HELLO on ``lane``: number what we send if it
+        asked; pad our writes on this lane if it understands PAD frames and we pad."""
+        self.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
+        lane.pad_writes = self.padding and bool(flags & fastpath.FLAG_PAD)
 
     # -- log helper ---------------------------------------------------------
     def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -278,15 +296,22 @@ class Session:
                 per_lane = {lane_id: queue.pop_batch(LANE_BURST_PACKETS, chunk)}
             for lane_id, datagrams in per_lane.items():
                 n = len(datagrams)
+                lane = lanes[lane_id]
+                pad = -1
+                if lane.pad_writes:  # type: ignore[union-attr]
+                    pad = pad_length(sum(map(len, datagrams)) + n * (
+                        HEADER_LEN + SEQ_LEN if numbered else HEADER_LEN))
                 if numbered:
-                    data, self.tx_seq = fastpath.encode_data_seq(datagrams, self.tx_seq)
+                    data, self.tx_seq = fastpath.encode_data_seq(datagrams, self.tx_seq, pad)
                 else:
-                    data = fastpath.encode_data(datagrams)
-                if not lanes[lane_id].write(data, n):  # type: ignore[union-attr]
+                    data = fastpath.encode_data(datagrams, pad)
+                padding = pad + PAD_FRAME_OVERHEAD if pad >= 0 else 0
+                if not lane.write(data, n, padding):  # type: ignore[union-attr]
                     c.drop("lane_closed", n)  # a closing TLS transport would discard them
                     continue
                 c.lane_tx_frames[lane_id] += n
-                c.lane_tx_bytes[lane_id] += len(data)
+                # DATA frames only, as on the receiving side: padding is not counted.
+                c.lane_tx_bytes[lane_id] += len(data) - padding
                 sent += n
             batches.append((batch_stamp, sent))
         if batches:
@@ -490,6 +515,8 @@ class Session:
             c.udp_out_bytes += nbytes
 
     def _control(self, lane: Lane, payload: bytes, flags: int = 0) -> None:
+        if payload[:1] == _PAD_KIND:
+            return  # padding (docs/protocol.md, "Padding"): one ends most peer writes
         try:
             msg = decode_control(payload)
         except ControlError as err:
@@ -552,7 +579,7 @@ class Session:
             "lane_close", lane_id=lane.lane_id, reason=reason,
             err=repr(exc) if exc else None,
             tx_frames=lane.tx_frames, rx_frames=lane.rx_frames,
-            tx_bytes=lane.tx_bytes, rx_bytes=lane.rx_bytes,
+            tx_bytes=lane.tx_bytes, rx_bytes=lane.rx_bytes, tx_pad_bytes=lane.tx_pad_bytes,
         )
         # What the lane carried and did not deliver will never come: stop waiting for it
         # (datagrams that other lanes still bring come late, and are still delivered).
