@@ -545,6 +545,21 @@ table inet utbed {{
             self.run(self.cloud, ["wg", "set", self.cloud.wg_if, "peer", h.wg_pub, "remove"])
             self._add_peers(h)
 
+    def new_handshake(self, home: Node | str | None = None) -> None:
+        """Make ``home`` (default: every home) start a fresh WireGuard session: remove and
+        re-add the peers (same keys), the cloud's side first. With ``keepalive`` set a home
+        initiates as soon as its peer is added, and this order lets that first initiation
+        be answered (``reset_wireguard`` adds the home's side first)."""
+        c = self.cloud
+        homes = [home if isinstance(home, Node) else self.node(home)] if home else self.home_nodes
+        for h in homes:
+            ka = ["persistent-keepalive", str(self.keepalive)] if self.keepalive else []
+            self.run(h, ["wg", "set", h.wg_if, "peer", c.wg_pub, "remove"])
+            self.run(c, ["wg", "set", c.wg_if, "peer", h.wg_pub, "remove"])
+            self.run(c, ["wg", "set", c.wg_if, "peer", h.wg_pub, "allowed-ips", f"{h.wg_ip}/32"])
+            self.run(h, ["wg", "set", h.wg_if, "peer", c.wg_pub, "endpoint", h.endpoint,
+                         "allowed-ips", f"{c.wg_ip}/32", *ka])
+
     def _wg_show(self, n: Node, what: str) -> dict[str, list[str]]:
         res = self.run(n, ["wg", "show", n.wg_if, what])
         out = {}
@@ -642,6 +657,33 @@ table inet utbed {{
         res = self.run(node, ["curl", "-sS", "--fail", "--max-time", "3",
                               f"http://127.0.0.1:{port}{path}"], timeout=10)
         return parse_metrics(res.stdout)
+
+    def start_capture(
+        self,
+        node: Node | str,
+        iface: str,
+        path: str | os.PathLike,
+        bpf: str = "",
+        snaplen: int = 262144,
+        wait: float = 10,
+    ) -> subprocess.Popen:
+        """``tcpdump`` in ``node`` on ``iface`` writing a pcap to ``path`` (whole packets up
+        to ``snaplen``, each written as it comes); returns once tcpdump is capturing.
+        ``stop()`` ends it (SIGTERM: tcpdump writes what it has and closes the file).
+        Needs ``tcpdump`` (not in ``REQUIRED_TOOLS``)."""
+        n = node if isinstance(node, Node) else self.node(node)
+        cmd = ["tcpdump", "-i", iface, "-n", "-U", "-Z", "root", "-s", str(snaplen),
+               "-w", str(path)] + ([bpf] if bpf else [])
+        proc = self.spawn(n, cmd, name=f"tcpdump-{n.name}-{iface}")
+        deadline = time.monotonic() + wait
+        while "listening on" not in self.log_text(proc):
+            if proc.poll() is not None:
+                raise BedError(f"tcpdump exited with {proc.returncode}: {self.log_text(proc)}")
+            if time.monotonic() > deadline:
+                raise BedError(f"tcpdump on {n}:{iface} not capturing after {wait}s: "
+                               f"{self.log_text(proc)}")
+            time.sleep(0.02)
+        return proc
 
     # ------------------------------------------------------------------ ut-tunnel helpers
     def pki(self, server_name: str = "ut-cloud", clients: tuple[str, ...] | None = None) -> Path:
