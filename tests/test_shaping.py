@@ -170,3 +170,52 @@ def test_without_padding_each_size_has_its_own_record_length(pki):
     for size, lengths in by_size.items():
         numbered = size + fastpath.HEADER_LEN + fastpath.SEQ_LEN
         assert set(lengths) == {numbered + TLS13_OVERHEAD}, (size, set(lengths))
+
+
+# -- coalescing ----------------------------------------------------------------------------
+
+async def _records_for_bursts(pki, coalesce_ms: float, bursts: int = 10, per_burst: int = 4):
+    """Send ``bursts`` bursts of small datagrams (a few ms apart within a burst) through a
+    one-lane tunnel; return (client records per burst, round trip of the first datagram)."""
+    echo = UdpEcho().start()
+    server = ut.Server(server_config(pki, echo.address, lanes=1))
+    await server.start()
+    proxy = await FaultProxy(server.address[:2], record=True).start()
+    extra = {"shaping": {"coalesce_ms": coalesce_ms}}
+    client = ut.Client(client_config(pki, proxy.address, lanes=1, _extra=extra))
+    await client.start()
+    peer = await UdpPeer.open(client.udp_address[:2])
+    loop = asyncio.get_running_loop()
+    try:
+        peer.send(b"\x04" + bytes(31))
+        await peer.recv()
+        (conn,) = proxy.live
+        per_burst_records, rtts = [], []
+        for _ in range(bursts):
+            before = len(app_record_lengths(bytes(conn.seen["up"])))
+            t0 = loop.time()
+            for i in range(per_burst):
+                peer.send(b"\x04" + bytes(31 + i))
+                await asyncio.sleep(0.001)
+            await peer.recv()
+            rtts.append(loop.time() - t0)
+            await peer.drain(per_burst - 1)
+            await asyncio.sleep(0.005)
+            per_burst_records.append(len(app_record_lengths(bytes(conn.seen["up"]))) - before)
+        return per_burst_records, rtts
+    finally:
+        peer.close()
+        await client.close()
+        await server.close()
+        await proxy.close()
+        echo.close()
+
+
+def test_coalescing_puts_a_burst_of_small_datagrams_in_fewer_records(pki):
+    plain, _ = run_on("uvloop", _records_for_bursts(pki, 0))
+    held, rtts = run_on("uvloop", _records_for_bursts(pki, 15))
+    assert sorted(plain)[len(plain) // 2] >= 3  # one record per datagram, or nearly
+    assert sorted(held)[len(held) // 2] == 1, held  # the burst shares one write
+    # ... and the hold is bounded: the first datagram waits at most coalesce_ms (plus
+    # the loopback round trip and scheduling).
+    assert sorted(rtts)[len(rtts) // 2] < 0.015 + 0.030, rtts

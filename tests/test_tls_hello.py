@@ -396,6 +396,9 @@ async def tapped_tunnel(pki: Any, lanes: int) -> AsyncIterator[tuple[Any, HelloT
         echo.close()
 
 
+_RAW_HELLOS: list[bytes] = []
+
+
 def _client_opens(cap: Any) -> list[dict]:
     return [e for e in cap.named("lane_open") if e["role"] == "client"]
 
@@ -416,6 +419,7 @@ def test_later_lanes_resume_the_first_lanes_session(pki, loop):
                 # The server knows who a resumed lane belongs to (the CN is in the session).
                 cns = [tls.peer_cn(lane.transport) for lane in server_lanes]
                 hellos = [J.parse_client_hello(raw) for raw in tap.raw]
+                _RAW_HELLOS[:] = tap.raw
         return _client_opens(cap), sorted(resumed), cns, hellos
 
     opens, resumed, cns, hellos = run_on(loop, main())
@@ -431,6 +435,10 @@ def test_later_lanes_resume_the_first_lanes_session(pki, loop):
         assert _without(hello.extensions, PSK, PADDING) == _without(first.extensions, PADDING)
         assert (hello.ciphers, hello.groups, hello.sig_algs, hello.alpn, hello.sni) == (
             first.ciphers, first.groups, first.sig_algs, first.alpn, first.sni)
+    # The server issues stateful tickets (a short id, not the whole session with the
+    # client certificate in it): a resuming hello is a browser-sized one.
+    sizes = [len(raw) for raw in _RAW_HELLOS]
+    assert all(size <= 640 for size in sizes), sizes
 
 
 def _without(values: list[int], *drop: int) -> list[int]:

@@ -194,6 +194,46 @@ def test_idle_close_and_rebuild(pki, loop_kind):
     run_on(loop_kind, main())
 
 
+def test_idle_lanes_close_one_by_one_and_traffic_stops_the_rest(pki):
+    # Issue 15 ("no lock-step"): idle lanes close at random moments spread over up to a
+    # quarter of idle_seconds (here 1 s), not all in one instant; and a datagram that
+    # comes meanwhile keeps the lanes that are still open.
+    async def main():
+        loop = asyncio.get_running_loop()
+        with capture_events() as cap:
+            async with tunnel(pki, lanes=4, client_tcp={"idle_seconds": 4}) as t:
+                t.peer.send(b"one")
+                assert await t.peer.recv() == b"one"
+                assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 4)
+                closed_at = []
+                session = t.client.session
+                original = session.retire
+
+                def retire(lane, reason, text):
+                    closed_at.append(loop.time())
+                    original(lane, reason, text)
+
+                session.retire = retire
+                assert await wait_for(lambda: len(closed_at) == 4, 10)
+                assert max(closed_at) - min(closed_at) > 0.05, closed_at
+                assert len(cap.named("idle_close")) == 1
+
+                # Again, and this time traffic returns after the first idle close.
+                closed_at.clear()
+                t.peer.send(b"two")
+                assert await t.peer.recv() == b"two"
+                assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 4)
+                assert await wait_for(lambda: len(closed_at) >= 1, 10)
+                t.peer.send(b"three")
+                assert await t.peer.recv() == b"three"
+                closed_before = len(closed_at)
+                await asyncio.sleep(1.2)  # past the whole spread: no more idle closes
+                assert len(closed_at) == closed_before < 4, closed_at
+                assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 4)
+
+    run_on("uvloop", main())
+
+
 def test_server_restart_client_rebuilds(pki, loop_kind):
     async def main():
         echo = UdpEcho().start()

@@ -9,8 +9,9 @@ in the session queue until a lane has exchanged HELLO. Lanes lost while other
 lanes carry traffic are re-dialled after such a delay, resuming too; when none
 is left the first again goes alone and at once. Dialling that fails backs off
 exponentially. After
-``idle_seconds`` without payload the lanes close; the next datagram rebuilds
-them. The session id is fixed for the life of a ``Client``, so the server keeps
+``idle_seconds`` without payload the lanes close, one by one, each at its own
+random moment over the next few seconds (``IDLE_CLOSE_SPREAD_SECONDS``); the
+next datagram rebuilds them. The session id is fixed for the life of a ``Client``, so the server keeps
 the same UDP port towards its WireGuard for us across lane rebuilds.
 """
 
@@ -40,6 +41,10 @@ from .udp import UdpPort, open_udp_socket
 #: (seconds) before it dials: lanes then open like a browser's connections, spread
 #: over a fraction of a second, not in lock-step. The first lane never waits.
 LANE_STAGGER_SECONDS: tuple[float, float] = (0.010, 0.250)
+#: When a session goes idle, each lane closes at a uniform random moment within this
+#: many seconds (at most a quarter of ``tcp.idle_seconds``), not all in the same
+#: instant: N lanes sending GOODBYE and FIN together would be a give-away too.
+IDLE_CLOSE_SPREAD_SECONDS = 5.0
 
 
 class _RefusedByServer(Exception):
@@ -71,6 +76,7 @@ class ClientSession(Session):
         self._dialer: asyncio.Task | None = None
         self._acks: dict[Lane, asyncio.Future] = {}
         self._lost_slots: set[int] = set()
+        self._idle_closes: list[asyncio.TimerHandle] = []  # lanes still to close (idle)
         self._opening_resumed: bool | None = None  # for the lane_open event being logged
 
     # -- UDP side -----------------------------------------------------------
@@ -84,6 +90,10 @@ class ClientSession(Session):
     # -- dialling -----------------------------------------------------------
     def wants_lanes(self) -> None:
         self.idle = False
+        if self._idle_closes:  # traffic came back while lanes were closing one by one
+            for handle in self._idle_closes:
+                handle.cancel()
+            self._idle_closes = []
         if self._dialer is None and not self.closed and self.active_lanes < self.target_lanes:
             self._dialer = self.loop.create_task(self._dial_loop())
 
@@ -280,10 +290,23 @@ class ClientSession(Session):
         if self.active_lanes:
             self.log("idle_close", lanes=self.active_lanes,
                      idle_seconds=self.cfg.tcp.idle_seconds)
-        self.close_lanes(GOODBYE_IDLE, "idle")
+        spread = min(IDLE_CLOSE_SPREAD_SECONDS, self.cfg.tcp.idle_seconds / 4)
+        for handle in self._idle_closes:
+            handle.cancel()
+        self._idle_closes = []
+        for lane in self.lanes:
+            if lane is not None:
+                self._idle_closes.append(self.loop.call_later(
+                    random.uniform(0.0, spread), self._close_idle_lane, lane))
+
+    def _close_idle_lane(self, lane: Lane) -> None:
+        if self.idle and lane in self.lanes:
+            self.retire(lane, GOODBYE_IDLE, "idle")
 
     async def close(self) -> None:
         self.closed = True
+        for handle in self._idle_closes:
+            handle.cancel()
         if self._dialer is not None:
             self._dialer.cancel()
         lanes = [lane for lane in self.lanes if lane is not None]

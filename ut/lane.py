@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import random
 import socket
 import struct
 import sys
@@ -154,8 +155,11 @@ def set_lane_liveness(sock: socket.socket | None) -> None:
     if sock is None:
         return
     opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    # Each lane gets its own idle time, up to a quarter off: lanes fall idle together
+    # when traffic stops, and equal timers would send their probes in lock-step.
+    keepidle = max(1, round(LANE_KEEPALIVE_IDLE_SECONDS * random.uniform(0.75, 1.25)))
     for name, value in (
-        ("TCP_KEEPIDLE", LANE_KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPIDLE", keepidle),
         ("TCP_KEEPINTVL", LANE_KEEPALIVE_INTERVAL_SECONDS),
         ("TCP_KEEPCNT", LANE_KEEPALIVE_COUNT),
         ("TCP_USER_TIMEOUT", int(LANE_USER_TIMEOUT_SECONDS * 1000)),

@@ -77,6 +77,9 @@ TYPE_DATA = fastpath.TYPE_DATA
 MAX_PAYLOAD = fastpath.MAX_PAYLOAD
 HEADER_LEN = fastpath.HEADER_LEN
 SEQ_LEN = fastpath.SEQ_LEN
+# With shaping.coalesce_ms, datagrams are held while fewer than this many bytes wait:
+# a write this long is no longer "small" (ut/shaping.py).
+COALESCE_BYTES = 1024
 _PAD_KIND = bytes([KIND_PAD])
 
 
@@ -91,6 +94,7 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "skip_slow_lanes": tcp.skip_slow_lanes,
         "max_queue_delay": cfg.queue.max_delay_ms / 1000.0,
         "padding": cfg.shaping.padding,
+        "coalesce": cfg.shaping.coalesce_ms / 1000.0,
     }
 
 
@@ -116,6 +120,7 @@ class Session:
         skip_slow_lanes: bool = False,
         max_queue_delay: float = 0.0,
         padding: bool = False,
+        coalesce: float = 0.0,
     ) -> None:
         self.loop = loop
         self.stats = stats
@@ -150,6 +155,10 @@ class Session:
         self.tx_seq = 0
         # Pad each lane write (shaping.padding) on lanes whose peer understands PAD frames.
         self.padding = padding
+        # shaping.coalesce_ms: small datagrams wait up to this long for company, so that
+        # they share one write (one TLS record) instead of one record each.
+        self.coalesce = coalesce
+        self._coalescing: asyncio.TimerHandle | None = None
         self.skip_slow_lanes = skip_slow_lanes
         self._lanes_polled_at = 0.0
         self._lanes_skipped: set[int] = set()  # lane ids left out while in RTO recovery
@@ -207,7 +216,10 @@ class Session:
         if dropped:
             self._count_oldest(dropped)
         if len(queue):
-            if self.picker.ready_count:
+            if self.coalesce and queue.nbytes < COALESCE_BYTES:
+                if self._coalescing is None:
+                    self._coalescing = self.loop.call_later(self.coalesce, self._coalesced)
+            elif self.picker.ready_count:
                 # Hand the batch to the lanes now rather than on the next loop pass:
                 # what else is ready in this pass (a lane's read and its UDP writes,
                 # other sessions) would otherwise sit in this batch's forwarding time.
@@ -258,6 +270,9 @@ class Session:
 
     def _flush(self) -> None:
         self._flush_pending = False
+        if self._coalescing is not None:
+            self._coalescing.cancel()
+            self._coalescing = None
         queue, picker, lanes, c = self.queue, self.picker, self.lanes, self.counters
         if self.skip_slow_lanes or self.resequence:
             now = time.perf_counter()
@@ -321,6 +336,10 @@ class Session:
             hist = c.forward_latency[self.stats.dir_in]
             for stamp, n in batches:
                 hist.observe(now - stamp, n)
+
+    def _coalesced(self) -> None:
+        self._coalescing = None
+        self._flush()
 
     def _retry_flush(self) -> None:
         self._retry = None
