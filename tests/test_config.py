@@ -205,11 +205,14 @@ def test_examples_show_the_defaults(pki: TestPki) -> None:
     server = load_config(EXAMPLES / "server.yaml", check_files=False)
     defaults = load_config({"role": "server", "tls": tls_section(pki)})
     for cfg in (client, server):
-        for section in ("queue", "metrics", "log"):
+        for section in ("queue", "metrics", "log", "shaping"):
             assert getattr(cfg, section) == getattr(defaults, section)
+        assert cfg.tls.alpn == defaults.tls.alpn
+    # The examples listen on / dial HTTPS's port (issue 15); the spec default stays 5443.
     assert dataclasses.replace(client.tcp, server_addr=None) == defaults.tcp
-    assert server.tcp == defaults.tcp
-    assert client.tcp.server_addr == "vpn.example.com:5443"
+    assert dataclasses.replace(server.tcp, listen_addr="0.0.0.0:5443") == defaults.tcp
+    assert client.tcp.server_addr == "vpn.example.com:443"
+    assert server.tcp.listen_addr == "0.0.0.0:443"
 
 
 # --------------------------------------------------------------- overrides

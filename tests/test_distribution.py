@@ -225,7 +225,7 @@ def test_compose_mounts_the_config_read_only() -> None:
         assert svc["build"]["context"] == ".."
         assert svc.get("profiles") == [name]
     server, client = services["server"], services["client"]
-    assert "5443:5443" in server["ports"]
+    assert "443:5443" in server["ports"]  # HTTPS's port on the host (issue 15)
     assert "127.0.0.1:5080:5080" in server["ports"], "metrics stay on the host's loopback"
     assert "host.docker.internal:host-gateway" in server["extra_hosts"]
     assert client["network_mode"] == "host"
@@ -273,7 +273,7 @@ def test_systemd_unit_is_hardened_and_restarts() -> None:
         "DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
         "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-        "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+        "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE", "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
         "Restart": "on-failure", "RestartSec": "2", "RestartPreventExitStatus": "2",
         "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native",
     }
