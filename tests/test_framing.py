@@ -64,7 +64,10 @@ def random_frames(fp, rng: random.Random, count: int) -> list[tuple[int, int, by
     for _ in range(count):
         n = rng.choice(sizes)
         ftype = fp.TYPE_DATA if rng.random() < 0.9 else fp.TYPE_CTRL
-        out.append((ftype, rng.randrange(256), rng.randbytes(n)))
+        payload = rng.randbytes(n)
+        if ftype == fp.TYPE_CTRL and payload[:1] == bytes([fp.KIND_PAD]):
+            payload = b"\x05" + payload[1:]  # not a PAD frame: the deframer drops those
+        out.append((ftype, rng.randrange(256), payload))
     return out
 
 
@@ -105,14 +108,37 @@ def test_padding_vectors(fp):
     from ut.control import Hello, Pad, control_frame, decode_control
 
     assert fp.pad_frame(3) == VECTORS["ctrl-pad"]
-    ((ftype, flags, payload),) = fp.Deframer().feed(VECTORS["ctrl-pad"])
-    assert (ftype, flags) == (fp.TYPE_CTRL, 0) and decode_control(payload) == Pad(3)
+    assert decode_control(VECTORS["ctrl-pad"][fp.HEADER_LEN:]) == Pad(3)
+    # The deframer drops PAD frames: they only change the length of a write.
+    d = fp.Deframer()
+    assert d.feed(VECTORS["ctrl-pad"]) == [] and d.controls == 0
     hello = Hello(0x0102030405060708, 3, 5)
     assert control_frame(hello, fp.FLAG_SEQ | fp.FLAG_PAD) == VECTORS["ctrl-hello-seq-pad"]
     assert fp.encode_data_seq([b"hi"], 7, 2) == (VECTORS["write-padded"], 8)
     assert fp.encode_data_seq([b"hi"], 7)[0] + fp.pad_frame(2) == VECTORS["write-padded"]
-    assert fp.Deframer().feed(VECTORS["write-padded"]) == [
-        (fp.TYPE_DATA, fp.FLAG_SEQ, b"\x00\x00\x00\x07hi"), (fp.TYPE_CTRL, 0, b"\x04\x00\x00")]
+    assert d.feed(VECTORS["write-padded"]) == [(fp.TYPE_DATA, fp.FLAG_SEQ, b"\x00\x00\x00\x07hi")]
+    assert d.controls == 0
+
+
+def test_deframer_counts_control_frames_and_drops_padding(fp):
+    # controls: CTRL frames in the list just returned, so a lane can tell "DATA only" at a
+    # glance; a PAD frame split across reads is dropped too, and an empty CTRL payload is
+    # not padding (it is a malformed control message for the layer above).
+    from ut.control import Goodbye, control_frame
+
+    bye = control_frame(Goodbye(1))
+    stream = (fp.encode_data([b"a"], 5) + bye + fp.pad_frame(300) + fp.encode_frame(fp.TYPE_CTRL, b"")
+              + fp.encode_data([b"b"]))
+    for cut in range(len(stream) + 1):
+        d = fp.Deframer()
+        first = d.feed(stream[:cut])
+        n_first = d.controls
+        second = d.feed(stream[cut:])
+        frames = first + second
+        assert frames == [(fp.TYPE_DATA, 0, b"a"), (fp.TYPE_CTRL, 0, b"\x02\x01"),
+                          (fp.TYPE_CTRL, 0, b""), (fp.TYPE_DATA, 0, b"b")], cut
+        assert n_first + d.controls == 2, cut
+        assert n_first == sum(1 for t, _f, _p in first if t == fp.TYPE_CTRL)
 
 
 def test_data_vectors_encode_byte_for_byte(fp):

@@ -79,15 +79,20 @@ cdef class Deframer:
     cdef Py_ssize_t _limit
     # None, or the FrameError that poisoned this deframer.
     cdef readonly object error
+    # CTRL frames in the list the last call returned (PAD frames are dropped, not counted).
+    cdef readonly Py_ssize_t controls
 
     # Make at least `want` bytes free after _end (compact, then grow). want <= _limit - held.
     cdef int _reserve(self, Py_ssize_t want) except -1
-    # Append the whole frames of p[pos:end] to out; return the offset of the first byte not
-    # consumed. A bad header sets self.error and returns that header's offset.
+    # Append the whole frames of p[pos:end] to out (PAD frames dropped, CTRL frames counted
+    # in controls); return the offset of the first byte not consumed. A bad header sets
+    # self.error and returns that header's offset.
     cdef Py_ssize_t _parse(self, const uint8_t* p, Py_ssize_t pos, Py_ssize_t end,
                            list out) except -1
     # feed() on a C buffer: the C-level entry point for other Cython code.
     cdef list feed_ptr(self, const uint8_t* p, Py_ssize_t n)
+    # Append the whole frame at h (header + payload) to out, or drop it if it is a PAD frame.
+    cdef int _emit(self, const uint8_t* h, Py_ssize_t payload_len, list out) except -1
 
 
 cdef class RingQueue:

@@ -210,7 +210,10 @@ cdef object _header_error(const uint8_t* h, uint32_t max_payload):
 cdef class Deframer:
     """Streaming PDU v1 decoder (sans-I/O): bytes in, whole frames out.
 
-    Each frame comes out as a tuple ``(type, flags, payload)``. A header is validated as soon
+    Each frame comes out as a tuple ``(type, flags, payload)``, except PAD frames (CTRL frames
+    whose payload starts with ``KIND_PAD``): they exist only to change the length of a write
+    and are dropped here. ``controls`` is the number of CTRL frames in the list the last call
+    returned (0 in the common case: DATA only). A header is validated as soon
     as its 9 bytes are in, in the order magic, version, type, length (``Len`` may not exceed
     ``max_payload``). On a bad header the frames before it are still returned, ``error`` is
     set to the ``FrameError`` and every later ``feed``/``buffer_updated``/``eof`` raises it;
@@ -243,6 +246,7 @@ cdef class Deframer:
         self._start = 0
         self._end = 0
         self.error = None
+        self.controls = 0
 
     @property
     def buffered(self):
@@ -292,10 +296,18 @@ cdef class Deframer:
             stop = pos + UT_HEADER_LEN + ut_load_be32(h + 5)
             if stop > end:
                 break
-            out.append((h[3], h[4], PyBytes_FromStringAndSize(
-                <const char*>h + UT_HEADER_LEN, stop - pos - UT_HEADER_LEN)))
+            self._emit(h, stop - pos - UT_HEADER_LEN, out)
             pos = stop
         return pos
+
+    cdef int _emit(self, const uint8_t* h, Py_ssize_t payload_len, list out) except -1:
+        if h[3] == UT_TYPE_CTRL:
+            if payload_len > 0 and h[UT_HEADER_LEN] == _KIND_PAD:
+                return 0
+            self.controls += 1
+        out.append((h[3], h[4], PyBytes_FromStringAndSize(
+            <const char*>h + UT_HEADER_LEN, payload_len)))
+        return 0
 
     cdef list feed_ptr(self, const uint8_t* p, Py_ssize_t n):
         cdef list out = []
@@ -329,9 +341,7 @@ cdef class Deframer:
                 pos += take
             if self._end - self._start < total:
                 return out
-            h = self._data + self._start
-            out.append((h[3], h[4], PyBytes_FromStringAndSize(
-                <const char*>h + UT_HEADER_LEN, total - UT_HEADER_LEN)))
+            self._emit(self._data + self._start, total - UT_HEADER_LEN, out)
             self._start = self._end = 0
         pos = self._parse(p, pos, n, out)
         if self.error is not None:
@@ -351,6 +361,7 @@ cdef class Deframer:
         cdef Py_buffer view
         if self.error is not None:
             raise self.error
+        self.controls = 0
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             return self.feed_ptr(<const uint8_t*>view.buf, view.len)
@@ -382,6 +393,7 @@ cdef class Deframer:
         if nbytes < 0 or nbytes > self._cap - self._end:
             raise ValueError(f"nbytes {nbytes!r} does not fit the buffer from get_buffer()")
         self._end += nbytes
+        self.controls = 0
         self._start = self._parse(self._data, self._start, self._end, out)
         if self.error is not None or self._start == self._end:
             self._start = self._end = 0

@@ -241,7 +241,10 @@ def _header_error(head: Any, max_payload: int) -> FrameError | None:
 class Deframer:
     """Streaming PDU v1 decoder (sans-I/O): bytes in, whole frames out.
 
-    Each frame comes out as a tuple ``(type, flags, payload)``. A header is validated as soon
+    Each frame comes out as a tuple ``(type, flags, payload)``, except PAD frames (CTRL frames
+    whose payload starts with ``KIND_PAD``): they exist only to change the length of a write
+    and are dropped here. ``controls`` is the number of CTRL frames in the list the last call
+    returned (0 in the common case: DATA only). A header is validated as soon
     as its 9 bytes are in, in the order magic, version, type, length (``Len`` may not exceed
     ``max_payload``). On a bad header the frames before it are still returned, ``error`` is
     set to the ``FrameError`` and every later ``feed``/``buffer_updated``/``eof`` raises it;
@@ -262,7 +265,8 @@ class Deframer:
     [(1, 0, b'hi')]
     """
 
-    __slots__ = ("_buf", "_view", "_start", "_end", "_max_payload", "_limit", "error")
+    __slots__ = ("_buf", "_view", "_start", "_end", "_max_payload", "_limit", "error",
+                 "controls")
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         if not 0 <= max_payload <= MAX_PAYLOAD:
@@ -276,6 +280,7 @@ class Deframer:
         self._start = 0  # first byte not yet returned in a frame
         self._end = 0  # one past the last byte received; _start <= _end <= len(_buf)
         self.error: FrameError | None = None
+        self.controls = 0  # CTRL frames in the list the last call returned (PAD not counted)
 
     @property
     def buffered(self) -> int:
@@ -320,6 +325,11 @@ class Deframer:
             stop = pos + HEADER_LEN + length
             if stop > end:
                 break
+            if ftype == TYPE_CTRL:
+                if length and data[pos + HEADER_LEN] == KIND_PAD:
+                    pos = stop
+                    continue  # padding: it only changed the length of the write
+                self.controls += 1
             out.append((ftype, flags, bytes(data[pos + HEADER_LEN : stop])))
             pos = stop
         return pos
@@ -333,6 +343,7 @@ class Deframer:
         """
         if self.error is not None:
             raise self.error
+        self.controls = 0
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -365,7 +376,11 @@ class Deframer:
             if self._end - start < total:
                 return out
             buf = self._view
-            out.append((buf[start + 3], buf[start + 4], bytes(buf[start + HEADER_LEN : self._end])))
+            ftype = buf[start + 3]
+            is_pad = ftype == TYPE_CTRL and total > HEADER_LEN and buf[start + HEADER_LEN] == KIND_PAD
+            if not is_pad:
+                self.controls += ftype == TYPE_CTRL
+                out.append((ftype, buf[start + 4], bytes(buf[start + HEADER_LEN : self._end])))
             self._start = self._end = 0
         pos = self._parse(view, pos, n, out)
         if self.error is not None:
@@ -398,6 +413,7 @@ class Deframer:
         if not 0 <= nbytes <= len(self._buf) - self._end:
             raise ValueError(f"nbytes {nbytes!r} does not fit the buffer from get_buffer()")
         self._end += nbytes
+        self.controls = 0
         out: list[tuple[int, int, bytes]] = []
         self._start = self._parse(self._view, self._start, self._end, out)
         if self.error is not None or self._start == self._end:

@@ -39,7 +39,7 @@ from typing import Any
 
 from . import fastpath
 from .addr import format_addr
-from .control import GOODBYE_REPLACED, KIND_PAD, Goodbye, Hello, decode_control
+from .control import GOODBYE_REPLACED, Goodbye, Hello, decode_control
 from .errors import ControlError, FrameError
 from .lane import Lane, tcp_state
 from .logs import Debounced, event
@@ -80,7 +80,6 @@ SEQ_LEN = fastpath.SEQ_LEN
 # With shaping.coalesce_ms, datagrams are held while fewer than this many bytes wait:
 # a write this long is no longer "small" (ut/shaping.py).
 COALESCE_BYTES = 1024
-_PAD_KIND = bytes([KIND_PAD])
 
 
 def session_options(cfg: Any) -> dict[str, Any]:
@@ -534,8 +533,6 @@ class Session:
             c.udp_out_bytes += nbytes
 
     def _control(self, lane: Lane, payload: bytes, flags: int = 0) -> None:
-        if payload[:1] == _PAD_KIND:
-            return  # padding (docs/protocol.md, "Padding"): one ends most peer writes
         try:
             msg = decode_control(payload)
         except ControlError as err:
