@@ -1,11 +1,12 @@
 """Load and validate ut-tunnel's YAML configuration.
 
 Theory of operation: ``load_config`` reads YAML (or takes a mapping), checks
-every key against one schema table (``SCHEMA``), and returns a frozen
-``Config``. Anything wrong stops start-up with a ``ConfigError`` whose message
-names the file and the dotted key (spec, Configuration: "A missing,
-wrong-typed, conflicting or unknown key stops start-up with a message that
-names the key and the file")::
+every key against the schema (``SCHEMA``, read off the section dataclasses of
+``ut.configschema``, where each key's default and rules are declared once), and
+returns a frozen ``Config``. Anything wrong stops start-up with a
+``ConfigError`` whose message names the file and the dotted key (spec,
+Configuration: "A missing, wrong-typed, conflicting or unknown key stops
+start-up with a message that names the key and the file")::
 
     /etc/ut/ut.yaml: tcp.lanes: must be between 1 and 64, got 0
 
@@ -20,6 +21,12 @@ Rules:
 - Relative ``tls.*`` paths resolve against the config file's directory (the
   current directory for a mapping, unless ``base_dir`` is given). The files
   must exist and be readable unless ``check_files=False``.
+- Conflicts between keys (backoff bounds, two listeners on one port) are
+  checked here, after every key on its own.
+
+This module is the public face: the section classes, ``SCHEMA`` and the limits
+are re-exported from ``ut.configschema``, so ``from ut.config import ...``
+reaches all of it.
 
 Example::
 
@@ -35,14 +42,41 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ut.addr import HOSTNAME_RE, is_ip, parse_addr
+from ut.addr import parse_addr
+from ut.configschema import (
+    ALPN_MAX,
+    COALESCE_MS_MAX,
+    DROP_POLICIES,
+    LANE_PICKS,
+    LOG_LEVELS,
+    MAX_LANES,
+    QUEUE_MAX_BYTES,
+    QUEUE_MAX_PACKETS,
+    QUEUE_MIN_BYTES,
+    RESEQUENCE_MAX_WAIT_MS_MAX,
+    ROLES,
+    SCHEMA,
+    SECTIONS,
+    SOCK_BUF_MAX,
+    SOCK_BUF_MIN,
+    TCP_BUF_MAX,
+    TCP_BUF_MIN,
+    KeySpec,
+    LogConfig,
+    MetricsConfig,
+    QueueConfig,
+    ShapingConfig,
+    TcpConfig,
+    TlsConfig,
+    UdpConfig,
+)
 from ut.errors import ConfigError
 
 __all__ = [
@@ -52,145 +86,33 @@ __all__ = [
     "MetricsConfig",
     "QueueConfig",
     "SCHEMA",
+    "ShapingConfig",
     "TcpConfig",
     "TlsConfig",
     "UdpConfig",
     "load_config",
     "parse_addr",
+    # Re-exported from ut.configschema for code that reads the schema or its limits.
+    "ALPN_MAX",
+    "COALESCE_MS_MAX",
+    "DROP_POLICIES",
+    "KeySpec",
+    "LANE_PICKS",
+    "LOG_LEVELS",
+    "MAX_LANES",
+    "QUEUE_MAX_BYTES",
+    "QUEUE_MAX_PACKETS",
+    "QUEUE_MIN_BYTES",
+    "RESEQUENCE_MAX_WAIT_MS_MAX",
+    "ROLES",
+    "SECTIONS",
+    "SOCK_BUF_MAX",
+    "SOCK_BUF_MIN",
+    "TCP_BUF_MAX",
+    "TCP_BUF_MIN",
 ]
 
-ROLES = ("client", "server")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LANE_PICKS = ("rr", "hash")
-DROP_POLICIES = ("oldest",)
-
-MAX_LANES = 64
-TCP_BUF_MIN = 4096  # lane I/O chunk: one TLS record is at most 16 KiB, a burst more
-TCP_BUF_MAX = 1024 * 1024
-SOCK_BUF_MIN = 4096
-SOCK_BUF_MAX = 64 * 1024 * 1024
-RESEQUENCE_MAX_WAIT_MS_MAX = 5000.0
-COALESCE_MS_MAX = 20.0  # longer holds would show in every interactive round trip
-ALPN_MAX = 8
-QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any link buffers
-QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
-QUEUE_MAX_BYTES = 1 << 30
-
-
-
-
-# ---------------------------------------------------------------- addresses
-
-
-def _is_wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::", "")
-
-
-# -------------------------------------------------------------- dataclasses
-
-
-@dataclass(frozen=True)
-class TcpConfig:
-    """``tcp:`` — lanes, their sockets and their timers."""
-
-    server_addr: str | None = None
-    listen_addr: str = "0.0.0.0:5443"
-    lanes: int = 5
-    tcp_nodelay: bool = True
-    tcp_buf: int = 16384
-    sock_buf: int = 0
-    idle_seconds: float = 120.0
-    lane_pick: str = "rr"
-    skip_slow_lanes: bool = True
-    resequence: bool = True
-    resequence_max_wait_ms: float = 500.0
-    dial_backoff_min_seconds: float = 5.0
-    dial_backoff_max_seconds: float = 60.0
-    connect_timeout_seconds: float = 10.0
-    hello_timeout_seconds: float = 5.0
-    session_linger_seconds: float = 180.0
-
-    @property
-    def server_host_port(self) -> tuple[str, int]:
-        """``server_addr`` as ``(host, port)``; ``ValueError`` if it is not set."""
-        if self.server_addr is None:
-            raise ValueError("tcp.server_addr is not set")
-        return parse_addr(self.server_addr, allow_port_zero=False)
-
-    @property
-    def listen_host_port(self) -> tuple[str, int]:
-        """``listen_addr`` as ``(host, port)``."""
-        return parse_addr(self.listen_addr)
-
-
-@dataclass(frozen=True)
-class UdpConfig:
-    """``udp:`` — the WireGuard side."""
-
-    listen_addr: str = "127.0.0.1:15000"
-    wg_udp_addr: str = "127.0.0.1:51820"
-
-    @property
-    def listen_host_port(self) -> tuple[str, int]:
-        """``listen_addr`` as ``(host, port)`` (client)."""
-        return parse_addr(self.listen_addr)
-
-    @property
-    def wg_host_port(self) -> tuple[str, int]:
-        """``wg_udp_addr`` as ``(host, port)`` (server)."""
-        return parse_addr(self.wg_udp_addr, allow_port_zero=False)
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    """``queue:`` — the per-session drop-oldest ring; either limit triggers a drop."""
-
-    max_packets: int = 4096
-    max_bytes: int = 8388608
-    drop_policy: str = "oldest"
-    max_delay_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """``metrics:`` — the Prometheus endpoint."""
-
-    enabled: bool = True
-    listen_addr: str = "127.0.0.1:5080"
-    path: str = "/metrics"
-    per_client_cn: bool = True
-    per_lane_id: bool = False
-
-    @property
-    def listen_host_port(self) -> tuple[str, int]:
-        """``listen_addr`` as ``(host, port)``."""
-        return parse_addr(self.listen_addr)
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """``tls:`` — absolute paths to PEM files, and the name to verify (client)."""
-
-    ca_cert: str
-    cert: str
-    key: str
-    server_name: str | None = None
-    alpn: tuple[str, ...] = ("h2", "http/1.1")
-
-
-@dataclass(frozen=True)
-class ShapingConfig:
-    """``shaping:`` — what a passive observer sees of each lane write (docs/protocol.md, "Padding")."""
-
-    padding: bool = True
-    coalesce_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    """``log:``."""
-
-    level: str = "info"
+# ------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
@@ -234,8 +156,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain nested dicts, YAML-shaped (``source`` left out)."""
         out: dict[str, Any] = {"role": self.role}
-        for section in SECTIONS:
-            values = {f.name: getattr(getattr(self, section), f.name) for f in fields(_SECTION_CLASSES[section])}
+        for section, keys in SCHEMA.items():
+            values = {name: getattr(getattr(self, section), name) for name in keys}
             out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         return out
 
@@ -287,44 +209,7 @@ class Config:
         return _build(raw, self.source, Path.cwd(), check_files)
 
 
-# ------------------------------------------------------------------- schema
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """One configuration key: its type, default, checks, and which roles use it.
-
-    ``kind`` is ``int``, ``float``, ``bool``, ``str``, ``enum``, ``addr``,
-    ``path``, ``name`` or ``strlist`` (a list of strings, kept as a tuple). ``required`` lists the roles for which the key must be
-    present. ``check`` returns a problem text or ``None``.
-    """
-
-    kind: str
-    default: Any
-    roles: tuple[str, ...] = ROLES
-    required: tuple[str, ...] = ()
-    choices: tuple[str, ...] = ()
-    check: Callable[[Any], str | None] | None = None
-    port_zero: bool = False
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _range(
-    low: float | None = None, high: float | None = None, *, above: float | None = None
-) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if above is not None and not value > above:
-            return f"must be greater than {_num(above)}, got {_num(value)}"
-        if low is not None and high is not None and not low <= value <= high:
-            return f"must be between {_num(low)} and {_num(high)}, got {_num(value)}"
-        if low is not None and high is None and value < low:
-            return f"must be at least {_num(low)}, got {_num(value)}"
-        return None
-
-    return check
+# ----------------------------------------------------------------- messages
 
 
 def _choices(choices: tuple[str, ...]) -> str:
@@ -344,117 +229,8 @@ def _choice_hint(value: str, choices: tuple[str, ...]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _tcp_buf(value: int) -> str | None:
-    if TCP_BUF_MIN <= value <= TCP_BUF_MAX:
-        return None
-    hint = (
-        "; it is no longer the socket buffer size: for kernel autotuning leave tcp.sock_buf "
-        "at 0" if value == 0 else ""
-    )
-    return (f"must be between {TCP_BUF_MIN} and {TCP_BUF_MAX} (the lane's I/O chunk in "
-            f"bytes), got {value}{hint}")
-
-
-def _sock_buf(value: int) -> str | None:
-    if value == 0 or SOCK_BUF_MIN <= value <= SOCK_BUF_MAX:
-        return None
-    return (f"must be 0 (kernel autotuning) or between {SOCK_BUF_MIN} and {SOCK_BUF_MAX}, "
-            f"got {value}")
-
-
-def _metrics_path(value: str) -> str | None:
-    if not value.startswith("/"):
-        return f'must start with "/", got {value!r}'
-    if any(ch.isspace() for ch in value) or "?" in value or "#" in value:
-        return f"must be a plain URL path (no spaces, '?' or '#'), got {value!r}"
-    return None
-
-
-def _alpn(value: tuple[str, ...]) -> str | None:
-    if not 1 <= len(value) <= ALPN_MAX:
-        return f"must list 1 to {ALPN_MAX} protocol names (e.g. [h2, http/1.1]), got {len(value)}"
-    for name in value:
-        if not 1 <= len(name.encode()) <= 255 or not name.isprintable() or not name.isascii():
-            return f"protocol names must be 1 to 255 printable ASCII characters, got {name!r}"
-    if len(set(value)) != len(value):
-        return f"lists a protocol twice: {list(value)}"
-    return None
-
-
-def _server_name(value: str) -> str | None:
-    if is_ip(value) or HOSTNAME_RE.fullmatch(value):
-        return None
-    return f"must be a DNS name or an IP address, got {value!r}"
-
-
-_C, _S = ("client",), ("server",)
-
-#: Every key: ``SCHEMA[section][name] -> KeySpec``. ``role`` is top level.
-SCHEMA: dict[str, dict[str, KeySpec]] = {
-    "tcp": {
-        "server_addr": KeySpec("addr", None, _C, required=_C),
-        "listen_addr": KeySpec("addr", "0.0.0.0:5443", _S, port_zero=True),
-        "lanes": KeySpec("int", 5, ROLES, check=_range(1, MAX_LANES)),
-        "tcp_nodelay": KeySpec("bool", True),
-        "tcp_buf": KeySpec("int", 16384, check=_tcp_buf),
-        "sock_buf": KeySpec("int", 0, check=_sock_buf),
-        "idle_seconds": KeySpec("float", 120.0, check=_range(above=0)),
-        "lane_pick": KeySpec("enum", "rr", choices=LANE_PICKS),
-        "skip_slow_lanes": KeySpec("bool", True),
-        "resequence": KeySpec("bool", True),
-        "resequence_max_wait_ms": KeySpec(
-            "float", 500.0, check=_range(1, RESEQUENCE_MAX_WAIT_MS_MAX)),
-        "dial_backoff_min_seconds": KeySpec("float", 5.0, _C, check=_range(above=0)),
-        "dial_backoff_max_seconds": KeySpec("float", 60.0, _C, check=_range(above=0)),
-        "connect_timeout_seconds": KeySpec("float", 10.0, check=_range(above=0)),
-        "hello_timeout_seconds": KeySpec("float", 5.0, check=_range(above=0)),
-        "session_linger_seconds": KeySpec("float", 180.0, _S, check=_range(0)),
-    },
-    "udp": {
-        "listen_addr": KeySpec("addr", "127.0.0.1:15000", _C, port_zero=True),
-        "wg_udp_addr": KeySpec("addr", "127.0.0.1:51820", _S),
-    },
-    "queue": {
-        "max_packets": KeySpec("int", 4096, check=_range(1, QUEUE_MAX_PACKETS)),
-        "max_bytes": KeySpec("int", 8388608, check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES)),
-        "drop_policy": KeySpec("enum", "oldest", choices=DROP_POLICIES),
-        "max_delay_ms": KeySpec("float", 0.0, check=_range(0, 10000)),
-    },
-    "metrics": {
-        "enabled": KeySpec("bool", True),
-        "listen_addr": KeySpec("addr", "127.0.0.1:5080", port_zero=True),
-        "path": KeySpec("str", "/metrics", check=_metrics_path),
-        "per_client_cn": KeySpec("bool", True),
-        "per_lane_id": KeySpec("bool", False),
-    },
-    "tls": {
-        "ca_cert": KeySpec("path", None, required=ROLES),
-        "cert": KeySpec("path", None, required=ROLES),
-        "key": KeySpec("path", None, required=ROLES),
-        "server_name": KeySpec("name", None, _C, check=_server_name),
-        "alpn": KeySpec("strlist", ("h2", "http/1.1"), check=_alpn),
-    },
-    "shaping": {
-        "padding": KeySpec("bool", True),
-        "coalesce_ms": KeySpec("float", 0.0, check=_range(0, COALESCE_MS_MAX)),
-    },
-    "log": {
-        "level": KeySpec("enum", "info", choices=LOG_LEVELS),
-    },
-}
-SECTIONS: tuple[str, ...] = tuple(SCHEMA)
-_SECTION_CLASSES: dict[str, type] = {
-    "tcp": TcpConfig,
-    "udp": UdpConfig,
-    "queue": QueueConfig,
-    "metrics": MetricsConfig,
-    "tls": TlsConfig,
-    "log": LogConfig,
-    "shaping": ShapingConfig,
-}
-_ALL_KEYS: tuple[str, ...] = ("role",) + SECTIONS + tuple(
-    f"{section}.{name}" for section, keys in SCHEMA.items() for name in keys
-)
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
 
 
 # ------------------------------------------------------------------ loading
@@ -552,6 +328,11 @@ def _read_yaml(name: str) -> Any:
     if raw is None:
         raise ConfigError(name, "", "file is empty (it needs at least role, tcp and tls)")
     return raw
+
+
+_ALL_KEYS: tuple[str, ...] = ("role",) + SECTIONS + tuple(
+    f"{section}.{name}" for section, keys in SCHEMA.items() for name in keys
+)
 
 
 def _suggest(dotted: str) -> str:
