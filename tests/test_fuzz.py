@@ -36,6 +36,7 @@ from tests.tunnelkit import use_implementation
 from ut import control
 from ut.control import Err, Goodbye, Hello, Pad, decode_control, encode_control
 from ut.errors import ControlError, FrameError
+from ut.transport import TlsTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(
@@ -289,6 +290,18 @@ class FakeTransport:
         return default
 
 
+def open_lane(owner: Any, lane_id: int, role: str = "server") -> Any:
+    """A Lane whose HELLO exchange is done, on a FakeTransport (no network)."""
+    from ut.lane import Lane
+    from ut.laneproto import LaneMachine, State
+
+    machine = LaneMachine(role, lane_id=lane_id, max_lanes=max(lane_id + 1, 1))
+    machine.state = State.OPEN
+    lane = Lane(owner, machine)
+    lane.connection_made(FakeTransport())
+    return lane
+
+
 class FakePort:
     def __init__(self) -> None:
         self.sent = 0
@@ -305,16 +318,27 @@ def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def first_lane_error(stream: bytes) -> str | None:
-    """The reason a lane reading ``stream`` must stop at: the first bad header, or the
-    first malformed control message before it (an unknown kind is ignored)."""
+    """The reason an open lane reading ``stream`` must stop at (docs/protocol.md, and
+    ``ut.laneproto``): the first bad header, or the first control frame that breaks a
+    rule before it: malformed, of an unknown kind, a second HELLO, or anything after the
+    peer's GOODBYE or ERR. PAD frames are dropped by the deframer and break nothing."""
     frames, err = spec_decode(stream)
+    peer_gone = False
     for ftype, _flags, payload in frames:
-        if ftype == 0x10:
-            try:
-                decode_control(payload)
-            except ControlError as exc:
-                if exc.reason != "unknown_kind":
-                    return exc.reason
+        if ftype == 0x10 and payload[:1] == b"\x04":
+            continue  # padding
+        if peer_gone:
+            return "data_after_goodbye" if ftype == 0x01 else "control_after_goodbye"
+        if ftype != 0x10:
+            continue
+        try:
+            msg = decode_control(payload)
+        except ControlError as exc:
+            return "unknown_control" if exc.reason == "unknown_kind" else exc.reason
+        if isinstance(msg, Hello):
+            return "unexpected_hello"
+        if isinstance(msg, (Goodbye, Err)):
+            peer_gone = True
     return err
 
 
@@ -344,7 +368,6 @@ def _lane_stream():
 @given(stream=_lane_stream(), cuts=st.lists(st.integers(0, 10_000), max_size=6),
        impl=st.sampled_from(["compiled", "pure"]), eof=st.booleans())
 def test_random_bytes_into_a_lane_of_a_session(stream, cuts, impl, eof):
-    from ut.lane import Lane
     from ut.session import Session
     from ut.stats import TunnelStats
 
@@ -360,8 +383,7 @@ def test_random_bytes_into_a_lane_of_a_session(stream, cuts, impl, eof):
             s = FuzzSession(asyncio.get_running_loop(), stats, client_cn="fuzz", session_id=1,
                             n_lanes=2, max_packets=64, max_bytes=1 << 20)
             s.port = FakePort()
-            lane = Lane(s, 0)
-            lane.connection_made(FakeTransport())
+            lane = open_lane(s, 0)
             s.lane_up(lane)
             for piece in _chunks(stream, cuts):
                 feed_lane(lane, piece)
@@ -374,11 +396,13 @@ def test_random_bytes_into_a_lane_of_a_session(stream, cuts, impl, eof):
             errors = stats.protocol_errors
             if first_err not in (None, "truncated"):
                 assert errors.get(first_err, 0) == 1, (first_err, errors)
-                assert lane.transport.aborted
+                assert lane.transport.is_closing()  # ERR sent and closed, or aborted
+            assert sum(errors.values()) <= 1  # one violation per lane, at most
             # Every DATA frame that the lane read was counted and handed to UDP.
             assert c.lane_rx_frames[0] == c.udp_out_packets + c.dropped == s.port.sent
             assert set(errors) <= FRAME_REASONS | CONTROL_REASONS | {
-                "unknown_control", "unexpected_hello"}
+                "unknown_control", "unexpected_hello", "data_after_goodbye",
+                "control_after_goodbye"}
 
     asyncio.run(main())
 
@@ -390,6 +414,7 @@ def test_random_first_frames_into_the_server(stream, hello_first, lane_id):
     HELLO, or refused (ERR sent) and counted; the server never raises."""
     from ut.control import control_frame
     from ut.lane import Lane
+    from ut.laneproto import LaneMachine
 
     async def main():
         from ut.config import load_config
@@ -402,8 +427,10 @@ def test_random_first_frames_into_the_server(stream, hello_first, lane_id):
         }, check_files=False)
         server = ut.Server(cfg)
         server.loop = asyncio.get_running_loop()
-        lane = Lane(server, -1)
+        server.transport = TlsTransport(None, cfg.tcp)  # only its peer_identity() is used
+        lane = Lane(server, LaneMachine("server", max_lanes=3))
         lane.connection_made(FakeTransport())
+        lane.proto.transport_up()
         server._pending[lane] = None
         data = (control_frame(Hello(77, lane_id, 3)) if hello_first else b"") + stream
         try:

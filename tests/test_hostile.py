@@ -47,6 +47,7 @@ from ut.control import (
     ERR_LANE_ID_OUT_OF_RANGE,
     ERR_PROTOCOL_ERROR,
     Err,
+    Goodbye,
     Hello,
     control_frame,
     decode_control,
@@ -571,25 +572,46 @@ def test_broken_frames_close_only_that_lane(pki, case, joins):
     run_on("uvloop", main())
 
 
+OUT_OF_PLACE = {
+    # Later versions add control kinds only for peers that announce them in HELLO flags
+    # (as PAD is): an unknown kind on an open lane is an error, not something to skip.
+    "unknown_control": fastpath.encode_frame(fastpath.TYPE_CTRL, b"\x7fwhatever"),
+    "unexpected_hello": control_frame(Hello(9, 0, 1)),
+    "data_after_goodbye": control_frame(Goodbye(0)) + fastpath.encode_data([b"late"]),
+    "control_after_goodbye": control_frame(Goodbye(0)) + control_frame(Goodbye(1)),
+}
+
+
 @pytest.mark.parametrize("loop_kind", LOOP_KINDS)
-def test_unknown_control_kind_is_counted_and_ignored(pki, loop_kind):
-    """Later versions may add control kinds: counted, the lane stays."""
+@pytest.mark.parametrize("reason", sorted(OUT_OF_PLACE))
+def test_out_of_place_control_closes_only_that_lane(pki, loop_kind, reason):
+    """docs/protocol.md, "Lane life cycle": each rule broken on an open lane is counted
+    under its own reason, logged, answered with ERR protocol_error, and closes that lane;
+    DATA before it is delivered, nothing after it; the session and its other lane live."""
 
     async def main():
         echo = UdpEcho().start()
-        async with ut.Server(server_config(pki, echo.address, lanes=1)) as server:
+        async with ut.Server(server_config(pki, echo.address, lanes=2)) as server:
+            keep = await RawLane.open(pki, server)
+            await keep.hello(9, 1, 2)
             raw = await RawLane.open(pki, server)
-            await raw.hello(9, 0, 1)
-            raw.send(fastpath.encode_frame(fastpath.TYPE_CTRL, b"\x7fwhatever"))
-            raw.send(fastpath.encode_data([b"ping"]))
+            await raw.hello(9, 0, 2)
+            raw.send(fastpath.encode_data([b"before"]) + OUT_OF_PLACE[reason])
+            await raw.until_closed()
+            errs = [m for m in raw.controls() if isinstance(m, Err)]
+            assert [e.code for e in errs] == [ERR_PROTOCOL_ERROR], raw.controls()
+            assert server.stats()["protocol_errors"] == {reason: 1}
+            session = server.sessions[("home", 9)]
+            assert session.active_lanes == 1
+            keep.send(fastpath.encode_data([b"ping"]))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 5
-            while b"ping" not in raw.data() and loop.time() < deadline:
-                assert await raw.read_some(deadline - loop.time())
-            assert raw.data() == [b"ping"]
-            assert server.stats()["protocol_errors"] == {"unknown_control": 1}
-            assert server.sessions[("home", 9)].active_lanes == 1
-            raw.close()
+            while b"ping" not in keep.data() and loop.time() < deadline:
+                assert await keep.read_some(deadline - loop.time())
+            # The echo sent back what arrived: "before" (on either lane), never "late".
+            got = keep.data() + raw.data()
+            assert b"before" in got and b"ping" in got and b"late" not in got
+            keep.close()
         echo.close()
 
     run_on(loop_kind, main())
@@ -599,7 +621,7 @@ def test_peer_that_stops_reading_is_dropped_by_tcp_user_timeout(pki):
     """An authenticated lane that never reads: the server's writes stall at the lane's
     high-water mark (the picker skips it, other lanes carry the traffic), and
     TCP_USER_TIMEOUT (lowered here to 1 s) ends it once the window stays shut."""
-    import ut.lane as lane_mod
+    import ut.tcpsock as lane_mod
 
     if not hasattr(socket, "TCP_USER_TIMEOUT"):
         pytest.skip("no TCP_USER_TIMEOUT on this platform")

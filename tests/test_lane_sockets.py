@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.tunnelkit import run_on, tunnel
-from ut.lane import tcp_state
+from ut.tcpsock import tcp_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="TCP_INFO and SO_RCVBUF doubling are Linux's")

@@ -10,9 +10,8 @@ import asyncio
 
 import pytest
 
-from tests.test_fuzz import FakePort, FakeTransport
+from tests.test_fuzz import FakePort, open_lane
 from tests.tunnelkit import use_implementation
-from ut.lane import Lane
 from ut.session import Session
 from ut.stats import TunnelStats
 
@@ -40,8 +39,7 @@ def test_input_latency_includes_the_wait_for_a_writable_lane(impl, lane_pick):
                                session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20,
                                lane_pick=lane_pick)
             s.port = FakePort()
-            lane = Lane(s, 0)
-            lane.connection_made(FakeTransport())
+            lane = open_lane(s, 0, "client")
             s.lane_up(lane)
             hist = _histogram(s, stats.dir_in)
 
@@ -78,9 +76,7 @@ def test_datagrams_that_waited_too_long_are_dropped_as_stale(impl):
                                session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20,
                                max_queue_delay=0.02)
             s.port = FakePort()
-            lane = Lane(s, 0)
-            transport = FakeTransport()
-            lane.connection_made(transport)
+            lane = open_lane(s, 0, "client")
             s.lane_up(lane)
             lane.pause_writing()
             s.push_datagrams([b"old" * 100] * 4)

@@ -21,7 +21,6 @@ from tests.tunnelkit import (
     wait_for,
 )
 from ut import fastpath, shaping
-from ut.session import Session
 
 WG_INIT, WG_RESPONSE, WG_KEEPALIVE = 148, 92, 32  # WireGuard's fixed message sizes
 TLS13_OVERHEAD = 22  # record header 5 + content type 1 + AEAD tag 16
@@ -84,8 +83,10 @@ def test_each_end_pads_only_when_it_is_configured_to(pki, client_pads, server_pa
 def test_a_peer_without_padding_gets_none_after_the_hello(pki, monkeypatch):
     # A server that predates padding sets no FLAG_PAD on its HELLO: the client pads the
     # write that carries its own HELLO (it cannot know yet) and nothing after it.
-    monkeypatch.setattr(Session, "hello_flags",
-                        lambda self: fastpath.FLAG_SEQ if self.resequence else 0)
+    import ut.server
+
+    monkeypatch.setattr(ut.server, "hello_flags",
+                        lambda resequence: fastpath.FLAG_SEQ if resequence else 0)
 
     async def main():
         async with tunnel(pki, lanes=2) as t:

@@ -463,7 +463,7 @@ def test_reconnect_resumes_and_a_refused_session_costs_a_full_handshake(pki, loo
                 await reopen(t, 1)  # resumes
                 # A server whose ticket keys changed (a restart, say) refuses the session:
                 # the lane still opens, with a full handshake, and the next one resumes again.
-                t.server.ssl_context = tls.server_context(
+                t.server.transport.ssl_context = tls.server_context(
                     t.pki.ca, t.pki.server_cert, t.pki.server_key)
                 await reopen(t, 2)
                 await reopen(t, 1)

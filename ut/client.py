@@ -21,7 +21,6 @@ import asyncio
 import logging
 import random
 import secrets
-import socket
 import ssl
 from typing import Any
 
@@ -29,12 +28,14 @@ from . import fastpath
 from ._version import __version__
 from .addr import format_addr, parse_addr
 from .config import Config
-from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN, Hello
-from .lane import Lane, set_lane_liveness, set_tcp_options, tune_connected_lane
+from .control import GOODBYE_IDLE, GOODBYE_SHUTDOWN
+from .lane import Lane
+from .laneproto import LaneMachine
 from .logs import event
 from .session import Session, session_options
 from .stats import TunnelStats
 from .tls import ClientContext, client_context, failure_reason, own_cn, sends_sni
+from .transport import TlsTransport
 from .udp import UdpPort, open_udp_socket
 
 #: Each lane after the first of a session waits a uniform random time in this range
@@ -77,7 +78,6 @@ class ClientSession(Session):
         self._acks: dict[Lane, asyncio.Future] = {}
         self._lost_slots: set[int] = set()
         self._idle_closes: list[asyncio.TimerHandle] = []  # lanes still to close (idle)
-        self._opening_resumed: bool | None = None  # for the lane_open event being logged
 
     # -- UDP side -----------------------------------------------------------
     def on_udp_batch(self, batch: list) -> None:
@@ -149,23 +149,16 @@ class ClientSession(Session):
         t0 = loop.time()
         stage = "connect"
         lane: Lane | None = None
+        transport = client.transport
         try:
-            infos = await loop.getaddrinfo(*client.server_addr, type=socket.SOCK_STREAM)
-            family, _, _, _, addr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = await transport.connect(loop, client.server_addr)
             try:
-                sock.setblocking(False)
-                set_tcp_options(sock, tcp.tcp_nodelay)
-                set_lane_liveness(sock)  # notice a dead path (TCP_USER_TIMEOUT, keepalive)
-                await asyncio.wait_for(loop.sock_connect(sock, addr), tcp.connect_timeout_seconds)
-                tune_connected_lane(sock, tcp)  # after the SYN: the usual window scale
                 stage = "tls"
-                lane = Lane(self, lane_id, peer=addr, read_chunk=tcp.tcp_buf)
-                await loop.create_connection(
-                    lambda: lane, sock=sock, ssl=client.ssl_context,
-                    server_hostname=client.server_name,
-                    ssl_handshake_timeout=tcp.connect_timeout_seconds,
-                )
+                machine = LaneMachine("client", session_id=self.session_id, lane_id=lane_id,
+                                      lane_count=self.n_lanes, flags=self.hello_flags(),
+                                      padding=self.padding)
+                lane = Lane(self, machine, peer=sock.getpeername(), read_chunk=tcp.tcp_buf)
+                await transport.secure(loop, lane, sock)
             except BaseException:
                 if lane is None or lane.transport is None:
                     sock.close()
@@ -173,10 +166,7 @@ class ClientSession(Session):
             stage = "hello"
             ack = loop.create_future()
             self._acks[lane] = ack
-            # Padded even before we know the server pads: an older server ignores the
-            # PAD frame, and an unpadded first write would give the lane away.
-            lane.send_control(Hello(self.session_id, lane_id, self.n_lanes),
-                              self.hello_flags(), pad=self.padding)
+            lane.send_hello()
             done, _ = await asyncio.wait(
                 {ack, lane.lost}, timeout=tcp.hello_timeout_seconds,
                 return_when=asyncio.FIRST_COMPLETED,
@@ -234,45 +224,38 @@ class ClientSession(Session):
             self.log("lane_dial_fail", logging.WARNING, lane_id=lane_id, stage=stage,
                      reason=reason, err=str(exc) or type(exc).__name__)
 
-    # -- control --------------------------------------------------------------
-    def on_control(self, lane: Lane, msg: Any, flags: int = 0) -> None:
+    # -- LaneOwner --------------------------------------------------------------
+    def lane_hello(self, lane: Lane, hello: Any, flags: int) -> None:
+        """The server's HELLO (the lane's machine checked it is for this session and
+        lane): the lane is up, unless the server takes fewer lanes than this one's id."""
         ack = self._acks.get(lane)
-        if isinstance(msg, Hello) and ack is not None and not ack.done():
-            if msg.session_id != self.session_id or msg.lane_id != lane.lane_id:
-                self.lane_broken(lane, ValueError("server HELLO does not match ours"))
-                return
-            if msg.lane_count < self.target_lanes:
-                # The server accepts fewer lanes: stop dialling the rest.
-                self.target_lanes = max(1, msg.lane_count)
-            if lane.lane_id >= self.target_lanes:
-                lane.close(goodbye_reason=GOODBYE_SHUTDOWN, reason="over_server_limit")
-                ack.set_result(False)
-                return
-            ack.set_result(True)
-            # The server asked for numbered DATA (it resequences what we send) and
-            # says whether it understands PAD frames.
-            self.peer_hello(lane, flags)
-            if lane.lane_id in self._lost_slots:
-                self._lost_slots.discard(lane.lane_id)
-                self.counters.lane_reconnects += 1
-            if self.active_lanes == 0:
-                # A client session counts as active while it has a lane up.
-                self.counters.sessions_active += 1
-            self.active_lanes += 1
-            self._opening_resumed = self.client.keep_tls_session(lane)
-            try:
-                self.lane_up(lane)
-            finally:
-                self._opening_resumed = None
+        if ack is None or ack.done():  # cancelled while the HELLO was in flight
+            lane.close(goodbye_reason=GOODBYE_SHUTDOWN if self.closed else GOODBYE_IDLE,
+                       reason="cancelled")
             return
-        super().on_control(lane, msg, flags)
+        if hello.lane_count < self.target_lanes:
+            # The server accepts fewer lanes: stop dialling the rest.
+            self.target_lanes = max(1, hello.lane_count)
+        if lane.lane_id >= self.target_lanes:
+            lane.close(goodbye_reason=GOODBYE_SHUTDOWN, reason="over_server_limit")
+            ack.set_result(False)
+            return
+        ack.set_result(True)
+        # The server asked for numbered DATA (it resequences what we send).
+        self.peer_hello(flags)
+        if lane.lane_id in self._lost_slots:
+            self._lost_slots.discard(lane.lane_id)
+            self.counters.lane_reconnects += 1
+        if self.active_lanes == 0:
+            # A client session counts as active while it has a lane up.
+            self.counters.sessions_active += 1
+        self.active_lanes += 1
+        self.lane_up(lane)
+        # Its HELLO answered, the lane's TLS 1.3 tickets have arrived: later lanes resume.
+        self.client.transport.remember(lane.transport)
 
-    def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
-        # lane_open is written by Session.lane_up, which does not know about TLS
-        # sessions: add whether this lane resumed one.
-        if name == "lane_open" and self._opening_resumed is not None:
-            fields["tls_resumed"] = self._opening_resumed
-        super().log(name, level, **fields)
+    def lane_open_fields(self, lane: Lane) -> dict[str, Any]:
+        return {"tls_resumed": self.client.transport.resumed(lane.transport)}
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         self.active_lanes -= 1
@@ -341,6 +324,7 @@ class Client:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.session: ClientSession | None = None
         self.ssl_context: ClientContext | None = None
+        self.transport: TlsTransport = None  # type: ignore[assignment]  # set by start()
         self.server_addr: tuple[str, int] = parse_addr(config.tcp.server_addr)
         self.server_name = config.tls.server_name or self.server_addr[0]
         self.metrics: Any = None
@@ -353,6 +337,7 @@ class Client:
         self.loop = asyncio.get_running_loop()
         self.ssl_context = client_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
                                           alpn=cfg.tls.alpn)
+        self.transport = TlsTransport(self.ssl_context, cfg.tcp, server_hostname=self.server_name)
         client_cn = own_cn(cfg.tls.cert)
         self.session = ClientSession(
             self, client_cn=client_cn, session_id=secrets.randbits(64),
@@ -382,16 +367,6 @@ class Client:
                      "HTTPS clients do not do and an observer flags; set tls.server_name to the "
                      "DNS name in the server certificate"),
             )
-
-    def keep_tls_session(self, lane: Lane) -> bool | None:
-        """Note ``lane``'s TLS session for the next lanes to resume (its HELLO has been
-        answered, so TLS 1.3 tickets have arrived); return whether it resumed one."""
-        obj = lane.transport.get_extra_info("ssl_object") if lane.transport else None
-        if obj is None or self.ssl_context is None:
-            return None
-        if obj.session is not None:
-            self.ssl_context.resume_session = obj.session
-        return bool(obj.session_reused)
 
     def _udp_error(self, exc: OSError) -> None:
         event("udp_error", logging.DEBUG, role="client", err=str(exc))

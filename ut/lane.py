@@ -1,24 +1,32 @@
-"""One lane: a TCP+TLS connection carrying PDU frames (the asyncio protocol).
+"""One lane: the asyncio protocol that moves a lane's bytes (the I/O side of a lane).
 
-The lane only moves bytes. Incoming bytes land straight in the deframer's own
-buffer (``BufferedProtocol``), whole frames go to the lane's *owner* in one
-list per read, and the owner hands the lane one pre-encoded buffer per batch
-to write. What the frames mean is the owner's business (``ut.session``).
+Incoming bytes land straight in the deframer's own buffer (``BufferedProtocol``). While
+the lane is open and a read holds DATA frames only (the common case: the deframer
+counts control frames and drops padding), the frames go to the owner in one list, with
+no further look: that is the receiving hot path. Anything else goes through the lane's
+``LaneMachine`` (``ut.laneproto``), which applies the protocol's rules and says what
+happened; the lane turns that into calls on its owner and into bytes to write. The
+owner hands the lane one pre-encoded buffer per batch to write.
+
+A lane has one owner for its whole life, the role object that made it: the client's
+``ClientSession``, or the ``Server`` (which passes a lane's DATA on to the session the
+lane joined). The owner hears, in this order: ``lane_hello`` (the peer's HELLO),
+``lane_data`` (any number of times), and ``lane_closed`` exactly once, when the lane
+stops being usable for whatever reason (``close_reason`` says which), before the
+connection is gone; ``lane_violation`` comes first when a protocol rule was broken.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import random
-import socket
-import struct
-import sys
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from . import fastpath
-from .control import Goodbye, control_frame
-from .shaping import pad_length
+from .control import Hello
+from .laneproto import Data, LaneMachine, PeerError, PeerGoodbye, PeerHello, State, Violation
+from .tcpsock import unsent_bytes
+
+__all__ = ["Lane", "LaneOwner", "WRITE_HIGH_WATER", "WRITE_LOW_WATER"]
 
 # Above this many bytes waiting in the TLS transport the lane reports itself
 # busy and the picker skips it, so a backlog builds in the session queue
@@ -28,169 +36,38 @@ from .shaping import pad_length
 # outside the drop-oldest queue.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
+# A lane closed after an ERR is aborted this long later if the peer never reads it.
+ERR_LINGER_SECONDS = 1.0
 
-# Dead-path detection (hardening, issue 5). Without these a lane whose path
-# died keeps "working" for as long as TCP retransmits (about 15 minutes with
-# Linux's default tcp_retries2) and comes back only when an exponentially
-# backed-off retransmission happens to get through. TCP_USER_TIMEOUT closes a
-# lane whose written data stays unacknowledged this long (Linux also applies it
-# to zero-window probes, so a peer that stops reading is caught too); kernel
-# keepalive probes notice a silent dead path on a lane with nothing to send
-# (e.g. the server side of a lane while the client is quiet). Keepalives are
-# empty TCP segments, not protocol heartbeats: the PDU stream is unchanged.
-# Module constants for now; proposed config keys: tcp.user_timeout_seconds
-# and tcp.keepalive_seconds (see docs/security.md).
-LANE_USER_TIMEOUT_SECONDS = 30.0
-LANE_KEEPALIVE_IDLE_SECONDS = 30
-LANE_KEEPALIVE_INTERVAL_SECONDS = 10
-LANE_KEEPALIVE_COUNT = 3
-
-
-# Kernel backlog bound for ``tcp.skip_slow_lanes``: a lane socket reports itself
-# writable only while less than this is written but not yet sent. A lane whose TCP
-# slowed down (loss recovery, a smaller window) then fills its user-space buffer to
-# WRITE_HIGH_WATER within a burst or two, pauses, and the picker gives its datagrams to
-# the other lanes instead of queueing them behind the slow one (where, with
-# resequencing, they would hold back every lane's datagrams).
-LANE_NOTSENT_LOWAT = 32 * 1024
-
-_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
-# struct tcp_info (linux/tcp.h): ca_state at byte 1; rto at 8; rtt, rttvar (microseconds)
-# at 68, 72. (Unsent bytes come from SIOCOUTQNSD, a cheaper call made per burst.)
-_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-_TCP_INFO_LEN = 104
-_TCP_CA_LOSS = 4  # retransmission timeout: the lane sends nothing new until it recovers
-# ioctl SIOCOUTQNSD (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.
-_SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
-
-
-_INT = struct.Struct("i")
-_INT_ZERO = bytes(4)
-
-
-class TcpState(NamedTuple):
-    """What the kernel says about a lane's TCP connection (Linux ``TCP_INFO``)."""
-
-    in_loss: bool  # in RTO recovery: stalled for at least a retransmission timeout
-    rto_seconds: float  # the retransmission timeout now
-    rtt_seconds: float  # smoothed round-trip time
-    rttvar_seconds: float  # its mean deviation
-
-
-def set_notsent_lowat(sock: Any, nbytes: int) -> None:
-    """``TCP_NOTSENT_LOWAT`` on a lane socket, where the platform has it (Linux, macOS)."""
-    if sock is None or _TCP_NOTSENT_LOWAT is None or not nbytes:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, nbytes)
-    except OSError:
-        pass
-
-
-def tcp_state(sock: Any) -> TcpState | None:
-    """The kernel's view of a lane's TCP connection, or None where it cannot be read."""
-    if sock is None or _TCP_INFO is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
-    except OSError:
-        return None
-    if len(raw) < 76:
-        return None
-    rto = struct.unpack_from("=I", raw, 8)[0]
-    rtt, rttvar = struct.unpack_from("=II", raw, 68)
-    return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6)
+_OPEN = State.OPEN
 
 
 class LaneOwner(Protocol):
-    def lane_frames(self, lane: Lane, frames: list) -> None: ...
+    """What a lane tells the role object that made it (see the module docstring)."""
+
+    def lane_hello(self, lane: Lane, hello: Hello, flags: int) -> None: ...
+    def lane_data(self, lane: Lane, frames: list) -> None: ...
     def lane_writable(self, lane: Lane, writable: bool) -> None: ...
-    def lane_lost(self, lane: Lane, exc: BaseException | None) -> None: ...
-    def lane_broken(self, lane: Lane, err: Exception) -> None: ...
-
-
-def set_tcp_options(sock: socket.socket | None, nodelay: bool) -> None:
-    """Apply ``tcp.tcp_nodelay`` (before connecting, or on the listening socket)."""
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
-    except OSError:
-        pass  # not a TCP socket (tests may use socketpairs); nothing to tune
-
-
-def set_sock_buf(sock: socket.socket | None, buf_bytes: int) -> None:
-    """Apply ``tcp.sock_buf`` (0 keeps kernel autotuning) to a *connected* lane socket.
-
-    Called after the TCP handshake on purpose: Linux picks the window scale it offers in
-    the SYN from the receive buffer it may grow to, so a small ``SO_RCVBUF`` set before
-    connecting gives a SYN with window scale 0 (a window capped at 64 KiB for the life of
-    the lane, and a TCP fingerprint no ordinary client has). Set afterwards, the buffers
-    still bound what the lane holds, and the handshake looks like everybody else's.
-    """
-    if sock is None or not buf_bytes:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buf_bytes)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buf_bytes)
-    except OSError:
-        pass
-
-
-def tune_connected_lane(sock: Any, tcp: Any) -> None:
-    """What both roles apply to a lane socket once the TCP handshake is done:
-    ``tcp.sock_buf`` (after the SYN, see ``set_sock_buf``) and, with
-    ``tcp.skip_slow_lanes``, the unsent-backlog bound ``TCP_NOTSENT_LOWAT``."""
-    set_sock_buf(sock, tcp.sock_buf)
-    if tcp.skip_slow_lanes:
-        set_notsent_lowat(sock, LANE_NOTSENT_LOWAT)
-
-
-def set_lane_liveness(sock: socket.socket | None) -> None:
-    """Keepalive and ``TCP_USER_TIMEOUT`` on a lane socket (see the constants above).
-
-    Read at call time, so a test or an embedding program may lower the module
-    constants before lanes open. Options the platform lacks are skipped.
-    """
-    if sock is None:
-        return
-    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    # Each lane gets its own idle time, up to a quarter off: lanes fall idle together
-    # when traffic stops, and equal timers would send their probes in lock-step.
-    keepidle = max(1, round(LANE_KEEPALIVE_IDLE_SECONDS * random.uniform(0.75, 1.25)))
-    for name, value in (
-        ("TCP_KEEPIDLE", keepidle),
-        ("TCP_KEEPINTVL", LANE_KEEPALIVE_INTERVAL_SECONDS),
-        ("TCP_KEEPCNT", LANE_KEEPALIVE_COUNT),
-        ("TCP_USER_TIMEOUT", int(LANE_USER_TIMEOUT_SECONDS * 1000)),
-    ):
-        if hasattr(socket, name) and value:
-            opts.append((socket.IPPROTO_TCP, getattr(socket, name), int(value)))
-    for level, opt, value in opts:
-        try:
-            sock.setsockopt(level, opt, value)
-        except OSError:
-            pass  # not TCP, or not supported here
+    def lane_violation(self, lane: Lane, violation: Violation) -> None: ...
+    def lane_closed(self, lane: Lane) -> None: ...
 
 
 class Lane(asyncio.BufferedProtocol):
-    """A TCP+TLS connection carrying framed datagrams for one session."""
+    """A connection carrying framed datagrams for one session: bytes in and out, and the
+    lane's protocol state (``proto``)."""
 
-    def __init__(
-        self, owner: LaneOwner, lane_id: int = -1, peer: Any = None, read_chunk: int = 16384
-    ) -> None:
+    def __init__(self, owner: LaneOwner, proto: LaneMachine, peer: Any = None,
+                 read_chunk: int = 16384) -> None:
         self.owner = owner
+        self.proto = proto
         self.read_chunk = read_chunk  # tcp.tcp_buf: the largest read handed to the deframer
         self.sock: Any = None  # the TCP socket under TLS (options, TCP_INFO)
-        self.lane_id = lane_id
         self.peer = peer
-        self.client_cn = ""  # server side: the verified certificate CN
+        self.client_cn = ""  # server side: the peer's identity (its certificate CN)
+        self.session: Any = None  # server side: the session this lane joined
         self.transport: asyncio.Transport | None = None
         self.deframer = fastpath.Deframer()
-        self.ready = False  # HELLO exchanged: may carry DATA
-        self.pad_writes = False  # the peer understands PAD frames: end each write with one
         self.writable = True  # transport below its high-water mark
-        self.closing = False
         self.tx_frames = 0
         self.tx_bytes = 0
         self.tx_pad_bytes = 0  # PAD frames written (shaping.padding), not in tx_bytes
@@ -198,9 +75,30 @@ class Lane(asyncio.BufferedProtocol):
         self.rx_bytes = 0
         self.rx_bytes_counted = 0  # part of rx_bytes already added to the session's counters
         self.close_reason = ""
+        self.close_exc: BaseException | None = None
+        self.peer_err: Any = None  # the peer's ERR message, if it sent one
+        self._reported = False  # lane_closed has been called
         self.lost = asyncio.get_running_loop().create_future()
 
-    # -- wiring ---------------------------------------------------------
+    @property
+    def lane_id(self) -> int:
+        return self.proto.lane_id
+
+    @property
+    def ready(self) -> bool:
+        """HELLO exchanged and nobody closing: the lane may carry DATA."""
+        return self.proto.state is _OPEN
+
+    @property
+    def closing(self) -> bool:
+        """The lane is done (or going): nothing more may be written to it."""
+        return self._reported or self.proto.state in (State.CLOSING, State.PEER_CLOSING, State.CLOSED)
+
+    @property
+    def pad_writes(self) -> bool:
+        return self.proto.pad_writes
+
+    # -- asyncio protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
@@ -214,33 +112,33 @@ class Lane(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.rx_bytes += nbytes
+        deframer = self.deframer
         try:
-            frames = self.deframer.buffer_updated(nbytes)
-        except fastpath.FrameError as err:
-            self.owner.lane_broken(self, err)
+            frames = deframer.buffer_updated(nbytes)
+        except fastpath.FrameError:  # the deframer failed before: the lane is ending
             return
         if frames:
             self.rx_frames += len(frames)
-            self.owner.lane_frames(self, frames)
-        if self.deframer.error is not None and not self.closing:
-            # (not if a frame before the bad header already broke the lane: one
-            # protocol error per lane)
-            self.owner.lane_broken(self, self.deframer.error)
+            if self.proto.state is _OPEN and not deframer.controls:
+                self.owner.lane_data(self, frames)  # the hot path: DATA only
+            else:
+                self._judge(frames)
+        err = deframer.error
+        if err is not None and self.proto.state is not State.CLOSED:
+            self._violated(self.proto.violated(err.reason, str(err)))
 
     def eof_received(self) -> bool:
         try:
             self.deframer.eof()
         except fastpath.FrameError as err:
-            self.owner.lane_broken(self, err)
+            if self.proto.state is not State.CLOSED:
+                self._violated(self.proto.violated(err.reason, str(err)))
             return False
-        # The peer is gone: leave the picker now. Over TLS the transport is
-        # already shutting down and would drop later writes without a word
-        # (asyncio's and uvloop's SSL protocols discard app data once
-        # shutdown starts), so nothing more may be handed to this lane.
-        # ``lane_lost`` is idempotent; connection_lost calls it again.
-        self.closing = True
-        self.ready = False
-        self.owner.lane_lost(self, None)
+        # The peer is gone. Over TLS the transport is already shutting down and would
+        # drop later writes without a word (asyncio's and uvloop's SSL protocols discard
+        # app data once shutdown starts), so nothing more may be handed to this lane.
+        self.proto.connection_lost()
+        self._report("peer_closed")
         return False  # close the transport
 
     def pause_writing(self) -> None:
@@ -252,22 +150,72 @@ class Lane(asyncio.BufferedProtocol):
         self.owner.lane_writable(self, True)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.ready = False
+        self.proto.connection_lost()
         if not self.lost.done():
             self.lost.set_result(exc)
-        self.owner.lane_lost(self, exc)
+        self._report("error" if exc else "peer_closed", exc)
 
-    # -- writing --------------------------------------------------------
+    # -- what the machine said -----------------------------------------------------------
+    def _judge(self, frames: list) -> None:
+        """Frames that need the machine's judgement (a control frame, or a lane not open
+        yet); it stops after a HELLO so the owner answers it before the rest is judged."""
+        done = 0
+        while done < len(frames):
+            events, done = self.proto.receive(frames, done)
+            self._events(events)
+
+    def _events(self, events: list) -> None:
+        owner = self.owner
+        for ev in events:
+            kind = type(ev)
+            if kind is Data:
+                owner.lane_data(self, ev.frames)
+            elif kind is PeerHello:
+                owner.lane_hello(self, ev.hello, ev.flags)
+            elif kind is PeerGoodbye:
+                # The peer is leaving: stop writing to this lane now; it will close.
+                self._report(f"peer_goodbye_{ev.reason}")
+            elif kind is PeerError:
+                self.peer_err = ev.err
+                self._report(f"peer_error_{ev.err.code_name}")
+            else:  # a Violation: always the last event
+                self._violated(ev)
+
+    def violate(self, reason: str, text: str) -> None:
+        """A rule broken above the machine (e.g. a numbered frame too short for its
+        number, found by the resequencer): end the lane as for any violation."""
+        if self.proto.state is not State.CLOSED:
+            self._violated(self.proto.violated(reason, text))
+
+    def _violated(self, violation: Violation) -> None:
+        """A protocol rule was broken: count and log it (the owner), say ERR, close."""
+        self.owner.lane_violation(self, violation)
+        self._report(f"protocol_error:{violation.reason}")
+        if violation.err_code and self.transport is not None and not self.transport.is_closing():
+            self.end_with_err(violation.err_code, violation.text)
+        else:
+            self.abort()
+
+    def _report(self, reason: str, exc: BaseException | None = None) -> None:
+        """Tell the owner, once, that this lane carries nothing more."""
+        if self._reported:
+            return
+        self._reported = True
+        self.close_reason = self.close_reason or reason
+        self.close_exc = exc
+        self.owner.lane_closed(self)
+
+    # -- writing --------------------------------------------------------------------------
     def write(self, data: bytes, frames: int, pad_bytes: int = 0) -> bool:
-        """Write ``frames`` already-encoded frames in one TLS write; the last
+        """Write ``frames`` already-encoded DATA frames in one TLS write; the last
         ``pad_bytes`` of ``data`` are a PAD frame (counted apart, in ``tx_pad_bytes``).
 
-        Returns False (and writes nothing) when the lane is closing or its
-        transport is: the caller must count those frames as dropped
-        (``lane_closed``), since a closing TLS transport discards writes silently.
+        Returns False (and writes nothing) when the lane is not open or its transport is
+        closing: the caller must count those frames as dropped (``lane_closed``), since a
+        closing TLS transport discards writes silently.
         """
         transport = self.transport
-        if transport is None or self.closing or transport.is_closing():
+        if transport is None or self.proto.state is not _OPEN or transport.is_closing():
             return False
         self.tx_frames += frames
         self.tx_bytes += len(data) - pad_bytes
@@ -275,42 +223,53 @@ class Lane(asyncio.BufferedProtocol):
         transport.write(data)
         return True
 
-    def send_control(self, msg: Any, flags: int = 0, pad: bool | None = None) -> None:
-        """Write one control message. It ends with a PAD frame when ``pad`` is true, or,
-        for ``pad=None``, when this lane pads its writes (``pad_writes``)."""
-        if self.transport is not None and not self.transport.is_closing():
-            frame = control_frame(msg, flags)
-            # Lane totals count every frame both ways (DATA and CTRL), like rx_*;
-            # padding is counted apart.
-            self.tx_frames += 1
-            self.tx_bytes += len(frame)
-            if self.pad_writes if pad is None else pad:
-                padding = fastpath.pad_frame(pad_length(len(frame)))
-                self.tx_pad_bytes += len(padding)
-                frame += padding
-            self.transport.write(frame)
+    def _write_control(self, frame: bytes) -> None:
+        """Write a control frame the machine made (with its PAD frame, if any)."""
+        if not frame or self.transport is None or self.transport.is_closing():
+            return
+        # Lane totals count every frame both ways (DATA and CTRL); padding apart.
+        size = fastpath.HEADER_LEN + int.from_bytes(frame[5:9], "big")
+        self.tx_frames += 1
+        self.tx_bytes += size
+        self.tx_pad_bytes += len(frame) - size
+        self.transport.write(frame)
+
+    def send_hello(self) -> None:
+        """Client, once the transport is up: write our HELLO."""
+        self._write_control(self.proto.send_hello())
+
+    def accept(self, lane_count: int) -> None:
+        """Server, from ``lane_hello``: take the lane (write our HELLO answer)."""
+        self._write_control(self.proto.accept(lane_count))
+
+    def end_with_err(self, code: int, text: str, reason: str = "") -> None:
+        """Send ERR ``code`` and close; abort if the peer does not read it in time."""
+        self._report(reason or f"err_{code}")
+        self._write_control(self.proto.refuse(code, text))
+        if self.transport is not None:
+            self.transport.close()
+            # A hostile peer may never read our close: do not wait on it.
+            asyncio.get_running_loop().call_later(ERR_LINGER_SECONDS, self.abort)
 
     def close(self, goodbye_reason: int | None = None, reason: str = "") -> None:
-        """Close gracefully: optional GOODBYE, flush what is buffered, TLS close."""
-        if self.closing:
+        """Close on purpose: the owner hears ``lane_closed`` first (nothing more is
+        written to this lane), then GOODBYE (with a reason) and a TLS close."""
+        if self.proto.state in (State.CLOSING, State.CLOSED) and self._reported:
             return
-        self.closing = True
-        self.ready = False
-        self.close_reason = self.close_reason or reason
-        if self.transport is None:
-            return
-        if goodbye_reason is not None:
-            self.send_control(Goodbye(goodbye_reason))
-        self.transport.close()
+        frame = self.proto.close(goodbye_reason)
+        self._report(reason or "closed")
+        self._write_control(frame)
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self, reason: str = "") -> None:
         """Drop the connection now (protocol error, hostile peer)."""
-        self.closing = True
-        self.ready = False
-        self.close_reason = self.close_reason or reason
+        self.proto.close()
+        self._report(reason or "aborted")
         if self.transport is not None:
             self.transport.abort()
 
+    # -- state for the sender -------------------------------------------------------------
     @property
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport else 0
@@ -320,9 +279,4 @@ class Lane(asyncio.BufferedProtocol):
         the kernel's unsent queue (Linux ``SIOCOUTQNSD``). What a new datagram waits
         behind before it even leaves."""
         n = self.transport.get_write_buffer_size() if self.transport else 0
-        if _SIOCOUTQNSD is not None and self.sock is not None:
-            try:
-                n += _INT.unpack(fcntl.ioctl(self.sock.fileno(), _SIOCOUTQNSD, _INT_ZERO))[0]
-            except (OSError, ValueError):
-                pass
-        return n
+        return n + unsent_bytes(self.sock)

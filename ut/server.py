@@ -1,11 +1,14 @@
 """The server role: accepts mTLS lanes, groups them into sessions, talks to WireGuard.
 
-Connections are accepted by our own loop over ``sock_accept`` and handed to
-``loop.connect_accepted_socket(ssl=...)``, so that a refused handshake raises
-here, to be timed, classified and logged (``create_server(ssl=...)`` would
-swallow it; ``start_tls`` after a paused plain protocol loses the ClientHello
-on uvloop, which starts reading before ``pause_reading`` takes effect). After TLS, the first
-frame must be a HELLO within ``hello_timeout_seconds``. Sessions are keyed by
+Connections are accepted by our own loop over ``sock_accept`` and handed to the
+lane transport (``ut.transport.TlsTransport.accept``: ``loop.connect_accepted_socket(
+ssl=...)``), so that a refused handshake raises here, to be timed, classified and
+logged (``create_server(ssl=...)`` would swallow it; ``start_tls`` after a paused plain
+protocol loses the ClientHello on uvloop, which starts reading before ``pause_reading``
+takes effect). After TLS, the first frame must be a HELLO within
+``hello_timeout_seconds``; each lane's ``LaneMachine`` judges it, and the ``Server``
+(every server lane's one owner) admits the lane into its session, passing its DATA on
+to that session from then on. Sessions are keyed by
 (certificate CN, session id): the CN comes from the verified certificate, so
 one client can never join another's session. Each session owns one connected
 UDP socket towards ``udp.wg_udp_addr``, opened once, so WireGuard sees one
@@ -25,23 +28,15 @@ from . import fastpath
 from ._version import __version__
 from .addr import format_addr, parse_addr
 from .config import Config
-from .control import (
-    ERR_BAD_HELLO,
-    ERR_HELLO_TIMEOUT,
-    ERR_INTERNAL,
-    ERR_LANE_ID_OUT_OF_RANGE,
-    ERR_PROTOCOL_ERROR,
-    GOODBYE_SHUTDOWN,
-    Err,
-    Hello,
-    decode_control,
-)
-from .errors import ControlError
-from .lane import Lane, set_lane_liveness, set_tcp_options, tune_connected_lane
+from .control import ERR_BAD_HELLO, ERR_HELLO_TIMEOUT, ERR_INTERNAL, GOODBYE_SHUTDOWN, Hello
+from .lane import Lane
+from .laneproto import LaneMachine, State, Violation
 from .logs import Debounced, event
-from .session import Session, session_options
+from .session import Session, hello_flags, session_options
 from .stats import TunnelStats
-from .tls import failure_reason, peer_cn, server_context
+from .tcpsock import set_tcp_options
+from .tls import failure_reason, server_context
+from .transport import TlsTransport
 from .udp import UdpPort, open_udp_socket
 
 LISTEN_BACKLOG = 512
@@ -89,7 +84,6 @@ class ServerSession(Session):
             self.log("udp_error", logging.WARNING, err=str(exc), count=due)
 
     def admit(self, lane: Lane) -> None:
-        lane.owner = self
         self.active_lanes += 1
         if self._linger is not None:
             self._linger.cancel()
@@ -140,6 +134,7 @@ class Server:
         self.wg_addr = parse_addr(config.udp.wg_udp_addr)
         self.sessions: dict[tuple[str, int], ServerSession] = {}
         self.ssl_context: ssl.SSLContext | None = None
+        self.transport: TlsTransport | None = None
         self.metrics: Any = None
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
@@ -160,6 +155,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.ssl_context = server_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
                                           alpn=cfg.tls.alpn)
+        self.transport = TlsTransport(self.ssl_context, cfg.tcp)
         host, port = parse_addr(cfg.tcp.listen_addr)
         infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                             flags=socket.AI_PASSIVE)
@@ -198,8 +194,11 @@ class Server:
     # -- accepting ------------------------------------------------------------
     async def _accept_loop(self) -> None:
         sock = self._listen_sock
-        tcp = self.config.tcp
-        nodelay = tcp.tcp_nodelay
+        cfg = self.config
+        tcp = cfg.tcp
+        transport = self.transport
+        assert transport is not None
+        flags = hello_flags(tcp.resequence)
         while True:
             try:
                 conn, peer = await self.loop.sock_accept(sock)  # type: ignore[arg-type]
@@ -209,16 +208,14 @@ class Server:
                 event("accept_fail", logging.ERROR, role="server", err=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            set_tcp_options(conn, nodelay)
-            # After the handshake, so the SYN-ACK offered the usual window scale (a
-            # listener's small SO_RCVBUF would have been inherited before it).
-            tune_connected_lane(conn, tcp)
-            set_lane_liveness(conn)
+            transport.accepted(conn)
             while len(self._pending) >= self.max_pending:
                 self._evict_oldest_pending()
             # The client sends HELLO right after its handshake, and the lane may
             # get it before the handshake's await returns: it is pending from the start.
-            lane = Lane(self, -1, peer=peer, read_chunk=tcp.tcp_buf)
+            machine = LaneMachine("server", max_lanes=tcp.lanes, flags=flags,
+                                  padding=cfg.shaping.padding)
+            lane = Lane(self, machine, peer=peer, read_chunk=tcp.tcp_buf)
             self._pending[lane] = None
             task = self.loop.create_task(self._handshake(lane, conn, peer))
             self._pending_tasks[lane] = task
@@ -261,10 +258,7 @@ class Server:
         tcp = self.config.tcp
         t0 = self.loop.time()
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: lane, conn, ssl=self.ssl_context,
-                ssl_handshake_timeout=tcp.connect_timeout_seconds,
-            )
+            await self.transport.accept(self.loop, lane, conn)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             self._pending.pop(lane, None)
             conn.close()
@@ -279,76 +273,86 @@ class Server:
         finally:
             self._pending_tasks.pop(lane, None)
         self._stats.handshake_seconds.observe(self.loop.time() - t0)
+        if lane.proto.state is State.CONNECTING:
+            lane.proto.transport_up()
         if lane in self._pending and self._pending[lane] is None and not lane.closing:
             self._pending[lane] = self.loop.call_later(
                 tcp.hello_timeout_seconds, self._no_hello, lane)
 
     def _no_hello(self, lane: Lane) -> None:
         if lane in self._pending:
-            self._reject(lane, ERR_HELLO_TIMEOUT, "hello_timeout", "no HELLO in time")
+            self._refuse(lane, ERR_HELLO_TIMEOUT, "hello_timeout", "no HELLO in time")
 
-    def _reject(self, lane: Lane, code: int, reason: str, text: str) -> None:
+    def _refuse(self, lane: Lane, code: int, reason: str, text: str) -> None:
+        """Refuse a lane that has not joined a session: counted, logged, ERR, closed."""
         timer = self._pending.pop(lane, None)
         if timer is not None:
             timer.cancel()
         self._stats.protocol_error(reason)
         self._log_refusal("lane_refused", reason, peer=format_addr(lane.peer),
-                          client_cn=getattr(lane, "client_cn", None), err=text)
-        lane.send_control(Err(code, text))
-        lane.close(reason=reason)
-        # A hostile peer may never read our close: do not wait on it.
-        self.loop.call_later(1.0, lane.abort, reason)
+                          client_cn=lane.client_cn or None, err=text)
+        lane.end_with_err(code, text, reason)
 
-    # -- LaneOwner for lanes that have not said HELLO yet ----------------------
-    def lane_frames(self, lane: Lane, frames: list) -> None:
+    # -- LaneOwner: the server owns every lane it accepts ------------------------
+    def lane_hello(self, lane: Lane, hello: Hello, flags: int) -> None:
+        """A valid client HELLO (its lane machine checked it): admit the lane into the
+        session (client CN, session id), making the session if it is new."""
         if lane not in self._pending:
-            return  # already rejected; ignore what was in flight
-        if not lane.client_cn:
-            try:
-                lane.client_cn = peer_cn(lane.transport)
-            except ValueError as exc:  # a certificate with no CN cannot be keyed
-                self._reject(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
-                return
-        ftype, flags, payload = frames[0]
-        if ftype != fastpath.TYPE_CTRL:
-            self._reject(lane, ERR_PROTOCOL_ERROR, "data_before_hello", "first frame must be HELLO")
-            return
-        try:
-            hello = decode_control(payload)
-        except ControlError as err:
-            self._reject(lane, ERR_BAD_HELLO, "bad_hello", str(err))
-            return
-        if not isinstance(hello, Hello):
-            self._reject(lane, ERR_BAD_HELLO, "bad_hello", "first frame must be HELLO")
-            return
-        n = self.config.tcp.lanes
-        if not 0 <= hello.lane_id < n:
-            self._reject(lane, ERR_LANE_ID_OUT_OF_RANGE, "lane_id_out_of_range",
-                         f"lane id {hello.lane_id} not below this server's {n} lanes")
-            return
+            return  # evicted or refused while the HELLO was in flight
         timer = self._pending.pop(lane)
         if timer is not None:
             timer.cancel()
+        try:
+            lane.client_cn = self.transport.peer_identity(lane.transport)  # type: ignore[union-attr]
+        except ValueError as exc:  # a certificate with no CN cannot be keyed
+            self._refuse(lane, ERR_BAD_HELLO, "bad_certificate", f"no usable CN: {exc}")
+            return
         key = (lane.client_cn, hello.session_id)
         session = self.sessions.get(key)
         if session is None:
             try:
                 session = self._new_session(lane.client_cn, hello.session_id)
             except OSError as exc:
-                lane.send_control(Err(ERR_INTERNAL, "cannot open UDP towards WireGuard"))
-                lane.abort("udp_open_failed")
                 event("session_open_fail", logging.ERROR, role="server",
                       client_cn=lane.client_cn, err=str(exc))
+                lane.end_with_err(ERR_INTERNAL, "cannot open UDP towards WireGuard",
+                                  "udp_open_failed")
                 return
-        lane.lane_id = hello.lane_id
-        # FLAG_SEQ on the client's HELLO: it resequences, so number what we send it;
-        # on ours: number what you send us (docs/protocol.md, "Sequence numbers").
-        # FLAG_PAD: it understands PAD frames, so our writes to it end with one.
-        session.peer_hello(lane, flags)
-        lane.send_control(Hello(hello.session_id, hello.lane_id, n), session.hello_flags())
+        lane.session = session
+        # FLAG_SEQ on the client's HELLO: it resequences, so number what we send it
+        # (docs/protocol.md, "Sequence numbers"); FLAG_PAD, read by the lane's machine:
+        # it understands PAD frames, so our writes to it end with one.
+        session.peer_hello(flags)
+        lane.accept(self.config.tcp.lanes)
         session.admit(lane)
-        if len(frames) > 1:
-            session.lane_frames(lane, frames[1:])
+
+    def lane_data(self, lane: Lane, frames: list) -> None:
+        session = lane.session
+        if session is not None:
+            session.lane_data(lane, frames)
+
+    def lane_writable(self, lane: Lane, writable: bool) -> None:
+        session = lane.session
+        if session is not None:
+            session.lane_writable(lane, writable)
+
+    def lane_violation(self, lane: Lane, violation: Violation) -> None:
+        session = lane.session
+        if session is not None:
+            session.lane_violation(lane, violation)
+            return
+        # Before HELLO: a refusal, counted and logged (debounced) like the others.
+        self._stats.protocol_error(violation.reason)
+        self._log_refusal("lane_refused", violation.reason, peer=format_addr(lane.peer),
+                          client_cn=lane.client_cn or None, err=violation.text)
+
+    def lane_closed(self, lane: Lane) -> None:
+        timer = self._pending.pop(lane, None)
+        if timer is not None:
+            timer.cancel()
+        session = lane.session
+        if session is not None:
+            session.lane_closed(lane)
 
     def _new_session(self, client_cn: str, session_id: int) -> ServerSession:
         cfg = self.config
@@ -366,23 +370,6 @@ class Server:
             del self.sessions[session.key]
             self._stats.sessions.pop(session.key, None)
         session.close(reason)
-
-    def lane_writable(self, lane: Lane, writable: bool) -> None:
-        pass
-
-    def lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
-        timer = self._pending.pop(lane, None)
-        if timer is not None:
-            timer.cancel()
-
-    def lane_broken(self, lane: Lane, err: Exception) -> None:
-        self._stats.protocol_error(getattr(err, "reason", "protocol_error"))
-        event("protocol_error", logging.WARNING, role="server", peer=format_addr(lane.peer),
-              err=str(err))
-        timer = self._pending.pop(lane, None)
-        if timer is not None:
-            timer.cancel()
-        lane.abort(reason="protocol_error")
 
     # -- life cycle -------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ dialling and accepting):
   and "writable" while their TLS write buffer is below its high-water mark; the
   picker only names lanes that are both. With no such lane, datagrams wait in
   the queue.
-* Frames read from a lane come back through ``lane_frames``; DATA payloads go
+* DATA frames read from a lane come back through ``lane_data``; their payloads go
   out of the UDP port in one batch per read.
 * Resequencing (issue 14, docs/protocol.md "Sequence numbers"): with ``lane_pick: rr``
   and a peer that asked for them (FLAG_SEQ on its HELLO), the datagrams a session
@@ -39,12 +39,13 @@ from typing import Any
 
 from . import fastpath
 from .addr import format_addr
-from .control import GOODBYE_REPLACED, Goodbye, Hello, decode_control
-from .errors import ControlError, FrameError
-from .lane import Lane, tcp_state
+from .control import GOODBYE_REPLACED
+from .errors import FrameError
+from .lane import Lane
 from .logs import Debounced, event
 from .shaping import PAD_FRAME_OVERHEAD, pad_length
 from .stats import Counters, TunnelStats
+from .tcpsock import tcp_state
 
 FLUSH_BATCH_PACKETS = 512  # hash strategy: datagrams per picker pass
 FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoot
@@ -95,6 +96,12 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "padding": cfg.shaping.padding,
         "coalesce": cfg.shaping.coalesce_ms / 1000.0,
     }
+
+
+def hello_flags(resequence: bool) -> int:
+    """The flags of this version's HELLO: FLAG_SEQ when it resequences (send me numbered
+    DATA), FLAG_PAD always (it understands padding)."""
+    return (fastpath.FLAG_SEQ if resequence else 0) | fastpath.FLAG_PAD
 
 
 class Session:
@@ -173,13 +180,12 @@ class Session:
     # -- HELLO flags (docs/protocol.md, "Sequence numbers" and "Padding") -------
     def hello_flags(self) -> int:
         """Flags for our HELLO: ask for numbered DATA if we resequence; we understand PAD."""
-        return (fastpath.FLAG_SEQ if self.resequence else 0) | fastpath.FLAG_PAD
+        return hello_flags(self.resequence)
 
-    def peer_hello(self, lane: Lane, flags: int) -> None:
-        """Apply the flags of the peer's HELLO on ``lane``: number what we send if it
-        asked; pad our writes on this lane if it understands PAD frames and we pad."""
+    def peer_hello(self, flags: int) -> None:
+        """Apply the flags of the peer's HELLO: number what we send if it asked. (Whether
+        a lane pads is the lane's own business: ``LaneMachine.pad_writes``.)"""
         self.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
-        lane.pad_writes = self.padding and bool(flags & fastpath.FLAG_PAD)
 
     # -- log helper ---------------------------------------------------------
     def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -418,13 +424,14 @@ class Session:
         return per_lane
 
     # -- lanes -> UDP -------------------------------------------------------
-    def lane_frames(self, lane: Lane, frames: list) -> None:
+    def lane_data(self, lane: Lane, frames: list) -> None:
+        """DATA frames read from ``lane`` (the lane's machine let only DATA through)."""
         t0 = time.perf_counter()
         try:
-            others, n, nbytes = self.reseq.feed(frames, t0)
+            _others, n, nbytes = self.reseq.feed(frames, t0)
         except FrameError as err:  # a numbered frame too short for its number
             self._deliver()
-            self.lane_broken(lane, err)
+            lane.violate(err.reason, str(err))
             return
         if n:
             # Per-lane figures count DATA frames and their PDU bytes (header
@@ -433,12 +440,6 @@ class Session:
             lane_id = lane.lane_id
             c.lane_rx_frames[lane_id] += n
             c.lane_rx_bytes[lane_id] += nbytes + HEADER_LEN * n
-        for _ftype, flags, payload in others:
-            self._control(lane, payload, flags)
-            if lane.closing:
-                # A malformed control message broke the lane: the rest of this
-                # read is not processed (found by tests/test_fuzz.py, issue 5).
-                break
         self._deliver()
 
     def _deliver(self) -> None:
@@ -532,37 +533,7 @@ class Session:
         else:
             c.udp_out_bytes += nbytes
 
-    def _control(self, lane: Lane, payload: bytes, flags: int = 0) -> None:
-        try:
-            msg = decode_control(payload)
-        except ControlError as err:
-            # Unknown control kinds are ignored so later versions can add some;
-            # malformed known ones break the lane.
-            if err.reason == "unknown_kind":
-                self.stats.protocol_error("unknown_control")
-                return
-            self.lane_broken(lane, err)
-            return
-        self.on_control(lane, msg, flags)
-
-    def on_control(self, lane: Lane, msg: Any, flags: int = 0) -> None:
-        if isinstance(msg, Goodbye):
-            # The peer is leaving: stop writing to this lane now; it will close.
-            lane.close_reason = f"peer_goodbye_{msg.reason_name}"
-            self._unregister(lane, lane.close_reason)
-        elif isinstance(msg, Hello):
-            self.stats.protocol_error("unexpected_hello")
-        else:  # Err
-            self.log("peer_error", logging.WARNING, lane_id=lane.lane_id, code=msg.code,
-                     err=msg.message)
-
     # -- lane state ---------------------------------------------------------
-    def _set_ready(self, lane: Lane, ready: bool) -> None:
-        lane.ready = ready
-        if 0 <= lane.lane_id < self.n_lanes and self.lanes[lane.lane_id] is lane:
-            self.picker.set_ready(lane.lane_id, ready and lane.writable)
-        if ready:
-            self.schedule_flush()
 
     def lane_writable(self, lane: Lane, writable: bool) -> None:
         if self.lanes[lane.lane_id] is lane:
@@ -579,8 +550,14 @@ class Session:
             self.retire(old, goodbye_reason=GOODBYE_REPLACED, reason="replaced")
         self.lanes[lane.lane_id] = lane
         self.counters.lanes_active += 1
-        self.log("lane_open", lane_id=lane.lane_id, peer=format_addr(lane.peer))
-        self._set_ready(lane, True)
+        self.log("lane_open", lane_id=lane.lane_id, peer=format_addr(lane.peer),
+                 **self.lane_open_fields(lane))
+        self.picker.set_ready(lane.lane_id, lane.ready and lane.writable)
+        self.schedule_flush()
+
+    def lane_open_fields(self, lane: Lane) -> dict[str, Any]:
+        """Hook: more fields for the ``lane_open`` log line (the client: TLS resumption)."""
+        return {}
 
     def _unregister(self, lane: Lane, reason: str, exc: BaseException | None = None) -> bool:
         """Stop using ``lane`` at once (before its connection is gone)."""
@@ -589,7 +566,6 @@ class Session:
         self.lanes[lane.lane_id] = None
         self.picker.set_ready(lane.lane_id, False)
         self._lanes_skipped.discard(lane.lane_id)
-        lane.ready = False
         self.counters.lanes_active -= 1
         self.log(
             "lane_close", lane_id=lane.lane_id, reason=reason,
@@ -606,24 +582,26 @@ class Session:
         return True
 
     def retire(self, lane: Lane, goodbye_reason: int | None, reason: str) -> None:
-        """Close ``lane`` on purpose: unregister first so nothing more is written to it."""
-        lane.close_reason = lane.close_reason or reason
-        self._unregister(lane, reason)
+        """Close ``lane`` on purpose (it reports ``lane_closed`` before its GOODBYE goes
+        out, so nothing more is written to it)."""
         lane.close(goodbye_reason=goodbye_reason, reason=reason)
 
-    def lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
-        self._unregister(lane, lane.close_reason or ("error" if exc else "peer_closed"), exc)
+    def lane_closed(self, lane: Lane) -> None:
+        """``lane`` carries nothing more (its ``close_reason`` says why): stop using it."""
+        reason = lane.close_reason
+        if lane.peer_err is not None:
+            self.log("peer_error", logging.WARNING, lane_id=lane.lane_id,
+                     code=lane.peer_err.code, err=lane.peer_err.message)
+        self._unregister(lane, reason, lane.close_exc)
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         """Hook for the roles (client re-dials, server starts lingering)."""
 
-    def lane_broken(self, lane: Lane, err: Exception) -> None:
-        reason = getattr(err, "reason", "protocol_error")
-        self.stats.protocol_error(reason)
-        self.log("protocol_error", logging.WARNING, lane_id=lane.lane_id, err=str(err))
-        lane.close_reason = f"protocol_error:{reason}"
-        self._unregister(lane, lane.close_reason)
-        lane.abort(reason=lane.close_reason)
+    def lane_violation(self, lane: Lane, violation: Any) -> None:
+        """``lane`` broke a protocol rule: count it and say so (the lane then closes)."""
+        self.stats.protocol_error(violation.reason)
+        self.log("protocol_error", logging.WARNING, lane_id=lane.lane_id,
+                 reason=violation.reason, err=violation.text)
 
     def close_lanes(self, goodbye_reason: int, reason: str) -> None:
         for lane in list(self.lanes):

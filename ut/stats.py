@@ -55,8 +55,11 @@ PROTOCOL_ERROR_REASONS: tuple[str, ...] = (
     # a frame that breaks the PDU format (ut.errors.FrameError)
     "bad_magic", "bad_version", "bad_type", "too_long", "truncated", "bad_seq",
     # a control message that does not parse (ut.errors.ControlError), or is out of place
+    # (ut.laneproto: each closes its lane)
     "empty", "bad_length", "bad_value", "bad_utf8", "unknown_control", "unexpected_hello",
-    # server: a lane's opening (HELLO) refused, or a lane pushed out
+    "data_after_goodbye", "control_after_goodbye",
+    # a lane's opening (HELLO) refused (the client refuses a wrong server HELLO too),
+    # or a lane pushed out
     "hello_timeout", "bad_certificate", "data_before_hello", "bad_hello",
     "lane_id_out_of_range", "evicted",
     # an error without a reason of its own

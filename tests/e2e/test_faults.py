@@ -44,11 +44,11 @@ from tests.certs import make_test_pki  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REQUIRE = os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0")
 
-# Runs the CLI after lowering ut.lane's liveness constants (proposed config keys:
+# Runs the CLI after lowering ut.tcpsock's liveness constants (proposed config keys:
 # tcp.user_timeout_seconds, tcp.keepalive_seconds): argv = config path, JSON overrides.
 LAUNCHER = r"""
 import json, sys
-import ut.lane as lane
+import ut.tcpsock as lane
 for name, value in json.loads(sys.argv[2]).items():
     assert hasattr(lane, name), name
     setattr(lane, name, value)
