@@ -160,7 +160,7 @@ def encode_data(datagrams: list, pad: int = -1) -> bytes:
     >>> encode_data([b"a", b""]).hex()
     '55540101000000000161555401010000000000'
     """
-    parts = []
+    parts: list[Any] = []
     append = parts.append
     for d in datagrams:
         n = len(d) if type(d) is bytes else memoryview(d).nbytes
@@ -206,7 +206,7 @@ def encode_data_seq(datagrams: list, seq: int, pad: int = -1) -> tuple[bytes, in
     """
     if not 0 <= seq <= _SEQ_MASK:
         raise ValueError(f"seq {seq!r} out of range 0..{_SEQ_MASK}")
-    parts = []
+    parts: list[Any] = []
     append = parts.append
     for d in datagrams:
         n = len(d) if type(d) is bytes else memoryview(d).nbytes

@@ -325,7 +325,7 @@ class Client:
         self.session: ClientSession | None = None
         self.ssl_context: ClientContext | None = None
         self.transport: TlsTransport = None  # type: ignore[assignment]  # set by start()
-        self.server_addr: tuple[str, int] = parse_addr(config.tcp.server_addr)
+        self.server_addr: tuple[str, int] = config.tcp.server_host_port
         self.server_name = config.tls.server_name or self.server_addr[0]
         self.metrics: Any = None
         self._idle_task: asyncio.Task | None = None

@@ -19,6 +19,7 @@ after its last lane so a returning client keeps that port.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -52,6 +53,11 @@ LISTEN_BACKLOG = 512
 # 512 idle sockets lock every client out until their timeouts.
 MAX_PENDING_LANES = 512
 REFUSAL_LOG_WINDOW_SECONDS = 5.0  # one tls_handshake_fail / lane_refused line per reason per window
+
+
+def _close_if_cancelled(conn: socket.socket, task: asyncio.Task) -> None:
+    if task.cancelled():
+        conn.close()
 
 
 class ServerSession(Session):
@@ -223,7 +229,7 @@ class Server:
             task.add_done_callback(self._handshakes.discard)
             # A task cancelled before it ever ran (evicted in a burst of accepts)
             # never reaches its own clean-up: close its socket here.
-            task.add_done_callback(lambda t, c=conn: c.close() if t.cancelled() else None)
+            task.add_done_callback(functools.partial(_close_if_cancelled, conn))
 
     def _log_refusal(self, name: str, reason: str, **fields: Any) -> None:
         key = (name, reason)

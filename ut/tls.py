@@ -214,7 +214,9 @@ def _send_chain_without_root(ctx: ssl.SSLContext) -> bool:
     """
     try:
         lib = _libssl()
-        ptr = _ssl_ctx_pointer(ctx, lib) if lib is not None else None
+        if lib is None:
+            return False
+        ptr = _ssl_ctx_pointer(ctx, lib)
         if ptr is None:
             return False
         if lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_BUILD_CERT_CHAIN, _BUILD_FLAGS, None) == 0:
