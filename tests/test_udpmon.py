@@ -404,7 +404,7 @@ def test_probe_through_a_loopback_tunnel(tmp_path, sizes):
 
 
 def _env() -> dict[str, str]:
-    root = str(Path(udpmon.__file__).resolve().parent.parent)
+    root = str(Path(udpmon.__file__).resolve().parents[2])  # ut/udpmon/__init__.py -> the tree
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env

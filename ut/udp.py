@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 from . import fastpath
@@ -38,14 +39,44 @@ Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 BatchHandler = Callable[[list], None]  # receives [(payload, addr), ...]
 
 
+# Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE (the socket module does not name them): with
+# CAP_NET_ADMIN (root) they pass the net.core.rmem_max / wmem_max caps.
+_BUF_FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform.startswith("linux") else {}
+
+
 def _family_for(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def set_socket_buffers(sock: socket.socket, nbytes: int = SOCKET_BUF_BYTES, *, force: bool = False) -> None:
+    """Ask the kernel for ``nbytes`` of receive and of send buffer on ``sock``.
+
+    The kernel may grant less (Linux caps both at net.core.rmem_max / wmem_max)
+    or refuse; either is accepted silently. With ``force``, a capped size is asked
+    again with ``SO_RCVBUFFORCE`` / ``SO_SNDBUFFORCE``, which pass the caps for
+    root (CAP_NET_ADMIN) on Linux and fail quietly for everyone else.
+    """
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, nbytes)
+            # Linux reports twice the size set: less than asked means capped by *mem_max.
+            if force and opt in _BUF_FORCE and sock.getsockopt(socket.SOL_SOCKET, opt) < nbytes:
+                sock.setsockopt(socket.SOL_SOCKET, _BUF_FORCE[opt], nbytes)
+        except OSError:
+            pass
+
+
 def open_udp_socket(
-    bind: tuple[str, int] | None = None, connect: tuple[str, int] | None = None
+    bind: tuple[str, int] | None = None,
+    connect: tuple[str, int] | None = None,
+    *,
+    force_buffers: bool = False,
 ) -> socket.socket:
-    """A non-blocking UDP socket, bound and/or connected."""
+    """A non-blocking UDP socket, bound and/or connected.
+
+    Its buffers are :data:`SOCKET_BUF_BYTES` each where the kernel allows
+    (``force_buffers``: see :func:`set_socket_buffers`).
+    """
     host = (bind or connect or ("0.0.0.0", 0))[0]
     family = _family_for(host) if host else socket.AF_INET
     if connect is not None and bind is None:
@@ -54,11 +85,7 @@ def open_udp_socket(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF_BYTES)
-            except OSError:
-                pass
+        set_socket_buffers(sock, force=force_buffers)
         if bind is not None:
             sock.bind(bind)
         if connect is not None:
