@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -564,7 +565,7 @@ def test_connection_limit_and_close_with_idle_clients(run: Any) -> None:
             assert await raw(server, b"GET /metrics HTTP/1.1\r\n\r\n") == b""
         except ConnectionResetError:
             pass
-        assert len(server._conns) == 2
+        assert server.connections == 2
         # Closing the server does not wait for idle clients' 30 s deadline.
         t0 = time.monotonic()
         await server.close()
@@ -572,6 +573,302 @@ def test_connection_limit_and_close_with_idle_clients(run: Any) -> None:
         for reader, writer in idle:
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
+
+    run(go())
+
+
+def test_standard_answers_from_h11(run: Any) -> None:
+    """Where h11 (RFC 9112) is stricter than a lenient parser, its answer is the standard
+    one, and blank lines before the request line are still tolerated (RFC 9112 2.2)."""
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg())
+        assert server is not None
+        try:
+            # HTTP/1.1 without Host: 400 (RFC 9112 3.2); HTTP/1.0 needs none.
+            assert (await raw(server, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(
+                b"HTTP/1.1 400 ")
+            got = await raw(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 200 ") and b"ut_sessions_active" in got
+            got = await raw(server, b"\r\n\r\nGET /metrics HTTP/1.0\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 200 ")
+            # A transfer coding h11 does not implement: 501, whatever the method.
+            got = await raw(server, b"POST /metrics HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: gzip\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 501 ")
+            # A header line without a colon, two spaces in the request line: 400.
+            for bad in (b"GET /metrics HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+                        b"GET  /metrics HTTP/1.1\r\nHost: x\r\n\r\n"):
+                assert (await raw(server, bad)).startswith(b"HTTP/1.1 400 "), bad
+            # HEAD of another path: 404 with its headers and no body.
+            got = await raw(server, b"HEAD /other HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 404 ") and got.endswith(b"\r\n\r\n")
+            assert b"Content-Length: 10\r\n" in got and b"Connection: close\r\n" in got
+            assert server.scrapes == 2
+        finally:
+            await server.close()
+
+    run(go())
+
+
+def test_failing_collector_is_500_and_logged(run: Any) -> None:
+    """An embedding program's collector that raises gets the scrape a 500 (and a log
+    line), not a dropped connection; the next scrape is served again."""
+    from tests.tunnelkit import capture_events
+
+    class Broken:
+        fail = True
+
+        def collect(self) -> Any:
+            if Broken.fail:
+                raise RuntimeError("collector down")
+            return iter(())
+
+    async def go() -> None:
+        reg = CollectorRegistry()
+        reg.register(Broken())
+        server = await start_metrics_server(make_stats(), MetricsCfg(), registry=reg)
+        assert server is not None
+        try:
+            with capture_events() as cap:
+                status, headers, body = await asyncio.to_thread(http, server.url)
+            assert status == 500 and headers["Connection"] == "close"
+            assert body == b"internal server error\n" and server.scrapes == 0
+            [ev] = cap.named("metrics_scrape_error")
+            assert ev["err"] == "RuntimeError: collector down"
+            Broken.fail = False
+            assert "ut_sessions_active" in await scrape(server)
+        finally:
+            await server.close()
+
+    run(go())
+
+
+async def chunked_raw(server: MetricsServer, request: bytes, sizes: list[int]) -> bytes:
+    """Send ``request`` in pieces of ``sizes`` (cycled), one loop turn apart."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        i = k = 0
+        while i < len(request):
+            writer.write(request[i:i + sizes[k % len(sizes)]])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+            i += sizes[k % len(sizes)]
+            k += 1
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def test_request_head_limit_holds_however_the_head_is_split(run: Any) -> None:
+    """A head of exactly ``max_request_bytes`` is served and one byte more is 431,
+    whether it comes in one write, a byte at a time or in uneven pieces (the endpoint
+    hands h11 at most that many bytes, so the limit does not depend on the reads)."""
+    limit = 600
+
+    def head(size: int) -> bytes:
+        start, end = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
+        return start + b"a" * (size - len(start) - len(end)) + end
+
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg(), max_request_bytes=limit)
+        assert server is not None
+        try:
+            for sizes in ([limit + 1], [1], [7, 1, 130, 2, 61]):
+                got = await chunked_raw(server, head(limit), sizes)
+                assert got.startswith(b"HTTP/1.1 200 "), (sizes, got[:40])
+                got = await chunked_raw(server, head(limit + 1), sizes)
+                assert got.startswith(b"HTTP/1.1 431 "), (sizes, got[:40])
+            # A body after a head that fits, in the same write, is not part of the head.
+            start = b"PUT /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\nX-Pad: "
+            put = start + b"a" * (limit - len(start) - 4) + b"\r\n\r\n"
+            assert len(put) == limit
+            got = await chunked_raw(server, put + b"b" * 900, [4096])
+            assert got.startswith(b"HTTP/1.1 405 ")
+            assert server.scrapes == 3
+        finally:
+            await server.close()
+
+    run(go())
+
+
+class FakeTransport:
+    """Enough of a stream transport for ``ut.metrics_http._Connection``, no socket."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.eof = False
+        self.closed = ""
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        assert not self.eof and not self.closed
+        self.out += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def close(self) -> None:
+        self.closed = self.closed or "close"
+
+    def abort(self) -> None:
+        self.closed = self.closed or "abort"
+
+
+def test_head_split_at_every_byte_without_sockets() -> None:
+    """The protocol driven by hand (h11's own test style): the same request split at
+    every byte, and in random pieces, gets the same answer; the head limit is exact."""
+    import random
+
+    from ut.metrics_http import _Connection
+
+    loop = asyncio.new_event_loop()
+    server = MetricsServer(make_stats(), max_request_bytes=200)
+
+    def serve(pieces: list[bytes]) -> FakeTransport:
+        conn, transport = _Connection(server, loop), FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        for piece in pieces:
+            conn.data_received(piece)
+        conn.eof_received()
+        conn.connection_lost(None)
+        return transport
+
+    try:
+        request = b"\r\nGET /metrics?x=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
+        expected = bytes(serve([request]).out)
+        assert expected.startswith(b"HTTP/1.1 200 ")
+        for i in range(1, len(request)):
+            t = serve([request[:i], request[i:]])
+            assert bytes(t.out) == expected and t.eof and t.closed == "close", i
+        rng = random.Random(16)
+        for _ in range(50):
+            cuts = sorted(rng.sample(range(1, len(request)), rng.randint(2, 12)))
+            pieces = [request[a:b] for a, b in zip([0, *cuts], [*cuts, len(request)], strict=True)]
+            assert bytes(serve(pieces).out) == expected, cuts
+        # Exactly the limit, a byte at a time: served; one byte more: 431.
+        start = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: "
+        fits = start + b"a" * (200 - len(start) - 4) + b"\r\n\r\n"
+        assert bytes(serve([bytes([b]) for b in fits]).out) == expected
+        over = fits[:-4] + b"a\r\n\r\n"
+        t = serve([bytes([b]) for b in over])
+        assert t.out.startswith(b"HTTP/1.1 431 ") and t.closed == "close"
+        assert server.connections == 0
+        # EOF before a whole head: no answer, aborted.
+        conn, t = _Connection(server, loop), FakeTransport()
+        conn.connection_made(t)  # type: ignore[arg-type]
+        conn.data_received(b"GET /metr")
+        conn.eof_received()
+        assert t.out == b"" and t.closed == "abort"
+        conn.connection_lost(None)
+    finally:
+        loop.close()
+
+
+def test_client_that_does_not_read_the_answer_is_cut(run: Any) -> None:
+    """``write_timeout``: an answer the client does not take in time is dropped with its
+    connection, and scrapes meanwhile are served."""
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg(), write_timeout=0.5)
+        assert server is not None
+        # Larger than every socket buffer between the two ends (tcp_wmem/rmem maxima
+        # are a few MiB), so it cannot all leave the process.
+        big = b"x" * (48 << 20)
+        server.exposition = lambda: big  # type: ignore[method-assign]
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            t0 = time.monotonic()
+            await asyncio.sleep(0.2)
+            assert server.connections == 1
+            server.exposition = lambda: b"small\n"  # type: ignore[method-assign]
+            assert await scrape(server) == "small\n"
+            while server.connections and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.05)
+            assert server.connections == 0
+            assert time.monotonic() - t0 < 0.5 + 1.5
+            sock.close()
+        finally:
+            await server.close()
+
+    run(go())
+
+
+def test_lingering_close_is_bounded(run: Any) -> None:
+    """After the answer the endpoint reads and drops what the client still sends, for at
+    most ``linger_timeout`` seconds and 64 KiB; the client gets the whole answer."""
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg(), linger_timeout=0.5)
+        assert server is not None
+        try:
+            for junk_bytes, within in ((100, 0.5 + 1.0), (16384, 0.4)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                t0 = time.monotonic()
+
+                async def chatter(writer: asyncio.StreamWriter = writer,
+                                  n: int = junk_bytes) -> None:
+                    try:
+                        while True:
+                            writer.write(b"j" * n)
+                            await writer.drain()
+                            await asyncio.sleep(0.02)
+                    except (ConnectionError, OSError):
+                        pass
+
+                # Slow chatter from the start: the clock cuts it. Fast chatter once the
+                # answer is read (so a reset cannot destroy it): the byte cap cuts it.
+                talker = asyncio.ensure_future(chatter()) if junk_bytes < 1000 else None
+                answer = await asyncio.wait_for(reader.read(), 5)  # our FIN ends it
+                talker = talker or asyncio.ensure_future(chatter())
+                assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\n")
+                length = int(re.search(rb"Content-Length: (\d+)", answer).group(1))  # type: ignore[union-attr]
+                assert len(answer.split(b"\r\n\r\n", 1)[1]) == length
+                while server.connections and time.monotonic() - t0 < 5:
+                    await asyncio.sleep(0.02)
+                assert server.connections == 0
+                assert time.monotonic() - t0 < within, (junk_bytes, time.monotonic() - t0)
+                talker.cancel()
+                writer.close()
+        finally:
+            await server.close()
+
+    run(go())
+
+
+def test_concurrent_scrapes(run: Any) -> None:
+    """Scrapes that overlap (up to the connection limit) all get the whole answer."""
+    async def go() -> None:
+        server = await start_metrics_server(make_stats(), MetricsCfg(), max_connections=16)
+        assert server is not None
+        try:
+            bodies = await asyncio.gather(*(scrape(server) for _ in range(12)))
+            assert len(set(bodies)) == 1 and "ut_sessions_active" in bodies[0]
+            # Raw clients that all connect first, then all ask.
+            conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(16)]
+            await asyncio.sleep(0.05)
+            assert server.connections == 16
+            for _, w in conns:
+                w.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 10) for r, _ in conns))
+            for _, w in conns:
+                w.close()
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+            assert len({a.split(b"\r\n\r\n", 1)[1] for a in answers}) == 1
+            assert server.scrapes == 12 + 16
+        finally:
+            await server.close()
 
     run(go())
 

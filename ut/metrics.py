@@ -7,18 +7,14 @@ place that decides names, labels and aggregation); ``render()`` writes them
 as Prometheus text, and ``TunnelCollector`` hands the same rows to a
 ``prometheus_client`` registry for programs that want that instead.
 
-The endpoint runs on the tunnel's own event loop (no thread), so a scrape reads
-the counters between two callbacks of the forwarding code: every scrape is a
-consistent snapshot and there is no lock anywhere. The price is that a scrape
-pauses forwarding while it renders, which is why ``render`` exists: with 100
-client CNs it is several times cheaper than ``generate_latest`` on the same
-series (bench/metrics_cost.py; figures in docs/metrics.md).
-
-The HTTP side is deliberately small: one GET (or HEAD) per connection,
-``Connection: close``, a request head of at most ``max_request_bytes`` read
-within ``read_timeout`` seconds, at most ``max_connections`` connections at
-once. A slow or hostile client therefore holds a bounded amount of memory for
-a bounded time and never blocks the loop.
+The endpoint (``MetricsServer``; its HTTP side, h11 and its limits, is
+``ut.metrics_http``) runs on the tunnel's own event loop (no thread), so a
+scrape reads the counters between two callbacks of the forwarding code: every
+scrape is a consistent snapshot and there is no lock anywhere. The price is
+that a scrape pauses forwarding while it renders, which is why ``render``
+exists: with 100 client CNs it is several times cheaper than
+``generate_latest`` on the same series (bench/metrics_cost.py; figures in
+docs/metrics.md).
 
 Metric names and labels are listed in ``docs/metrics.md`` (the spec's names are
 part of the contract: SPEC.md "Metrics").
@@ -26,7 +22,6 @@ part of the contract: SPEC.md "Metrics").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,8 +35,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from . import metrics_http
 from ._version import __version__
 from .logs import event
+from .metrics_http import HttpEndpoint
 from .stats import (
     DROP_PATH,
     DROP_REASONS,
@@ -351,17 +348,7 @@ def _empty_families() -> Iterator[Metric]:
         yield _CLASSES[typ](name, text)
 
 
-# -- HTTP endpoint -------------------------------------------------------------
-
-_REASONS = {
-    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 431: "Request Header Fields Too Large",
-}
-
-
-class _RequestTooLarge(Exception):
-    pass
-
+# -- the endpoint -------------------------------------------------------------
 
 def _split_hostport(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
@@ -382,13 +369,18 @@ class _NameGuard:
         return iter(())
 
 
-class MetricsServer:
+class MetricsServer(HttpEndpoint):
     """A running metrics endpoint; make one with ``start_metrics_server``.
 
     A scrape returns ``render(families(stats))`` followed by whatever else is
     registered in ``registry`` (the server's own ``CollectorRegistry`` unless the
     caller passed one): an embedding program may add its own metrics there.
+    The HTTP side and its limits (``max_request_bytes``, ``read_timeout``,
+    ``write_timeout``, ``linger_timeout``, ``max_connections``) are
+    ``ut.metrics_http.HttpEndpoint``'s.
     """
+
+    content_type = CONTENT_TYPE_LATEST
 
     def __init__(
         self,
@@ -398,29 +390,22 @@ class MetricsServer:
         per_client_cn: bool = True,
         per_lane_id: bool = False,
         registry: CollectorRegistry | None = None,
-        max_request_bytes: int = 8192,
-        read_timeout: float = 5.0,
-        write_timeout: float = 10.0,
-        linger_timeout: float = 1.0,
-        max_connections: int = 16,
+        max_request_bytes: int = metrics_http.MAX_REQUEST_BYTES,
+        read_timeout: float = metrics_http.READ_TIMEOUT_SECONDS,
+        write_timeout: float = metrics_http.WRITE_TIMEOUT_SECONDS,
+        linger_timeout: float = metrics_http.LINGER_TIMEOUT_SECONDS,
+        max_connections: int = metrics_http.MAX_CONNECTIONS,
     ) -> None:
+        super().__init__(
+            path, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
+            write_timeout=write_timeout, linger_timeout=linger_timeout,
+            max_connections=max_connections)
         self.stats = stats
-        self.path = path
         self.per_client_cn = per_client_cn
         self.per_lane_id = per_lane_id
         self.registry = CollectorRegistry() if registry is None else registry
         self._guard = _NameGuard()
         self.registry.register(self._guard)
-        self.max_request_bytes = max_request_bytes
-        self.read_timeout = read_timeout
-        self.write_timeout = write_timeout
-        self.linger_timeout = linger_timeout
-        self.max_connections = max_connections
-        self.host = ""
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: dict[asyncio.StreamWriter, asyncio.Task] = {}
-        self.scrapes = 0  # successful GETs of ``path``, for tests and curiosity
 
     def exposition(self) -> bytes:
         """The response body of one scrape (read now, on the calling thread)."""
@@ -428,37 +413,12 @@ class MetricsServer:
                         per_lane_id=self.per_lane_id)
         return render(fams) + generate_latest(self.registry)
 
-    @property
-    def url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}{self.path}"
-
-    async def start(self, host: str, port: int) -> None:
-        # The stream limit bounds one header line; _read_head bounds the whole head.
-        self._server = await asyncio.start_server(
-            self._handle, host, port, limit=self.max_request_bytes)
-        sockname = self._server.sockets[0].getsockname()
-        self.host, self.port = sockname[0], sockname[1]
+    def body(self) -> bytes:
+        return self.exposition()
 
     async def close(self) -> None:
-        """Stop listening and drop open connections."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        tasks = list(self._conns.values())
-        for writer in list(self._conns):
-            writer.transport.abort()  # their handlers see EOF and finish
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=2.0)
-            for task in pending:
-                task.cancel()
-        try:
-            await asyncio.wait_for(server.wait_closed(), 5.0)
-        except asyncio.TimeoutError:
-            pass
+        """Stop listening, drop open connections, release the tunnel's names."""
+        await super().close()
         try:
             self.registry.unregister(self._guard)
         except KeyError:
@@ -469,118 +429,6 @@ class MetricsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    # -- one connection ------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._conns) >= self.max_connections:
-            writer.transport.abort()  # no reading, no writing, no waiting
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns[writer] = task
-        clean = False
-        try:
-            clean = await self._serve_one(reader, writer)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
-            pass
-        finally:
-            self._conns.pop(writer, None)
-            if clean:
-                writer.close()
-            else:
-                writer.transport.abort()
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; True when the client has read the answer and hung up."""
-        try:
-            lines = await asyncio.wait_for(_read_head(reader, self.max_request_bytes),
-                                           self.read_timeout)
-        except asyncio.TimeoutError:
-            return await self._reply(reader, writer, 408, b"request timeout\n")
-        except (_RequestTooLarge, ValueError, asyncio.LimitOverrunError):
-            return await self._reply(reader, writer, 431, b"request too large\n")
-        except asyncio.IncompleteReadError:
-            return False  # the client went away
-        parts = lines[0].split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-            return await self._reply(reader, writer, 400, b"bad request\n")
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
-        head_only = method == b"HEAD"
-        if method not in (b"GET", b"HEAD"):
-            return await self._reply(reader, writer, 405, b"method not allowed\n",
-                                     extra=b"Allow: GET, HEAD\r\n")
-        if target.decode("latin-1") != self.path:
-            return await self._reply(reader, writer, 404, b"not found\n", head_only=head_only)
-        body = self.exposition()
-        self.scrapes += 1
-        return await self._reply(reader, writer, 200, body, head_only=head_only,
-                                 content_type=CONTENT_TYPE_LATEST)
-
-    async def _reply(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int,
-        body: bytes, *, head_only: bool = False, extra: bytes = b"",
-        content_type: str = "text/plain; charset=utf-8",
-    ) -> bool:
-        writer.write(self._response(status, body, head_only=head_only, extra=extra,
-                                    content_type=content_type))
-        # drain() returns once the whole response is in the kernel (high-water 0),
-        # or raises TimeoutError for a client that does not read it.
-        writer.transport.set_write_buffer_limits(high=0)
-        await asyncio.wait_for(writer.drain(), self.write_timeout)
-        # Lingering close: half-close, then discard what the client still sends
-        # (a body we never read) until it hangs up, so that closing does not turn
-        # into a reset that destroys the response before the client has read it.
-        if writer.can_write_eof():
-            writer.write_eof()
-        try:
-            await asyncio.wait_for(_discard(reader, 65536), self.linger_timeout)
-        except (asyncio.TimeoutError, _RequestTooLarge):
-            return False
-        return True
-
-    @staticmethod
-    def _response(
-        status: int, body: bytes, *, head_only: bool, extra: bytes = b"",
-        content_type: str = "text/plain; charset=utf-8",
-    ) -> bytes:
-        head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-            f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n"
-        ).encode("latin-1") + extra + b"\r\n"
-        return head if head_only else head + body
-
-
-async def _read_head(reader: asyncio.StreamReader, max_bytes: int) -> list[bytes]:
-    """Request line and header lines, up to the blank line; at most ``max_bytes``."""
-    lines: list[bytes] = []
-    total = 0
-    while True:
-        line = await reader.readline()  # ValueError if one line exceeds the stream limit
-        if not line.endswith(b"\n"):
-            raise asyncio.IncompleteReadError(line, None)
-        total += len(line)
-        if total > max_bytes:
-            raise _RequestTooLarge
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if lines:
-                return lines
-            continue  # tolerate blank lines before the request line (RFC 9112 2.2)
-        lines.append(line)
-
-
-async def _discard(reader: asyncio.StreamReader, max_bytes: int) -> None:
-    """Read and forget until EOF; more than ``max_bytes`` is not worth waiting for."""
-    left = max_bytes
-    while True:
-        chunk = await reader.read(16384)
-        if not chunk:
-            return
-        left -= len(chunk)
-        if left < 0:
-            raise _RequestTooLarge
 
 
 async def start_metrics_server(
