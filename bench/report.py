@@ -664,7 +664,7 @@ def link_bytes_table(w, R, tests, idle_title="idle pings"):
     if not _has_link_bytes(R, tests):
         return
     idle = any(_link_per_ping(r) for n in R.names for r in R.ok(n))
-    w("### Bytes on the link (home's link device, both directions)")
+    w("### Bytes on the link (what it delivered, both directions)")
     w("")
     w(
         "Per test: link bytes (what the link delivered both ways: bytes received by the "
@@ -728,8 +728,9 @@ def shaping_section(w, P, order, pooled=False):
         "iperf3 payload): ratio A ÷ B. Ping: A's percentile minus B's, ms (the loaded ping "
         "of that test; for the idle row the idle pings, 50 ms apart, nothing else running: "
         "the interactive case); the first figure pools all rounds' samples, the bracket is "
-        "the range of the per-round differences. Link bytes: bytes on home's link per payload "
-        "byte (per ping for the idle row), A ÷ B − 1. CPU of the idle row: µs per ping, A ÷ B."
+        "the range of the per-round differences. Link bytes: bytes the link delivered per payload "
+        "byte (per ping for the idle row), A ÷ B − 1. CPU of the idle row: µs per ping, A ÷ B "
+        "(/proc counts CPU in 10 ms ticks: with few pings this ratio is coarse)."
     )
     w("")
     w("| profile | traffic | A vs B | throughput A ÷ B | CPU A ÷ B | ping p50 A − B, ms "

@@ -942,6 +942,9 @@ def machine_facts() -> dict:
                 cpu_model = line.split(":", 1)[1].strip()
                 break
     git = _cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if not git or git.startswith("fatal"):  # e.g. a `git archive` export run side by side
+        git = f"{ROOT} is not a git checkout; set BENCH_GIT to say what it is"
+    git = os.environ.get("BENCH_GIT") or git
     dirty = (
         subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--", "ut"],
