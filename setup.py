@@ -63,6 +63,9 @@ def _extensions():
     ext = Extension(
         "ut._fastpath",
         ["ut/_fastpath.pyx"],
+        # The hand-written C (uvloop's includes/ layout): cythonize tracks the .pxd/.pxi
+        # files, but a header only changes the C compile, so name it here.
+        depends=["ut/includes/mmsg.h"],
         define_macros=macros,
         extra_compile_args=["-O2"],
     )

@@ -557,3 +557,144 @@ def test_closed_socket_raises(fp):
         fp.recv_batch(rx, 8)
     with pytest.raises(OSError):
         fp.send_batch(tx, [b"x"], ("127.0.0.1", 9))
+
+
+# -- GSO run grouping (issue 16): the compiled grouping against the pure one ----------
+
+# Sizes where the rules meet: 64 x 1015 fits in 65000 bytes and 64 x 1016 does not; two of
+# 32500 fit and two of 32501 do not; 65000 is the most one run may carry; 65507 is the
+# largest IPv4 UDP payload; 70000 cannot be sent at all but must still group the same.
+_RUN_SIZES = [0, 1, 2, 100, 1015, 1016, 1420, 1452, 9000, 32500, 32501, 65000, 65001,
+              65507, 70000]
+
+
+@st.composite
+def gso_size_lists(draw, max_size: int = 70000, max_bytes: int | None = None,
+                   max_count: int | None = None):
+    """Datagram sizes in runs of one size (up to 140, past the 64-segment cap), each run
+    maybe ended by a shorter datagram, the way WireGuard traffic looks to ``send_batch``."""
+    sizes: list[int] = []
+    for _ in range(draw(st.integers(0, 8))):
+        size = draw(st.sampled_from([s for s in _RUN_SIZES if s <= max_size])
+                    | st.integers(0, max_size))
+        run = [size] * draw(st.integers(1, 140))
+        if draw(st.booleans()):
+            run.append(draw(st.integers(0, size)))  # a shorter last datagram
+        if (max_bytes is not None and sum(sizes) + sum(run) > max_bytes
+                or max_count is not None and len(sizes) + len(run) > max_count):
+            break
+        sizes += run
+    return sizes
+
+
+def _check_gso_rules(sizes: list[int], runs: list[int]) -> None:
+    """``runs`` keep the kernel's UDP_SEGMENT rules (udp_send_skb: every segment the
+    gso_size but the last, which may be shorter; at most UDP_MAX_SEGMENTS = 64 of them;
+    the payload within one IP packet, 65000 bytes here) and are greedy: each run is as
+    long as those rules allow, and a zero-length datagram goes alone."""
+    assert sum(runs) == len(sizes) and all(r >= 1 for r in runs), runs
+    i = 0
+    for r in runs:
+        run = sizes[i : i + r]
+        seg = run[0]
+        assert r <= 64
+        if r > 1:
+            assert seg > 0 and all(s == seg for s in run[:-1]), run
+            assert 0 < run[-1] <= seg and sum(run) <= 65000, run
+        if i + r < len(sizes):  # greedy: the next datagram could not have joined
+            nxt = sizes[i + r]
+            assert (seg == 0 or r == 64 or nxt == 0 or nxt > seg or run[-1] < seg
+                    or sum(run) + nxt > 65000), (run, nxt)
+        i += r
+
+
+@pytest.mark.parametrize("sizes, runs", [
+    ([], []),
+    ([1420], [1]),
+    ([1420] * 3, [3]),
+    ([1420, 1420, 100, 1420], [3, 1]),  # a shorter one ends a run
+    ([100, 1420], [1, 1]),  # a longer one starts a new run
+    ([0, 0, 5], [1, 1, 1]),  # empty datagrams go alone
+    ([5, 0, 5], [1, 1, 1]),
+    ([7] * 64, [64]),
+    ([7] * 65, [64, 1]),  # at most 64 datagrams
+    ([7] * 200, [64, 64, 64, 8]),
+    ([1015] * 65, [64, 1]),  # 64 x 1015 = 64960 bytes: the count is the limit
+    ([1016] * 65, [63, 2]),  # 64 x 1016 = 65024 bytes: the byte limit comes first
+    ([1452] * 50, [44, 6]),  # at most 65000 bytes
+    ([32500, 32500, 32500], [2, 1]),
+    ([32501, 32501], [1, 1]),
+    ([65000, 65000], [1, 1]),
+    ([65001, 1], [1, 1]),  # over the run limit: alone (and the kernel may refuse it)
+    ([70000, 70000], [1, 1]),
+    ([40000, 30000], [1, 1]),  # shorter, but the two exceed 65000 bytes
+    ([100] + [1420] * 64, [1, 45, 19]),  # runs do not depend on sendmmsg's 64-message calls
+    ([9] + [100] * 63 + [100, 100], [1, 64, 1]),
+])
+def test_gso_runs_edge_cases(fp_compiled, fp_pure, sizes, runs):
+    assert fp_compiled._gso_runs(sizes) == fp_pure._gso_runs(sizes) == runs
+    _check_gso_rules(sizes, runs)
+
+
+@SETTINGS
+@given(sizes=gso_size_lists())
+def test_gso_runs_agree(fp_compiled, fp_pure, sizes):
+    """The compiled ``send_batch`` groups a batch into UDP_SEGMENT runs exactly as the
+    pure twin does, and both keep the kernel's rules."""
+    assert fp_compiled._gso_runs.__doc__ == fp_pure._gso_runs.__doc__
+    runs = fp_pure._gso_runs(sizes)
+    assert fp_compiled._gso_runs(sizes) == runs
+    _check_gso_rules(sizes, runs)
+
+
+def _gro_receiver():
+    """A loopback receiver with UDP_GRO (Linux 5.0+): a UDP_SEGMENT message reaches it
+    whole, with its segment size in a control message, so a test sees the runs."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.setsockopt(socket.IPPROTO_UDP, 104, 1)  # UDP_GRO
+    except OSError:
+        rx.close()
+        pytest.skip("this kernel has no UDP_GRO (Linux 5.0+)")
+    try:  # past net.core.rmem_max where allowed (root); the batches stay small anyway
+        rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE
+    except OSError:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    return rx
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="UDP GSO/GRO are Linux-only")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=gso_size_lists(max_size=65000, max_bytes=96 * 1024, max_count=200),
+       gso=st.booleans())
+def test_send_batch_sends_the_runs_of_gso_runs(fp, sizes, gso):
+    """What the kernel gets from ``send_batch(..., gso=True)`` is ``_gso_runs``' grouping:
+    one UDP_SEGMENT message per run (seen whole by a UDP_GRO receiver), whatever the
+    batch's length; without gso (or without HAVE_GSO), one message per datagram."""
+    import struct
+
+    rx = _gro_receiver()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    with rx, tx:
+        grams = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        assert fp.send_batch(tx, grams, rx.getsockname(), gso=gso) == len(grams)
+        runs, data = [], []
+        deadline = time.monotonic() + 5
+        while sum(runs) < len(grams) and time.monotonic() < deadline:
+            try:
+                msg, anc, _, _ = rx.recvmsg(1 << 17, 256)
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            seg = len(msg)
+            for level, kind, value in anc:
+                if level == socket.IPPROTO_UDP and kind == 104:
+                    seg = struct.unpack("=i", value[:4])[0]
+            runs.append(-(-len(msg) // seg) if seg else 1)
+            data.append(msg)
+    assert b"".join(data) == b"".join(grams)
+    want = fp._gso_runs(sizes) if gso and fp.HAVE_GSO else [1] * len(sizes)
+    assert runs == want

@@ -560,11 +560,12 @@ def test_sdist_carries_the_sources_and_no_build_output(dist: SimpleNamespace) ->
     required = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE",
                 "CHANGELOG.md", "Dockerfile", ".dockerignore", ".github/workflows/wheels.yml",
                 "deploy/compose.yaml", "deploy/systemd/ut-tunnel@.service", "docs/guide.md"}
-    for pattern in ("ut/*.py", "ut/*.pyx", "ut/*.pxd", "ut/*.pxi", "tests/*.py", "tests/e2e/*.py",
-                    "docs/*.md", "examples/*", "deploy/*/*"):
+    for pattern in ("ut/*.py", "ut/*.pyx", "ut/*.pxd", "ut/*.pxi", "ut/includes/*", "tests/*.py",
+                    "tests/e2e/*.py", "docs/*.md", "examples/*", "deploy/*/*"):
         # From the copy the build saw (the tree may change while the tests run).
         required |= {str(p.relative_to(dist.src)) for p in dist.src.glob(pattern) if p.is_file()}
-    assert {"ut/_fastpath.pyx", "ut/_fastpath.pxd", "ut/_fp_mmsg.pxi"} <= required
+    assert {"ut/_fastpath.pyx", "ut/_fastpath.pxd", "ut/_fp_mmsg.pxi", "ut/includes/mmsg.h",
+            "ut/includes/mmsg.pxd"} <= required
     missing = sorted(required - names)
     assert not missing, f"the sdist lacks {missing}"
     # cibuildwheel tests from the unpacked sdist: every test source must be there.
@@ -585,6 +586,9 @@ def test_wheel_is_built_from_the_sdist_with_the_compiled_fast_path(dist: SimpleN
     ext = [n for n in names if re.match(r"ut/_fastpath\..*\.(so|pyd)$", n)]
     assert len(ext) == 1, names
     assert "ut/_fastpath.c" not in names
+    # The C-level API for other Cython code (asyncpg ships pgproto's .pxd files), and the
+    # hand-written C header with its declarations (uvloop's includes/).
+    assert {"ut/_fastpath.pxd", "ut/includes/mmsg.h", "ut/includes/mmsg.pxd"} <= set(names)
     assert any(n.endswith("entry_points.txt") for n in names)
     assert not dist.wheel.name.endswith("-none-any.whl"), "a pure wheel was built"
 

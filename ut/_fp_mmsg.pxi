@@ -1,150 +1,40 @@
-# Batched UDP system calls: recv_batch, send_batch, HAVE_MMSG. Included by _fastpath.pyx.
+# Batched UDP system calls: recv_batch, send_batch, HAVE_MMSG, HAVE_GSO. Included by
+# _fastpath.pyx.
 #
-# recvmmsg/sendmmsg exist on Linux only. The verbatim C block below gives the rest of the
-# module one interface either way: ut_recvmmsg/ut_sendmmsg are the real calls on Linux,
-# and elsewhere (macOS) or when built with UT_NO_MMSG=1 (so Linux CI proves that path)
-# they are the same contract done with one recvmsg/sendmsg per message. This replaces
-# Cython's deprecated compile-time IF; the C preprocessor decides.
+# The C lives in includes/mmsg.h, declared in includes/mmsg.pxd (uvloop's includes/ layout):
+# ut_recvmmsg/ut_sendmmsg are recvmmsg/sendmmsg on Linux, and elsewhere (macOS) or when
+# built with UT_NO_MMSG=1 (so Linux CI proves that path) the same contract done with one
+# recvmsg/sendmsg per message; ut_set_gso attaches UDP_SEGMENT where it exists. The C
+# preprocessor decides, not Cython's deprecated compile-time IF.
 
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t
 
-cdef extern from *:
-    """
-    #include <errno.h>
-    #include <sys/types.h>
-    #include <sys/socket.h>
-    #include <sys/uio.h>
-    #include <netinet/in.h>
-    #include <arpa/inet.h>
-    #if defined(__linux__) && !defined(UT_NO_MMSG)
-    #define UT_HAVE_MMSG 1
-    typedef struct mmsghdr ut_mmsghdr;
-    static int ut_recvmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
-        return recvmmsg(fd, v, n, flags, NULL);
-    }
-    static int ut_sendmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
-        return sendmmsg(fd, v, n, flags);
-    }
-    #else
-    #define UT_HAVE_MMSG 0
-    typedef struct { struct msghdr msg_hdr; unsigned int msg_len; } ut_mmsghdr;
-    /* The recvmmsg/sendmmsg contract: the count done, or -1 and errno if none was. */
-    static int ut_recvmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
-        unsigned int i;
-        for (i = 0; i < n; i++) {
-            ssize_t r = recvmsg(fd, &v[i].msg_hdr, flags);
-            if (r < 0) { if (i) break; return -1; }
-            v[i].msg_len = (unsigned int)r;
-        }
-        return (int)i;
-    }
-    static int ut_sendmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
-        unsigned int i;
-        for (i = 0; i < n; i++) {
-            ssize_t r = sendmsg(fd, &v[i].msg_hdr, flags);
-            if (r < 0) { if (i) break; return -1; }
-            v[i].msg_len = (unsigned int)r;
-        }
-        return (int)i;
-    }
-    #endif
-
-    /* UDP generic segmentation offload (Linux >= 4.18): one message carries a run of
-       equal-size datagrams and a UDP_SEGMENT control message with their size; the
-       kernel splits it into datagrams once, after routing and netfilter. */
-    #if defined(__linux__) && !defined(UT_NO_MMSG)
-    #define UT_HAVE_GSO 1
-    #ifndef SOL_UDP
-    #define SOL_UDP 17
-    #endif
-    #ifndef UDP_SEGMENT
-    #define UDP_SEGMENT 103
-    #endif
-    /* the cmsg(3) idiom: a buffer aligned for a cmsghdr */
-    typedef union {
-        char buf[CMSG_SPACE(sizeof(uint16_t))];
-        struct cmsghdr align;
-    } ut_gso_ctrl;
-    static void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size) {
-        struct cmsghdr *c;
-        memset(ctrl->buf, 0, sizeof(ctrl->buf));
-        m->msg_control = ctrl->buf;
-        m->msg_controllen = sizeof(ctrl->buf);
-        c = CMSG_FIRSTHDR(m);
-        c->cmsg_level = SOL_UDP;
-        c->cmsg_type = UDP_SEGMENT;
-        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-        memcpy(CMSG_DATA(c), &size, sizeof(size));
-    }
-    #else
-    #define UT_HAVE_GSO 0
-    typedef union { char buf[16]; } ut_gso_ctrl;
-    static void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size) {
-        (void)m; (void)ctrl; (void)size;
-    }
-    #endif
-    """
-    ctypedef unsigned int socklen_t
-    ctypedef unsigned short sa_family_t
-
-    cdef struct iovec:
-        void* iov_base
-        size_t iov_len
-
-    cdef struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-
-    ctypedef struct ut_mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-
-    cdef struct sockaddr_storage:
-        sa_family_t ss_family
-
-    cdef struct in_addr:
-        uint32_t s_addr
-
-    cdef struct in6_addr:
-        pass
-
-    cdef struct sockaddr_in:
-        sa_family_t sin_family
-        uint16_t sin_port
-        in_addr sin_addr
-
-    cdef struct sockaddr_in6:
-        sa_family_t sin6_family
-        uint16_t sin6_port
-        uint32_t sin6_flowinfo
-        in6_addr sin6_addr
-        uint32_t sin6_scope_id
-
-    int AF_INET
-    int AF_INET6
-    int MSG_DONTWAIT
-    int EWOULDBLOCK
-    int UT_HAVE_MMSG
-    int UT_HAVE_GSO
-    ctypedef struct ut_gso_ctrl:
-        pass
-    void ut_set_gso(msghdr* m, ut_gso_ctrl* ctrl, uint16_t size)
-
-    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
-    int inet_pton(int af, const char* src, void* dst)
-    uint16_t htons(uint16_t)
-    uint16_t ntohs(uint16_t)
-    uint32_t htonl(uint32_t)
-    uint32_t ntohl(uint32_t)
-    int ut_recvmmsg(int fd, ut_mmsghdr* v, unsigned int n, int flags)
-    int ut_sendmmsg(int fd, ut_mmsghdr* v, unsigned int n, int flags)
+from ut.includes.mmsg cimport (
+    AF_INET,
+    AF_INET6,
+    EWOULDBLOCK,
+    MSG_DONTWAIT,
+    UT_HAVE_GSO,
+    UT_HAVE_MMSG,
+    htonl,
+    htons,
+    inet_ntop,
+    inet_pton,
+    iovec,
+    ntohl,
+    ntohs,
+    sockaddr_in,
+    sockaddr_in6,
+    sockaddr_storage,
+    socklen_t,
+    ut_gso_ctrl,
+    ut_mmsghdr,
+    ut_recvmmsg,
+    ut_sendmmsg,
+    ut_set_gso,
+)
 
 
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg``: Linux, unless
@@ -174,6 +64,61 @@ cdef enum:
     _RX_SCRATCH_MAX = 4194304     # receive scratch per call: 64 x 64 KiB
     GSO_MAX_SEGMENTS = 64         # the kernel's UDP_MAX_SEGMENTS on older kernels
     GSO_MAX_BYTES = 65000         # one message's payload stays under the 64 KiB IP limit
+    # Datagrams in view per sendmmsg call: a run may start at any of the first _VLEN and
+    # still see its whole GSO_MAX_SEGMENTS, so runs never depend on where a call begins.
+    _TX_WINDOW = _VLEN + GSO_MAX_SEGMENTS
+
+
+cdef Py_ssize_t _gso_run(const iovec* v, Py_ssize_t n) noexcept nogil:
+    # The length of the run that starts at v[0], of the n datagrams v[0..n): datagrams of
+    # one size, the last possibly shorter, at most GSO_MAX_SEGMENTS and GSO_MAX_BYTES; a
+    # zero-length datagram is a run of its own. 1 <= result <= n (n >= 1). The same rules
+    # as _purepy._gso_runs (tests/test_differential.py holds the two together); together
+    # they keep to the kernel's (udp_send_skb): every segment but the last is gso_size
+    # bytes, at most UDP_MAX_SEGMENTS of them, the payload within one IP packet.
+    cdef size_t seg = v[0].iov_len
+    cdef size_t total = seg
+    cdef size_t ln
+    cdef Py_ssize_t j = 1
+    if seg == 0:
+        return 1
+    while j < n and j < GSO_MAX_SEGMENTS:
+        ln = v[j].iov_len
+        if ln == 0 or ln > seg or total + ln > GSO_MAX_BYTES:
+            break
+        total += ln
+        j += 1
+        if ln < seg:  # a shorter datagram can only end a run
+            break
+    return j
+
+
+def _gso_runs(sizes):
+    """How ``send_batch`` with ``gso`` groups datagrams of these sizes: each run's length.
+    A run is datagrams of one size, its last possibly shorter, at most 64 datagrams and
+    65000 bytes; a zero-length datagram is a run of its own."""
+    cdef Py_ssize_t n = len(sizes)
+    cdef Py_ssize_t i, r
+    cdef iovec* v
+    cdef list runs = []
+    if n == 0:
+        return runs
+    v = <iovec*>PyMem_Malloc(n * sizeof(iovec))
+    if v == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            v[i].iov_base = NULL
+            v[i].iov_len = sizes[i]
+        i = 0
+        while i < n:
+            r = _gso_run(&v[i], n - i)
+            runs.append(r)
+            i += r
+    finally:
+        PyMem_Free(v)
+    return runs
+
 
 # Receive scratch shared by recv_batch calls (the GIL is held throughout). If a call
 # re-enters while it is in use (a finaliser, a signal handler) it gets a private one.
@@ -422,18 +367,16 @@ def send_batch(sock, datagrams, addr=None, bint gso=False):
     (``EIO``/``EINVAL`` where the route cannot segment) is raised like any other.
     """
     cdef ut_mmsghdr hdrs[_VLEN]
-    cdef iovec iovs[_VLEN]
+    cdef iovec iovs[_TX_WINDOW]
     cdef ut_gso_ctrl ctrls[_VLEN]
     cdef Py_ssize_t segs[_VLEN]
     cdef sockaddr_storage dest
     cdef socklen_t destlen = 0
     cdef int fd, family, r, err
     cdef unsigned int m
-    cdef Py_ssize_t i, j, k, n, count, sent = 0
-    cdef size_t seg, total, ln
+    cdef Py_ssize_t i, j, k, n, window, count, sent = 0
     cdef list items = datagrams if type(datagrams) is list else list(datagrams)
     cdef object d
-    gso = gso and _gso_ok
     count = len(items)
     for i in range(count):
         d = items[i]
@@ -442,6 +385,9 @@ def send_batch(sock, datagrams, addr=None, bint gso=False):
                 items = list(items)
             items[i] = bytes(memoryview(d))
     family = _family_of(sock)
+    # UDP_SEGMENT means nothing to other families: an AF_UNIX socket would ignore it and
+    # send a whole run as ONE datagram.
+    gso = gso and _gso_ok and (family == AF_INET or family == AF_INET6)
     if addr is not None:
         if family != AF_INET and family != AF_INET6:
             return _send_loop(sock, items, addr)
@@ -449,30 +395,22 @@ def send_batch(sock, datagrams, addr=None, bint gso=False):
     if count == 0:
         return 0
     fd = sock.fileno()
+    # One message per datagram, or per run with gso: the runs _gso_runs makes of the whole
+    # list, whatever the calls. A call starts runs only among the first _VLEN datagrams in
+    # view, and each of those sees GSO_MAX_SEGMENTS datagrams ahead (or the list's end).
+    window = _TX_WINDOW if gso else _VLEN
     while sent < count:
         n = count - sent
-        if n > _VLEN:
-            n = _VLEN
+        if n > window:
+            n = window
         for i in range(n):
             d = items[sent + i]
             iovs[i].iov_base = PyBytes_AS_STRING(d)
             iovs[i].iov_len = PyBytes_GET_SIZE(d)
-        # One message per datagram, or per run of equal sizes with gso.
         m = 0
         i = 0
-        while i < n:
-            j = i + 1
-            seg = iovs[i].iov_len
-            if gso and seg > 0:
-                total = seg
-                while j < n and j - i < GSO_MAX_SEGMENTS:
-                    ln = iovs[j].iov_len
-                    if ln == 0 or ln > seg or total + ln > GSO_MAX_BYTES:
-                        break
-                    total += ln
-                    j += 1
-                    if ln < seg:  # a shorter datagram can only end a run
-                        break
+        while i < n and i < _VLEN:  # m <= i: at most _VLEN messages
+            j = i + (_gso_run(&iovs[i], n - i) if gso else 1)
             memset(&hdrs[m], 0, sizeof(ut_mmsghdr))
             if destlen:
                 hdrs[m].msg_hdr.msg_name = &dest
@@ -480,7 +418,7 @@ def send_batch(sock, datagrams, addr=None, bint gso=False):
             hdrs[m].msg_hdr.msg_iov = &iovs[i]
             hdrs[m].msg_hdr.msg_iovlen = j - i
             if j - i > 1:
-                ut_set_gso(&hdrs[m].msg_hdr, &ctrls[m], <uint16_t>seg)
+                ut_set_gso(&hdrs[m].msg_hdr, &ctrls[m], <uint16_t>iovs[i].iov_len)
             segs[m] = j - i
             m += 1
             i = j

@@ -14,6 +14,11 @@ implementations have the same API, docstrings, results and exceptions
 
 ``IMPLEMENTATION`` is ``"compiled"`` or ``"pure"``: logged at start-up and shown by
 ``ut-tunnel --version``.
+
+The names themselves are listed once, in the implementations' ``__all__`` (the same list
+in both, ``tests/test_differential.py::test_same_public_api``); this module star-imports
+whichever one it picks, as yarl's ``_quoting.py`` does. Type checkers take the first
+branch and read the typed pure-Python twin.
 """
 
 from __future__ import annotations
@@ -23,125 +28,26 @@ from typing import TYPE_CHECKING
 
 from ut.errors import ControlError, FrameError
 
-__all__ = [
-    "IMPLEMENTATION",
-    "MAGIC",
-    "VERSION",
-    "TYPE_DATA",
-    "TYPE_CTRL",
-    "HEADER_LEN",
-    "MAX_PAYLOAD",
-    "HAVE_MMSG",
-    "HAVE_GSO",
-    "encode_frame",
-    "encode_data",
-    "encode_data_seq",
-    "pad_frame",
-    "FLAG_SEQ",
-    "FLAG_PAD",
-    "KIND_PAD",
-    "SEQ_LEN",
-    "Deframer",
-    "Resequencer",
-    "RingQueue",
-    "LanePicker",
-    "flow_key",
-    "recv_batch",
-    "send_batch",
-    "FrameError",
-    "ControlError",
-]
-
 
 def _no_extensions() -> bool:
     return os.environ.get("UT_NO_EXTENSIONS", "") not in ("", "0")
 
 
-if TYPE_CHECKING:
-    # Type checkers read the typed pure-Python twin; the compiled module has the same API.
-    from ut._purepy import (
-        FLAG_PAD,
-        FLAG_SEQ,
-        HAVE_GSO,
-        HAVE_MMSG,
-        HEADER_LEN,
-        KIND_PAD,
-        MAGIC,
-        MAX_PAYLOAD,
-        SEQ_LEN,
-        TYPE_CTRL,
-        TYPE_DATA,
-        VERSION,
-        Deframer,
-        LanePicker,
-        Resequencer,
-        RingQueue,
-        encode_data,
-        encode_data_seq,
-        encode_frame,
-        flow_key,
-        pad_frame,
-        recv_batch,
-        send_batch,
-    )
+if TYPE_CHECKING or _no_extensions():
+    from ut._purepy import *  # noqa: F403
+    from ut._purepy import __all__ as _names
 
-    IMPLEMENTATION: str
-else:
     IMPLEMENTATION = "pure"
-    if not _no_extensions():
-        try:
-            from ut._fastpath import (
-                FLAG_PAD,
-                FLAG_SEQ,
-                HAVE_GSO,
-                HAVE_MMSG,
-                HEADER_LEN,
-                KIND_PAD,
-                MAGIC,
-                MAX_PAYLOAD,
-                SEQ_LEN,
-                TYPE_CTRL,
-                TYPE_DATA,
-                VERSION,
-                Deframer,
-                LanePicker,
-                Resequencer,
-                RingQueue,
-                encode_data,
-                encode_data_seq,
-                encode_frame,
-                flow_key,
-                pad_frame,
-                recv_batch,
-                send_batch,
-            )
+else:
+    try:
+        from ut._fastpath import *  # noqa: F403
+        from ut._fastpath import __all__ as _names
 
-            IMPLEMENTATION = "compiled"
-        except ImportError:  # not built (sdist without a compiler, plain checkout)
-            pass
-    if IMPLEMENTATION == "pure":
-        from ut._purepy import (
-            FLAG_PAD,
-            FLAG_SEQ,
-            HAVE_GSO,
-            HAVE_MMSG,
-            HEADER_LEN,
-            KIND_PAD,
-            MAGIC,
-            MAX_PAYLOAD,
-            SEQ_LEN,
-            TYPE_CTRL,
-            TYPE_DATA,
-            VERSION,
-            Deframer,
-            LanePicker,
-            Resequencer,
-            RingQueue,
-            encode_data,
-            encode_data_seq,
-            encode_frame,
-            flow_key,
-            pad_frame,
-            recv_batch,
-            send_batch,
-        )
+        IMPLEMENTATION = "compiled"
+    except ImportError:  # not built (sdist without a compiler, plain checkout)
+        from ut._purepy import *  # noqa: F403
+        from ut._purepy import __all__ as _names
+
+        IMPLEMENTATION = "pure"
+
+__all__ = ["IMPLEMENTATION", *_names, "FrameError", "ControlError"]

@@ -1,0 +1,92 @@
+/* Batched UDP system calls for ut/_fp_mmsg.pxi, declared to Cython in mmsg.pxd.
+ *
+ * recvmmsg/sendmmsg exist on Linux only. This header gives the fast path one interface
+ * either way: ut_recvmmsg/ut_sendmmsg are the real calls on Linux, and elsewhere (macOS)
+ * or when built with UT_NO_MMSG=1 (so Linux CI proves that path) they are the same
+ * contract done with one recvmsg/sendmsg per message. The C preprocessor decides, not
+ * Cython's deprecated compile-time IF. (uvloop keeps its C the same way: uvloop/includes/.)
+ */
+#ifndef UT_INCLUDES_MMSG_H
+#define UT_INCLUDES_MMSG_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+
+#if defined(__linux__) && !defined(UT_NO_MMSG)
+#define UT_HAVE_MMSG 1
+typedef struct mmsghdr ut_mmsghdr;
+static inline int ut_recvmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+    return recvmmsg(fd, v, n, flags, NULL);
+}
+static inline int ut_sendmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+    return sendmmsg(fd, v, n, flags);
+}
+#else
+#define UT_HAVE_MMSG 0
+typedef struct { struct msghdr msg_hdr; unsigned int msg_len; } ut_mmsghdr;
+/* The recvmmsg/sendmmsg contract: the count done, or -1 and errno if none was. */
+static inline int ut_recvmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+    unsigned int i;
+    for (i = 0; i < n; i++) {
+        ssize_t r = recvmsg(fd, &v[i].msg_hdr, flags);
+        if (r < 0) { if (i) break; return -1; }
+        v[i].msg_len = (unsigned int)r;
+    }
+    return (int)i;
+}
+static inline int ut_sendmmsg(int fd, ut_mmsghdr *v, unsigned int n, int flags) {
+    unsigned int i;
+    for (i = 0; i < n; i++) {
+        ssize_t r = sendmsg(fd, &v[i].msg_hdr, flags);
+        if (r < 0) { if (i) break; return -1; }
+        v[i].msg_len = (unsigned int)r;
+    }
+    return (int)i;
+}
+#endif
+
+/* UDP generic segmentation offload (Linux >= 4.18): one message carries a run of
+   equal-size datagrams (the last may be shorter) and a UDP_SEGMENT control message with
+   their size; the kernel splits it into datagrams once, after routing and netfilter.
+   Kernel rules (net/ipv4/udp.c, udp_send_skb): at most UDP_MAX_SEGMENTS segments, the
+   whole payload within one IP packet's 64 KiB, and the segment size plus headers within
+   the route's MTU (else EINVAL). */
+#if defined(__linux__) && !defined(UT_NO_MMSG)
+#define UT_HAVE_GSO 1
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+/* the cmsg(3) idiom: a buffer aligned for a cmsghdr */
+typedef union {
+    char buf[CMSG_SPACE(sizeof(uint16_t))];
+    struct cmsghdr align;
+} ut_gso_ctrl;
+static inline void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size) {
+    struct cmsghdr *c;
+    memset(ctrl->buf, 0, sizeof(ctrl->buf));
+    m->msg_control = ctrl->buf;
+    m->msg_controllen = sizeof(ctrl->buf);
+    c = CMSG_FIRSTHDR(m);
+    c->cmsg_level = SOL_UDP;
+    c->cmsg_type = UDP_SEGMENT;
+    c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    memcpy(CMSG_DATA(c), &size, sizeof(size));
+}
+#else
+#define UT_HAVE_GSO 0
+typedef union { char buf[16]; } ut_gso_ctrl;
+static inline void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size) {
+    (void)m; (void)ctrl; (void)size;
+}
+#endif
+
+#endif /* UT_INCLUDES_MMSG_H */
