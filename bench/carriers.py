@@ -1,6 +1,6 @@
 """The carriers the benchmark compares, each able to carry home's WireGuard to the cloud.
 
-Every carrier works on a ``tests/netbed.NetBed`` that is already up (namespaces, nftables
+Every carrier works on a ``ut._testbase.netbed.NetBed`` that is already up (namespaces, nftables
 UDP drop, wireguard-go, PKI). ``start(bed, limits)`` starts its processes (tracked by the
 bed, so the bed's teardown ends them by pid even on failure), points home's WireGuard at
 it and returns the processes whose CPU and RSS count as "the tunnel"; ``stop(bed)`` ends
@@ -35,8 +35,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import netbed  # tests/ is on sys.path (bench/run.py puts it there)
-from netbed import BedError, NetBed
+from ut._testbase import netbed
+from ut._testbase.netbed import BedError, NetBed
 
 V2RAY_PORT = 5444  # cloud, TLS (VLESS)
 V2RAY_UDP_PORT = 15001  # home loopback, dokodemo-door

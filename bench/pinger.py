@@ -3,7 +3,7 @@
 
     python bench/pinger.py DST [--interval 0.1] [--duration 5] [--timeout 1]
 
-Unlike tests/netbed.py's helper (which waits for each reply before sending the next),
+Unlike ut/_testbase/netbed.py's helper (which waits for each reply before sending the next),
 this sends one echo every ``interval`` seconds whatever the replies do, so a slow path
 is sampled as often as a fast one (no coordinated omission), and the run always ends
 at ``duration + timeout``. Prints one JSON line: ``{"sent", "received", "rtt_ms": [...]}``
@@ -21,10 +21,8 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from netbed import _icmp_checksum  # noqa: E402
+from ut._testbase.netbed import _icmp_checksum  # noqa: E402
 
 
 def main(argv=None) -> int:

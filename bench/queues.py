@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import carriers as C  # noqa: E402
-from netbed import NetBed  # noqa: E402
 from run import Bench, bring_up  # noqa: E402
+
+from ut._testbase.netbed import NetBed  # noqa: E402
 
 USERS = re.compile(r'users:\(\("([^"]+)"')
 

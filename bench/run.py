@@ -15,9 +15,9 @@ Profiles (see bench/README.md for what each measures and how):
     seed-apart  the same, with each wireguard-go kept off its own tunnel process's CPU
     small    udpmon probe/echo without WireGuard: 64-byte datagrams and IMIX at fixed rates
     micro    bench/micro.py: fast path vs pure twin (frames, queue, picker)
-    lossy    20 ms one-way + 1 % loss through tests/linkemu.py: ut (1, 2, 5, 8 lanes) vs
+    lossy    20 ms one-way + 1 % loss through ut/_testbase/linkemu.py: ut (1, 2, 5, 8 lanes) vs
              OpenVPN over TCP, v2ray, sing-box and direct WireGuard; up/down, 1 and 10 streams
-    slow     a slow home uplink through tests/linkemu.py: 20 Mbit/s each way, 20 ms RTT,
+    slow     a slow home uplink through ut/_testbase/linkemu.py: 20 Mbit/s each way, 20 ms RTT,
              a 50-packet queue; the same carriers and tests
 
 Every round runs every carrier once, in a rotated order, so slow drifts of a shared
@@ -44,12 +44,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE))  # bench's own modules, also when imported from elsewhere
 
 import carriers as C  # noqa: E402
-import netbed  # noqa: E402
-from netbed import BedError, NetBed  # noqa: E402
+
+from ut._testbase import netbed  # noqa: E402
+from ut._testbase.netbed import BedError, NetBed  # noqa: E402
 
 TESTS = {  # name -> (reverse, streams)
     "up1": (False, 1),
@@ -769,17 +769,17 @@ def link_settings(args, kind: str) -> dict:
 
 
 def profile_lossy(args, carriers: dict, kind: str = "lossy") -> dict:
-    """Home and cloud joined by tests/linkemu.py; every carrier (and direct WireGuard) goes
+    """Home and cloud joined by ut/_testbase/linkemu.py; every carrier (and direct WireGuard) goes
     over that link instead of the veth. ``lossy``: 20 ms one-way, 1 % loss, both
     directions; ``slow``: a slow home uplink, 20 Mbit/s each way, 10 ms one-way, a
     50-packet queue (the ``--lossy-*`` and ``--slow-*`` options)."""
     emu_path = ROOT / "tests" / "linkemu.py"
     if not emu_path.exists():
         return {
-            "skipped": "tests/linkemu.py (the userspace link emulator of the hardening issue) "
+            "skipped": "ut/_testbase/linkemu.py (the userspace link emulator of the hardening issue) "
             "does not exist yet; this kernel has no sch_netem"
         }
-    import linkemu
+    from ut._testbase import linkemu
 
     cfg = link_settings(args, kind)
     params, tests, duration = cfg["params"], cfg["tests"], cfg["duration"]
@@ -891,7 +891,7 @@ def profile_lossy(args, carriers: dict, kind: str = "lossy") -> dict:
         "link": {
             **params,
             "both_directions": True,
-            "emulator": "tests/linkemu.py (userspace TUN forwarder)",
+            "emulator": "ut/_testbase/linkemu.py (userspace TUN forwarder)",
             "link_rtt_ms": link_rtt.get("rtt_ms", []),
         },
     }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bring up the real-WireGuard test bed (tests/netbed.py) by hand, for debugging and benchmarks.
+"""Bring up the real-WireGuard test bed (ut/_testbase/netbed.py) by hand, for debugging and benchmarks.
 
     sudo python scripts/testbed.py up [--homes N] [--no-tunnel] [--no-drop] [--detach]
     sudo python scripts/testbed.py down [TAG ...] [--all] [--stale]
@@ -23,12 +23,9 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import netbed  # noqa: E402
-from netbed import STATE_DIR, NetBed, metric_sum  # noqa: E402
+from ut._testbase import netbed
+from ut._testbase.netbed import STATE_DIR, NetBed, metric_sum  # noqa: E402
 
 
 def _check(need_tunnel: bool) -> None:

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.tunnelkit import VARIANTS
+from ut._testbase.tunnelkit import VARIANTS
 
 
 def _flag(name: str) -> bool:
@@ -62,16 +62,16 @@ def fp(request: pytest.FixtureRequest) -> ModuleType:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory):
     """A throwaway PKI (CA, server and client certificates) shared by a test module."""
-    from tests.certs import make_test_pki
+    from ut._testbase.certs import make_test_pki
 
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(params=VARIANTS)
 def loop_kind(request: pytest.FixtureRequest):
-    """The event loop to run a tunnel test on (tests.tunnelkit.VARIANTS); the fast path
+    """The event loop to run a tunnel test on (ut._testbase.tunnelkit.VARIANTS); the fast path
     is switched to the named implementation for the test's duration."""
-    from tests.tunnelkit import use_implementation
+    from ut._testbase.tunnelkit import use_implementation
 
     loop, impl = request.param.split("-")
     with use_implementation(impl):

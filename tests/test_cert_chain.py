@@ -28,8 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.certs import make_test_pki
 from ut import pki, tls
+from ut._testbase.certs import make_test_pki
 
 OPENSSL = shutil.which("openssl")
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]

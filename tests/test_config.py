@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.certs import TestPki, make_test_pki
+from ut._testbase.certs import TestPki, make_test_pki
 from ut.config import SCHEMA, Config, load_config, parse_addr
 from ut.errors import ConfigError
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 
 import ut
-from tests.faultproxy import FaultProxy
-from tests.tunnelkit import (
+from ut._testbase.faultproxy import FaultProxy
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     capture_events,

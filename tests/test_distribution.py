@@ -643,7 +643,7 @@ def test_installed_wheel_passes_the_cibuildwheel_test_command(
         src = dist.src / source
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, cwd / source)
     env = {**venv.env, **cibw["environment"], **cibw["test-environment"],
-           # test_config reads examples/ and docs/ and imports tests.certs: the layout.
+           # test_config reads examples/ and docs/ and imports ut._testbase.certs: the layout.
            "PYTEST_ADDOPTS": "-k 'test_config or have_mmsg'"}
     for command in cibw["test-command"]:
         command = command.replace("{project}", str(dist.src))

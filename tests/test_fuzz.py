@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ut
-from tests.tunnelkit import use_implementation
 from ut import control
+from ut._testbase.fakes import FakePort, FakeTransport, open_lane
+from ut._testbase.tunnelkit import use_implementation
 from ut.control import Err, Goodbye, Hello, Pad, decode_control, encode_control
 from ut.errors import ControlError, FrameError
 from ut.transport import TlsTransport
@@ -250,67 +251,6 @@ def test_deframer_api_misuse_agrees_and_only_raises_documented_errors(fp_compile
 # ---------------------------------------------------------------------------------------
 # The consumers: Lane -> Session, and the server before HELLO
 # ---------------------------------------------------------------------------------------
-
-class FakeTransport:
-    """Enough of an asyncio transport for a Lane (no network)."""
-
-    def __init__(self, cn: str = "fuzz") -> None:
-        self.written: list[bytes] = []
-        self.closed = self.aborted = False
-        self.cn = cn
-
-    def write(self, data):
-        self.written.append(bytes(data))
-
-    def is_closing(self):
-        return self.closed or self.aborted
-
-    def close(self):
-        self.closed = True
-
-    def abort(self):
-        self.aborted = True
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def get_extra_info(self, name, default=None):
-        if name == "peername":
-            return ("127.0.0.1", 4242)
-        if name == "ssl_object":
-            cn = self.cn
-
-            class Obj:
-                def getpeercert(self):
-                    return {"subject": ((("commonName", cn),),)}
-            return Obj()
-        return default
-
-
-def open_lane(owner: Any, lane_id: int, role: str = "server") -> Any:
-    """A Lane whose HELLO exchange is done, on a FakeTransport (no network)."""
-    from ut.lane import Lane
-    from ut.laneproto import LaneMachine, State
-
-    machine = LaneMachine(role, lane_id=lane_id, max_lanes=max(lane_id + 1, 1))
-    machine.state = State.OPEN
-    lane = Lane(owner, machine)
-    lane.connection_made(FakeTransport())
-    return lane
-
-
-class FakePort:
-    def __init__(self) -> None:
-        self.sent = 0
-        self.sock = type("S", (), {"fileno": lambda self: 3})()
-
-    def send_many(self, datagrams, addr=None):
-        self.sent += len(datagrams)
-        return len(datagrams), 0
-
 
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     cuts = sorted(c % (len(data) + 1) for c in cuts)

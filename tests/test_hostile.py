@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 import ut
-from tests.tunnelkit import (
+from ut import fastpath
+from ut._testbase.tunnelkit import (
     LOOP_KINDS,
     UdpEcho,
     UdpPeer,
@@ -42,7 +43,6 @@ from tests.tunnelkit import (
     server_config,
     wait_for,
 )
-from ut import fastpath
 from ut.control import (
     ERR_LANE_ID_OUT_OF_RANGE,
     ERR_PROTOCOL_ERROR,

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.tunnelkit import run_on, tunnel
+from ut._testbase.tunnelkit import run_on, tunnel
 from ut.tcpsock import tcp_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -16,7 +16,14 @@ from collections import Counter
 import pytest
 
 import ut
-from tests.tunnelkit import LOOP_KINDS, UdpEcho, UdpPeer, client_config, run_on, server_config
+from ut._testbase.tunnelkit import (
+    LOOP_KINDS,
+    UdpEcho,
+    UdpPeer,
+    client_config,
+    run_on,
+    server_config,
+)
 
 CNS = 60
 PER_CN = 2

@@ -613,7 +613,7 @@ def test_standard_answers_from_h11(run: Any) -> None:
 def test_failing_collector_is_500_and_logged(run: Any) -> None:
     """An embedding program's collector that raises gets the scrape a 500 (and a log
     line), not a dropped connection; the next scrape is served again."""
-    from tests.tunnelkit import capture_events
+    from ut._testbase.tunnelkit import capture_events
 
     class Broken:
         fail = True

@@ -27,8 +27,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import ut
-from tests.certs import make_test_pki
-from tests.tunnelkit import (
+from ut._testbase.certs import make_test_pki
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     capture_events,

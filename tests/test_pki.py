@@ -18,8 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.certs import make_test_pki
 from ut import pki
+from ut._testbase.certs import make_test_pki
 
 OPENSSL = shutil.which("openssl")
 

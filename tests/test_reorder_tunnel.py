@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 import ut
-from tests.faultproxy import FaultProxy
-from tests.tunnelkit import (
+from ut._testbase.faultproxy import FaultProxy
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     client_config,

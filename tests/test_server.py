@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 import ut
-from tests.tunnelkit import (
+from ut import fastpath
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     capture_events,
@@ -17,7 +18,6 @@ from tests.tunnelkit import (
     server_config,
     wait_for,
 )
-from ut import fastpath
 from ut.control import (
     ERR_HELLO_TIMEOUT,
     ERR_LANE_ID_OUT_OF_RANGE,

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from tests.test_fuzz import FakePort, open_lane
-from tests.tunnelkit import use_implementation
+from ut._testbase.fakes import FakePort, open_lane
+from ut._testbase.tunnelkit import use_implementation
 from ut.session import Session
 from ut.stats import TunnelStats
 

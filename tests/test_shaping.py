@@ -10,8 +10,9 @@ import struct
 import pytest
 
 import ut
-from tests.faultproxy import FaultProxy
-from tests.tunnelkit import (
+from ut import fastpath, shaping
+from ut._testbase.faultproxy import FaultProxy
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     client_config,
@@ -20,7 +21,6 @@ from tests.tunnelkit import (
     tunnel,
     wait_for,
 )
-from ut import fastpath, shaping
 
 WG_INIT, WG_RESPONSE, WG_KEEPALIVE = 148, 92, 32  # WireGuard's fixed message sizes
 TLS13_OVERHEAD = 22  # record header 5 + content type 1 + AEAD tag 16

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.tunnelkit import run_on, wait_for
+from ut._testbase.tunnelkit import run_on, wait_for
 from ut.sockdrops import read_drop_table, watcher_for
 from ut.udp import UdpPort, open_udp_socket
 

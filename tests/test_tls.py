@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from tests.certs import TestPki, make_test_pki
 from ut import pki as pki_mod
 from ut import tls
+from ut._testbase.certs import TestPki, make_test_pki
 from ut.errors import ConfigError
 
 try:

@@ -50,7 +50,9 @@ import yaml
 
 import ut
 from tests import ja4 as J
-from tests.tunnelkit import (
+from ut import client as ut_client
+from ut import tls
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     capture_events,
@@ -60,8 +62,6 @@ from tests.tunnelkit import (
     tunnel,
     wait_for,
 )
-from ut import client as ut_client
-from ut import tls
 from ut.check import check_config
 
 LOOPS = ("asyncio", "uvloop")

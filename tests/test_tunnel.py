@@ -14,8 +14,8 @@ import ssl
 import pytest
 
 import ut
-from tests.certs import make_test_pki
-from tests.tunnelkit import (
+from ut._testbase.certs import make_test_pki
+from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
     capture_events,

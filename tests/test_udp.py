@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tests.tunnelkit import use_implementation
 from ut import fastpath, udp
+from ut._testbase.tunnelkit import use_implementation
 
 SO_NO_CHECK = 11  # Linux: a socket without UDP checksums cannot use GSO (EINVAL)
 

@@ -378,8 +378,8 @@ def test_injected_faults_counted_exactly():
 
 @pytest.mark.parametrize("sizes", [None, "imix"])
 def test_probe_through_a_loopback_tunnel(tmp_path, sizes):
-    from tests.certs import make_test_pki
-    from tests.tunnelkit import run_on, tunnel
+    from ut._testbase.certs import make_test_pki
+    from ut._testbase.tunnelkit import run_on, tunnel
 
     pki = make_test_pki(tmp_path)
 

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import netbed  # noqa: E402
+from ut._testbase import netbed
 
 REQUIRE = os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0")
 KEEP = os.environ.get("UT_E2E_KEEP", "") not in ("", "0")

@@ -1,6 +1,6 @@
 """What a DPI box sees of the lanes (issue 15, "Stealth on the wire", points 7 and 8).
 
-One real-WireGuard bed (tests/netbed.py, one home) with the ut-tunnel server on **port
+One real-WireGuard bed (ut/_testbase/netbed.py, one home) with the ut-tunnel server on **port
 443** and the client dialling it with ``tls.server_name`` = a DNS name in the server
 certificate (``SERVER_NAME``). Two captures run from before the first lane is dialled
 to the end, both in the home namespace:
@@ -21,7 +21,7 @@ Assertions on that one capture:
 1. ``ndpiReader -d -v 2`` (nDPI; ``-d``: no guessing from the port) labels every TCP flow
    TLS (or a TLS sub-protocol) with the SNI we sent, and raises **no** flow risk.
 2. No TLS record length or TCP segment length predicts a WireGuard message. Each
-   handshake or keepalive message is paired with the record that carried it (``tests/dpi.py``
+   handshake or keepalive message is paired with the record that carried it (``ut/_testbase/dpi.py``
    ``match_carriers``: upstream the first client->server application-data record at or
    after the message, downstream the last server->client one at or before it, any lane,
    within ``WINDOW`` s). The statistic, for record lengths (the header's length field)
@@ -62,15 +62,10 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-
-import dpi  # noqa: E402
-import netbed  # noqa: E402
+from ut._testbase import dpi, netbed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """A bad path between two namespaces, through the userspace link emulator (issue 5).
 
-Cloud and home are two fresh namespaces joined only by ``tests/linkemu.py`` (two TUN
+Cloud and home are two fresh namespaces joined only by ``ut/_testbase/linkemu.py`` (two TUN
 devices and a forwarder process that delays, drops, reorders or blackholes packets;
 this kernel has no ``sch_netem``). The ut server runs in the cloud with a UDP echo as
 its WireGuard; the ut client runs in the home with a prober as its WireGuard. All are
@@ -32,14 +32,12 @@ from pathlib import Path
 
 import pytest
 
+from ut._testbase import netbed
+from ut._testbase.certs import make_test_pki
+from ut._testbase.linkemu import LinkEmu, NetnsPair
+
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
-sys.path.insert(0, str(TESTS))
-
-import netbed  # noqa: E402
-from linkemu import LinkEmu, NetnsPair  # noqa: E402
-
-from tests.certs import make_test_pki  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REQUIRE = os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0")
@@ -181,7 +179,7 @@ class Rig:
 
     def ping(self, ns: str, dst: str, count: int, interval: float) -> dict:
         res = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, str(TESTS / "netbed.py"), "ping", dst,
+            ["ip", "netns", "exec", ns, sys.executable, netbed.__file__, "ping", dst,
              "--count", str(count), "--interval", str(interval), "--timeout", "1"],
             capture_output=True, text=True, timeout=count * (interval + 1) + 20)
         return json.loads(res.stdout)

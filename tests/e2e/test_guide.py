@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from netbed import METRICS_PORT, NetBed, ut_tunnel_command
+
+from ut._testbase.netbed import METRICS_PORT, NetBed, ut_tunnel_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """Real WireGuard end to end through ut-tunnel (issue 3).
 
-Two homes and a cloud in network namespaces (tests/netbed.py); nftables drops every UDP
+Two homes and a cloud in network namespaces (ut/_testbase/netbed.py); nftables drops every UDP
 packet on the links between them; wireguard-go on each side; the ``ut-tunnel`` console
 script runs as real processes: the server in the cloud (TCP on the cloud's link address,
 WireGuard at 127.0.0.1:51820), a client in each home (UDP 127.0.0.1:15000, which is the
@@ -13,7 +13,8 @@ import os
 import time
 
 import pytest
-from netbed import NetBed, make_random_file, metric_sum, sha256_file
+
+from ut._testbase.netbed import NetBed, make_random_file, metric_sum, sha256_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -446,7 +446,7 @@ class NetBed:
         return [n.link_if] + extra
 
     def add_drop_link(self, node: Node | str, ifname: str) -> None:
-        """Treat ``ifname`` in ``node`` (e.g. a tests/linkemu.py device) like the veth: the
+        """Treat ``ifname`` in ``node`` (e.g. a ut/_testbase/linkemu.py device) like the veth: the
         UDP drop rules cover it too (applied now if they are on)."""
         n = node if isinstance(node, Node) else self.node(node)
         links = self._extra_drop_links.setdefault(n.name, [])

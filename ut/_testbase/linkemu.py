@@ -34,10 +34,10 @@ when the forwarder exits, even if it is killed.
 
 Cleanup: ``LinkEmu.stop()`` ends the forwarder by pid (SIGTERM, then SIGKILL).
 ``NetnsPair`` names its namespaces ``utbed-<pid>-<tag>-{a,b}``, the pattern that
-``tests/netbed.py``'s stale-bed sweep removes once this process is gone, and deletes them
+``ut/_testbase/netbed.py``'s stale-bed sweep removes once this process is gone, and deletes them
 (after ending any process left inside, by pid) on exit.
 
-Also a program: ``python tests/linkemu.py forward ...`` is the forwarder itself.
+Also a program: ``python ut/_testbase/linkemu.py forward ...`` is the forwarder itself.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@ WireGuard message matching, record-length statistics and an ``ndpiReader`` runne
 
 Standard library only (no dpkt, no scapy), so ``bench/`` and scripts can use it too::
 
-    import sys; sys.path.insert(0, "tests")
-    import dpi
+    from ut._testbase import dpi
     records = dpi.tls_records(dpi.read_pcap("lanes.pcap"))
     messages = dpi.wireguard_messages(dpi.read_pcap("lo.pcap"), ut_port=15000)
     matches = dpi.match_carriers(messages, records, client_ip="10.1.2.11")

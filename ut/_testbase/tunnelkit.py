@@ -1,6 +1,6 @@
 """Real tunnels on loopback for tests: a UDP echo, a UDP peer, server and client.
 
-Everything here is real: TLS with certificates from ``tests.certs``, TCP and
+Everything here is real: TLS with certificates from ``ut._testbase.certs``, TCP and
 UDP sockets on 127.0.0.1. Tests run a coroutine on a chosen loop kind with
 ``run_on(kind, coro)``.
 """

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from tests.certs import make_test_pki
+    from ut._testbase.certs import make_test_pki
 
     def test_something(tmp_path):
         pki = make_test_pki(tmp_path)
