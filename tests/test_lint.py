@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,4 +24,18 @@ def test_ruff_clean():
         pytest.skip("ruff is not installed (pip install '.[test]')")
     r = subprocess.run([ruff, "check", "ut", "tests", "bench", "scripts", "setup.py"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_mypy_clean():
+    """``python -m mypy ut`` with the settings of pyproject.toml's [tool.mypy]. A cold run
+    takes a few seconds; its cache (.mypy_cache, not tracked) makes the next ones faster."""
+    if not (ROOT / "ut").is_dir():
+        pytest.skip("no source tree here (tests run against an installed wheel)")
+    if importlib.util.find_spec("mypy") is None:
+        if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):
+            pytest.fail("mypy is not installed (pip install '.[test]')")
+        pytest.skip("mypy is not installed (pip install '.[test]')")
+    r = subprocess.run([sys.executable, "-m", "mypy", "ut"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

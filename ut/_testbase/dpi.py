@@ -235,10 +235,14 @@ def tls_records(packets: Iterable[Packet], info: dict[Flow, StreamInfo] | None =
                 si.truncated = True
                 si.gap_at = len(buf) + len(payload)
                 buf += payload
-                starts.append(off), times.append(ts), lens.append(plen)
+                starts.append(off)
+                times.append(ts)
+                lens.append(plen)
                 break
             buf += payload
-            starts.append(off), times.append(ts), lens.append(plen)
+            starts.append(off)
+            times.append(ts)
+            lens.append(plen)
         si.bytes = len(buf)
         pos = 0
         while pos + 5 <= len(buf):

@@ -6,15 +6,17 @@ feed them random bytes; the session tests time their queue).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 __all__ = ["FakeTransport", "FakePort", "open_lane"]
 
 
-class FakeTransport:
+class FakeTransport(asyncio.Transport):
     """Enough of an asyncio transport for a Lane (no network)."""
 
     def __init__(self, cn: str = "fuzz") -> None:
+        super().__init__()
         self.written: list[bytes] = []
         self.closed = self.aborted = False
         self.cn = cn

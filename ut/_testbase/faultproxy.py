@@ -81,7 +81,7 @@ class FaultProxy:
         self.conns: list[ProxiedConn] = []
         self.accepted = 0
         self.bytes = dict.fromkeys(DIRECTIONS, 0)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._corrupt = dict.fromkeys(DIRECTIONS, 0)
@@ -129,7 +129,8 @@ class FaultProxy:
     # -- plumbing --------------------------------------------------------------
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._handlers.add(task)  # type: ignore[arg-type]
+        assert task is not None  # a connection handler runs in its own task
+        self._handlers.add(task)
         try:
             if self.refuse:
                 cwriter.transport.abort()
@@ -154,7 +155,7 @@ class FaultProxy:
                 t.cancel()
             conn.close()
         finally:
-            self._handlers.discard(task)  # type: ignore[arg-type]
+            self._handlers.discard(task)
 
     async def _pump(self, conn: ProxiedConn, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter, direction: str) -> None:

@@ -57,6 +57,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -139,7 +140,7 @@ class LinkEmu:
         self.params = {**DEFAULTS, **params}
         self.proc: subprocess.Popen | None = None
         self._ctl: socket.socket | None = None
-        self._ctl_file = None
+        self._ctl_file: TextIO | None = None
 
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> LinkEmu:

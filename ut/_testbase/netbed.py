@@ -49,8 +49,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 WG_ENV = "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD"
 WG_RUN_DIR = Path("/var/run/wireguard")
@@ -293,7 +295,7 @@ class NetBed:
                 return n.ns
         return ns  # a literal namespace name
 
-    def _argv(self, ns: Node | str | None, cmd: list[str] | str) -> list[str]:
+    def _argv(self, ns: Node | str | None, cmd: Sequence[object] | str) -> list[str]:
         argv = cmd.split() if isinstance(cmd, str) else [str(c) for c in cmd]
         name = self._ns(ns)
         return (["ip", "netns", "exec", name] if name else []) + argv
@@ -308,7 +310,7 @@ class NetBed:
     def run(
         self,
         ns: Node | str | None,
-        cmd: list[str] | str,
+        cmd: Sequence[object] | str,
         check: bool = True,
         timeout: float = 60,
         input: str | bytes | None = None,
@@ -336,7 +338,7 @@ class NetBed:
     def spawn(
         self,
         ns: Node | str | None,
-        cmd: list[str] | str,
+        cmd: Sequence[object] | str,
         name: str | None = None,
         env: dict | None = None,
         log: bool = True,
@@ -345,23 +347,23 @@ class NetBed:
         argv = self._argv(ns, cmd)
         name = name or Path(argv[4 if ns else 0]).name
         logpath = None
+        logfile: IO[bytes] | None = None
         if log:
             logpath = self.wd / "logs" / f"{name}.log"
             n = 1
             while logpath.exists():
                 n += 1
                 logpath = self.wd / "logs" / f"{name}.{n}.log"
-            out = open(logpath, "wb")
-        else:
-            out = subprocess.DEVNULL
+            logfile = open(logpath, "wb")
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=self._env(env), start_new_session=True,
+                argv, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if logfile is None else logfile,
+                stderr=subprocess.STDOUT, env=self._env(env), start_new_session=True,
             )
         finally:
-            if log:
-                out.close()
+            if logfile is not None:
+                logfile.close()
         proc.bed_name = name  # type: ignore[attr-defined]
         proc.bed_log = logpath  # type: ignore[attr-defined]
         self._tracked.append(Tracked(proc, name, self._ns(ns), logpath))
