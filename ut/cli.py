@@ -14,10 +14,12 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from . import fastpath, runtime
 from ._version import __version__
-from .config import MAX_LANES
+from .config import MAX_LANES, Config
 from .errors import ConfigError
 from .logs import event, setup_logging
 from .udpmon import HEADER_SIZE, MAX_SIZE
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bounded(kind: type, low: float, high: float):  # type: ignore[no-untyped-def]
+def _bounded(kind: type, low: float, high: float) -> Callable[[str], Any]:
     """An argparse ``type=`` that accepts ``kind`` values in ``[low, high]`` only, so a
     bad value is a one-line usage error (exit 2) rather than a traceback."""
     what = "a whole number" if kind is int else "a number"
@@ -79,7 +81,7 @@ def _bounded(kind: type, low: float, high: float):  # type: ignore[no-untyped-de
             raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         if not (low <= value <= high):  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
@@ -137,7 +139,7 @@ def run_config(path: str) -> int:
         return EXIT_OK
 
 
-async def _serve(cfg) -> int:  # type: ignore[no-untyped-def]
+async def _serve(cfg: Config) -> int:
     from .client import Client
     from .server import Server
 
