@@ -9,7 +9,8 @@ at scrape time. This script measures both sides and, for comparison, what
 HTTP part scrapes the real endpoint from another process and reports the CPU
 time the serving process spends per scrape (the time the tunnel's loop is
 busy) and the scraper's latency, for the 100-CN body and a small one (where
-the HTTP side's own cost shows).
+the HTTP side's own cost shows), and, for comparison, prometheus-client's
+own threaded server on the same series (``--only threaded``).
 Figures are quoted in docs/metrics.md.
 """
 
@@ -21,6 +22,8 @@ import statistics
 import sys
 import time
 import timeit
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,11 +33,11 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest  # noq
 
 from ut.metrics import TunnelCollector, families, render, start_metrics_server  # noqa: E402
 from ut.runtime import loop_name, run  # noqa: E402
-from ut.stats import DROP_REASONS, TunnelStats  # noqa: E402
+from ut.stats import DROP_REASONS, Counters, TunnelStats  # noqa: E402
 
 
 class _Session:
-    def __init__(self, counters, queued: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, counters: Counters, queued: int) -> None:
         self.counters = counters
         self.queue = [b""] * queued
 
@@ -62,7 +65,7 @@ def busy_stats(n_cns: int, lanes: int) -> TunnelStats:
     return st
 
 
-def time_ms(fn, runs: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def time_ms(fn: Callable[[], object], runs: int) -> tuple[float, float]:
     """(best, median) milliseconds over ``runs`` calls; best is the least noisy."""
     samples = []
     for _ in range(runs):
@@ -84,7 +87,7 @@ def scrape_cost(stats: TunnelStats, runs: int) -> None:
         body = served()
         series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
         best, med = time_ms(served, runs)
-        ref_best, ref_med = time_ms(lambda reg=reg: generate_latest(reg), max(3, runs // 3))
+        ref_best, ref_med = time_ms(partial(generate_latest, reg), max(3, runs // 3))
         print(f"  per_client_cn={per_cn!s:5} per_lane_id={per_lane!s:5}: {series:5d} series, "
               f"{len(body) / 1024:6.1f} KiB: served (render) {best:6.2f} / {med:6.2f} ms; "
               f"generate_latest(TunnelCollector) {ref_best:7.2f} / {ref_med:7.2f} ms")
@@ -110,41 +113,77 @@ for _ in range(n):
         while chunk := sock.recv(1 << 20):
             got += chunk
     latencies.append((time.perf_counter() - t0) * 1000)
-    assert got.startswith(b"HTTP/1.1 200 "), bytes(got[:80])
+    assert got.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 ")), bytes(got[:80])
 print(" ".join(f"{x:.4f}" for x in latencies), flush=True)
 """
+
+
+async def _scrape_from_another_process(port: int, runs: int) -> tuple[float, float]:
+    """(CPU ms of this process per scrape, the scraper's median latency in ms)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SCRAPER, "127.0.0.1", str(port), "/metrics", str(runs),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"ready"
+    cpu0 = time.process_time()
+    proc.stdin.write(b"go\n")
+    line = await proc.stdout.readline()
+    cpu = (time.process_time() - cpu0) * 1000 / runs
+    await proc.wait()
+    return cpu, statistics.median(float(x) for x in line.split())
 
 
 def http_scrape_cost(stats: TunnelStats, runs: int, loops: list[str]) -> None:
     """CPU time of the tunnel's process per HTTP scrape (the loop is busy that long),
     and the scraper's latency, with the scraper in another process."""
-    print(f"Whole HTTP scrapes over loopback, scraper in another process (median of "
-          f"{runs} scrapes; CPU = the serving process's, per scrape)")
+    print(f"Whole HTTP scrapes over loopback, scraper in another process ({runs} scrapes; "
+          f"CPU: the serving process's, per scrape; latency: the scraper's median)")
+    cases = (("per_client_cn=True ", True, None), ("per_client_cn=False", False, None),
+             ("2-byte body        ", False, b"x\n"))  # the last one: the HTTP side alone
 
-    async def go(per_cn: bool) -> tuple[float, float, int]:
+    async def endpoint(per_cn: bool, body: bytes | None) -> tuple[float, float, int]:
         cfg = SimpleNamespace(enabled=True, listen_addr="127.0.0.1:0", path="/metrics",
                               per_client_cn=per_cn, per_lane_id=False)
         server = await start_metrics_server(stats, cfg)
         assert server is not None
+        if body is not None:
+            server.exposition = lambda: body  # type: ignore[method-assign]
         size = len(server.exposition())
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _SCRAPER, "127.0.0.1", str(server.port), "/metrics",
-            str(runs), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
-        assert (await proc.stdout.readline()).strip() == b"ready"
-        cpu0 = time.process_time()
-        proc.stdin.write(b"go\n")
-        line = await proc.stdout.readline()
-        cpu = (time.process_time() - cpu0) * 1000 / runs
-        await proc.wait()
-        await server.close()
-        return cpu, statistics.median(float(x) for x in line.split()), size
+        try:
+            return (*await _scrape_from_another_process(server.port, runs), size)
+        finally:
+            await server.close()
 
     for loop in loops:
-        for per_cn in (True, False):
-            cpu, latency, size = run(go(per_cn), loop)
-            print(f"  {loop:7s} per_client_cn={per_cn!s:5} ({size / 1024:5.1f} KiB): "
+        for title, per_cn, body in cases:
+            cpu, latency, size = run(endpoint(per_cn, body), loop)
+            print(f"  {loop:7s} {title} ({size / 1024:5.1f} KiB): "
                   f"CPU {cpu:6.3f} ms/scrape, latency {latency:6.3f} ms")
+
+
+def threaded_scrape_cost(stats: TunnelStats, runs: int) -> None:
+    """The alternative not taken: prometheus-client's own server (a wsgiref server in a
+    thread of its own, generate_latest on a TunnelCollector). Its CPU is spent under
+    the GIL the tunnel's loop needs too."""
+    from prometheus_client import start_http_server
+
+    print(f"prometheus_client.start_http_server, same scraper ({runs} scrapes)")
+    for title, per_cn in (("per_client_cn=True ", True), ("per_client_cn=False", False)):
+        reg = CollectorRegistry()
+        reg.register(TunnelCollector(stats, per_client_cn=per_cn))
+        started = start_http_server(0, addr="127.0.0.1", registry=reg)
+        if not isinstance(started, tuple):  # prometheus-client < 0.20 returns nothing
+            print("  (needs prometheus-client >= 0.20)")
+            return
+        server, thread = started
+        try:
+            cpu, latency = asyncio.run(
+                _scrape_from_another_process(server.server_address[1], runs))
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        print(f"  thread  {title}: CPU {cpu:6.3f} ms/scrape, latency {latency:6.3f} ms")
 
 
 def hot_path_cost(number: int) -> None:
@@ -180,10 +219,10 @@ def main() -> None:
     ap.add_argument("--number", type=int, default=1_000_000)
     ap.add_argument("--http-runs", type=int, default=200,
                     help="scrapes per HTTP measurement")
-    ap.add_argument("--only", choices=("render", "http", "hot"), action="append",
+    ap.add_argument("--only", choices=("render", "http", "threaded", "hot"), action="append",
                     help="run only these parts (repeatable; default all)")
     args = ap.parse_args()
-    parts = set(args.only or ("render", "http", "hot"))
+    parts = set(args.only or ("render", "http", "threaded", "hot"))
     print(f"Python {sys.version.split()[0]}")
     stats = busy_stats(args.cns, args.lanes)
     if "render" in parts:
@@ -191,6 +230,8 @@ def main() -> None:
     if "http" in parts:
         loops = ["uvloop", "asyncio"] if loop_name() == "uvloop" else ["asyncio"]
         http_scrape_cost(stats, args.http_runs, loops)
+    if "threaded" in parts:
+        threaded_scrape_cost(stats, max(10, args.http_runs // 10))
     if "hot" in parts:
         hot_path_cost(args.number)
 
