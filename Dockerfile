@@ -46,7 +46,7 @@ RUN groupadd --system --gid 10001 ut \
             --shell /usr/sbin/nologin ut
 
 # Only binary wheels: this stage has no compiler and needs none. The dependencies
-# (PyYAML, prometheus-client, cryptography, uvloop) come as wheels from the index.
+# (PyYAML, prometheus-client, h11, cryptography, uvloop) come as wheels from the index.
 COPY --from=builder /wheels /wheels
 RUN pip install --no-cache-dir --disable-pip-version-check --only-binary=:all: /wheels/*.whl \
  && rm -rf /wheels \
