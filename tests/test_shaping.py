@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import struct
 
 import pytest
@@ -117,22 +118,37 @@ def app_record_lengths(stream: bytes) -> list[int]:
     return out
 
 
-async def _records_of_wg_sized_datagrams(pki, padding: bool) -> dict[int, list[int]]:
-    """Send WireGuard-sized datagrams one at a time through a one-lane tunnel and return,
-    per size, the lengths of the client's TLS records that carried them."""
+@contextlib.asynccontextmanager
+async def recorded_tunnel(pki, shaping_cfg: dict):
+    """A one-lane tunnel whose lane goes through a recording FaultProxy: yields the UDP
+    peer in front of the client and the proxied connection (``conn.seen`` holds every
+    byte the client sent), once a first datagram has gone through."""
     echo = UdpEcho().start()
     server = ut.Server(server_config(pki, echo.address, lanes=1))
     await server.start()
     proxy = await FaultProxy(server.address[:2], record=True).start()
-    extra = {"shaping": {"padding": padding}}
-    client = ut.Client(client_config(pki, proxy.address, lanes=1, _extra=extra))
+    client = ut.Client(client_config(pki, proxy.address, lanes=1,
+                                     _extra={"shaping": shaping_cfg}))
     await client.start()
     peer = await UdpPeer.open(client.udp_address[:2])
     try:
         peer.send(b"\x01" + bytes(WG_INIT - 1))
         await peer.recv()
-        await wait_for(lambda: proxy.live)
+        assert await wait_for(lambda: proxy.live)
         (conn,) = proxy.live
+        yield peer, conn
+    finally:
+        peer.close()
+        await client.close()
+        await server.close()
+        await proxy.close()
+        echo.close()
+
+
+async def _records_of_wg_sized_datagrams(pki, padding: bool) -> dict[int, list[int]]:
+    """Send WireGuard-sized datagrams one at a time through a one-lane tunnel and return,
+    per size, the lengths of the client's TLS records that carried them."""
+    async with recorded_tunnel(pki, {"padding": padding}) as (peer, conn):
         by_size: dict[int, list[int]] = {}
         for size in (WG_INIT, WG_RESPONSE, WG_KEEPALIVE) * 40:
             before = len(app_record_lengths(bytes(conn.seen["up"])))
@@ -143,12 +159,6 @@ async def _records_of_wg_sized_datagrams(pki, padding: bool) -> dict[int, list[i
             assert len(records) == 1, records  # one datagram, one write, one record
             by_size.setdefault(size, []).extend(records)
         return by_size
-    finally:
-        peer.close()
-        await client.close()
-        await server.close()
-        await proxy.close()
-        echo.close()
 
 
 def test_record_lengths_do_not_reveal_wireguard_message_sizes(pki):
@@ -178,19 +188,8 @@ def test_without_padding_each_size_has_its_own_record_length(pki):
 async def _records_for_bursts(pki, coalesce_ms: float, bursts: int = 10, per_burst: int = 4):
     """Send ``bursts`` bursts of small datagrams (a few ms apart within a burst) through a
     one-lane tunnel; return (client records per burst, round trip of the first datagram)."""
-    echo = UdpEcho().start()
-    server = ut.Server(server_config(pki, echo.address, lanes=1))
-    await server.start()
-    proxy = await FaultProxy(server.address[:2], record=True).start()
-    extra = {"shaping": {"coalesce_ms": coalesce_ms}}
-    client = ut.Client(client_config(pki, proxy.address, lanes=1, _extra=extra))
-    await client.start()
-    peer = await UdpPeer.open(client.udp_address[:2])
     loop = asyncio.get_running_loop()
-    try:
-        peer.send(b"\x04" + bytes(31))
-        await peer.recv()
-        (conn,) = proxy.live
+    async with recorded_tunnel(pki, {"coalesce_ms": coalesce_ms}) as (peer, conn):
         per_burst_records, rtts = [], []
         for _ in range(bursts):
             before = len(app_record_lengths(bytes(conn.seen["up"])))
@@ -204,12 +203,6 @@ async def _records_for_bursts(pki, coalesce_ms: float, bursts: int = 10, per_bur
             await asyncio.sleep(0.005)
             per_burst_records.append(len(app_record_lengths(bytes(conn.seen["up"]))) - before)
         return per_burst_records, rtts
-    finally:
-        peer.close()
-        await client.close()
-        await server.close()
-        await proxy.close()
-        echo.close()
 
 
 def test_coalescing_puts_a_burst_of_small_datagrams_in_fewer_records(pki):
