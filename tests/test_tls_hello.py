@@ -49,9 +49,9 @@ import pytest
 import yaml
 
 import ut
-from tests import ja4 as J
 from ut import client as ut_client
 from ut import tls
+from ut._testbase import ja4 as J
 from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
