@@ -261,6 +261,12 @@ class ClientSession(Session):
         self.active_lanes -= 1
         if self.active_lanes == 0:
             self.counters.sessions_active -= 1
+        transport = self.client.transport
+        if transport.remembered_from(lane.transport):
+            # A server drops the session of a connection that ended without a clean TLS
+            # close from its cache: offer the next lanes a live lane's session instead.
+            live = [other for other in self.lanes if other is not None and other.ready]
+            transport.remember(live[0].transport if live else None)
         if not self.closed and not self.idle:
             self._lost_slots.add(lane.lane_id)
             self.wants_lanes()

@@ -13,7 +13,8 @@ The interface, both roles:
 
 * client: ``sock = await t.connect(loop, addr)`` (stage "connect": TCP), then
   ``await t.secure(loop, protocol, sock)`` (stage "tls": the lane's transport is up when
-  it returns), then ``t.resumed(transport)``/``t.remember(transport)`` for session reuse;
+  it returns), then ``t.resumed(transport)``/``t.remember(transport)`` for session reuse
+  (``t.remembered_from(transport)`` when a lane ends: offer a live lane's session instead);
 * server: ``t.accepted(sock)`` (socket options on an accepted TCP connection), then
   ``await t.accept(loop, protocol, sock)``, then ``t.peer_identity(transport)`` (the
   client's name: its certificate CN).
@@ -52,6 +53,8 @@ class LaneTransport(Protocol):
 
     def remember(self, transport: Any) -> None: ...
 
+    def remembered_from(self, transport: Any) -> bool: ...
+
 
 class TlsTransport:
     """Lanes as TLS over TCP, mutual certificates (the design's transport).
@@ -67,6 +70,7 @@ class TlsTransport:
         self.ssl_context = ssl_context
         self.tcp = tcp
         self.server_hostname = server_hostname
+        self._remembered_from: Any = None  # the lane transport whose session is offered
 
     # -- client ---------------------------------------------------------------------
     async def connect(self, loop: asyncio.AbstractEventLoop, addr: tuple[str, int]) -> socket.socket:
@@ -103,10 +107,20 @@ class TlsTransport:
 
     def remember(self, transport: Any) -> None:
         """Offer this lane's TLS session to the next lanes (call once its peer has
-        answered, so TLS 1.3 tickets have arrived)."""
+        answered, so TLS 1.3 tickets have arrived); ``None`` offers nothing."""
+        if not isinstance(self.ssl_context, ClientContext):
+            return
         obj = transport.get_extra_info("ssl_object") if transport is not None else None
-        if obj is not None and obj.session is not None and isinstance(self.ssl_context, ClientContext):
-            self.ssl_context.resume_session = obj.session
+        session = obj.session if obj is not None else None
+        self.ssl_context.resume_session = session
+        self._remembered_from = transport if session is not None else None
+
+    def remembered_from(self, transport: Any) -> bool:
+        """Whether the session offered to new lanes is ``transport``'s. The server issues
+        stateful tickets (``ut.tls.server_context``) and forgets a connection's session
+        when it ends without a clean TLS close, so a lane that dies should not keep
+        offering its own."""
+        return transport is not None and transport is self._remembered_from
 
     # -- server ---------------------------------------------------------------------
     def accepted(self, sock: socket.socket) -> None:
