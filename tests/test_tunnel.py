@@ -7,6 +7,7 @@ US-05 idle close and rebuild, server restart, US-08 drop-oldest backpressure.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import ssl
@@ -268,6 +269,66 @@ def test_server_restart_client_rebuilds(pki, loop_kind):
             echo.close()
 
     run_on(loop_kind, main())
+
+
+def test_dial_delays_are_jittered_and_back_off():
+    # Issue 19 ("Recovery"): full jitter, a fast first retry, caps doubling to the max.
+    from ut.client import FAST_RETRY_SECONDS, dial_delays
+
+    runs = [list(itertools.islice(dial_delays(5.0, 60.0), 8)) for _ in range(300)]
+    caps = [min(FAST_RETRY_SECONDS, 5.0), 5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
+    for n, cap in enumerate(caps):
+        waits = [run[n] for run in runs]
+        assert all(0.0 <= w <= cap for w in waits), (n, cap)
+        assert max(waits) > cap * 0.8 and min(waits) < cap * 0.2  # spread over [0, cap]
+    # Two clients that lost the same server do not dial it back in step.
+    assert len({round(run[3], 3) for run in runs}) > 250
+
+
+def test_server_outage_recovery_is_quick(pki):
+    """With the spec's backoff (5 s doubling to 60 s), a client that kept failing for
+    ~2 s comes back within the jittered step in force (the first retry is fast, the next
+    ones uniform below their cap), not after whole 5 + 10 s steps."""
+    async def main():
+        echo = UdpEcho().start()
+        server = ut.Server(server_config(pki, echo.address))
+        await server.start()
+        addr = server.address[:2]
+        client = ut.Client(client_config(
+            pki, addr, dial_backoff_min_seconds=5.0, dial_backoff_max_seconds=60.0))
+        await client.start()
+        peer = await UdpPeer.open(client.udp_address[:2])
+        loop = asyncio.get_running_loop()
+        try:
+            peer.send(b"before")
+            assert await peer.recv() == b"before"
+            await server.close()
+            for i in range(20):  # ~2 s of failing dials
+                peer.send(b"down-%d" % i)
+                await asyncio.sleep(0.1)
+            server = ut.Server(server_config(pki, echo.address, listen_addr=f"{addr[0]}:{addr[1]}"))
+            await server.start()
+            listening = loop.time()
+            got = None
+            while got is None and loop.time() - listening < 12:
+                peer.send(b"after")
+                try:
+                    got = await peer.recv(timeout=0.1)
+                except asyncio.TimeoutError:
+                    pass
+            assert got is not None
+            return loop.time() - listening
+        finally:
+            peer.close()
+            await client.close()
+            await server.close()
+            echo.close()
+
+    # One run is a draw from the jitter, bounded by the cap in force when the server came
+    # back (5 s, or 10 s if a retry fell inside the outage); the median of a few is lower.
+    took = sorted(run_on("uvloop", main()) for _ in range(3))
+    assert took[-1] < 10.0 + 1.0, took
+    assert took[1] < 6.0, took
 
 
 def test_stalled_server_fills_queue_drops_oldest_exactly(pki, loop_kind):

@@ -8,7 +8,7 @@ lock-step with N full handshakes is a pattern no browser makes. Datagrams wait
 in the session queue until a lane has exchanged HELLO. Lanes lost while other
 lanes carry traffic are re-dialled after such a delay, resuming too; when none
 is left the first again goes alone and at once. Dialling that fails backs off
-exponentially. After
+exponentially, with full jitter (``dial_delays``). After
 ``idle_seconds`` without payload the lanes close, one by one, each at its own
 random moment over the next few seconds (``IDLE_CLOSE_SPREAD_SECONDS``); the
 next datagram rebuilds them. The session id is fixed for the life of a ``Client``, so the server keeps
@@ -22,6 +22,7 @@ import logging
 import random
 import secrets
 import ssl
+from collections.abc import Iterator
 from typing import Any
 
 from . import fastpath
@@ -46,6 +47,27 @@ LANE_STAGGER_SECONDS: tuple[float, float] = (0.010, 0.250)
 #: many seconds (at most a quarter of ``tcp.idle_seconds``), not all in the same
 #: instant: N lanes sending GOODBYE and FIN together would be a give-away too.
 IDLE_CLOSE_SPREAD_SECONDS = 5.0
+
+
+#: The first retry after a failed dial comes within this many seconds (jittered), not
+#: after the whole ``dial_backoff_min_seconds``: most failures are a lane lost to a
+#: blip or a server that restarts, and are over by then.
+FAST_RETRY_SECONDS = 1.0
+
+
+def dial_delays(min_seconds: float, max_seconds: float) -> Iterator[float]:
+    """Waits between failed dial rounds: "full jitter" exponential backoff.
+
+    The n-th wait is uniform in [0, cap_n], where cap_0 = min(FAST_RETRY_SECONDS,
+    min_seconds) and then cap = min_seconds, 2 × min_seconds, ... up to max_seconds.
+    Random waits keep many clients that lost the same server from dialling it back in
+    lock-step, and halve the expected time to notice a server that is back.
+    """
+    yield random.uniform(0.0, min(FAST_RETRY_SECONDS, min_seconds))
+    cap = min_seconds
+    while True:
+        yield random.uniform(0.0, cap)
+        cap = min(cap * 2, max_seconds)
 
 
 class _RefusedByServer(Exception):
@@ -102,7 +124,7 @@ class ClientSession(Session):
 
     async def _dial_loop(self) -> None:
         tcp = self.cfg.tcp
-        backoff = tcp.dial_backoff_min_seconds
+        delays = dial_delays(tcp.dial_backoff_min_seconds, tcp.dial_backoff_max_seconds)
         try:
             while not self.closed and not self.idle:
                 slots = self._missing_slots()
@@ -114,11 +136,12 @@ class ClientSession(Session):
                 ok = sum(1 for r in results if r is True)
                 if ok == len(results):
                     continue  # all up (a lane may have died meanwhile: loop checks)
-                if ok:
-                    backoff = tcp.dial_backoff_min_seconds
-                self.log("dial_backoff", logging.DEBUG, seconds=backoff, failed=len(results) - ok)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, tcp.dial_backoff_max_seconds)
+                if ok:  # the server is there: start the backoff over
+                    delays = dial_delays(tcp.dial_backoff_min_seconds, tcp.dial_backoff_max_seconds)
+                delay = next(delays)
+                self.log("dial_backoff", logging.DEBUG, seconds=round(delay, 3),
+                         failed=len(results) - ok)
+                await asyncio.sleep(delay)
         finally:
             self._dialer = None
 
