@@ -586,7 +586,8 @@ OUT_OF_PLACE = {
 @pytest.mark.parametrize("reason", sorted(OUT_OF_PLACE))
 def test_out_of_place_control_closes_only_that_lane(pki, loop_kind, reason):
     """docs/protocol.md, "Lane life cycle": each rule broken on an open lane is counted
-    under its own reason, logged, answered with ERR protocol_error, and closes that lane;
+    under its own reason, logged, answered with ERR protocol_error (unless the peer had
+    already said GOODBYE, which closed the lane), and closes that lane;
     DATA before it is delivered, nothing after it; the session and its other lane live."""
 
     async def main():
@@ -599,7 +600,11 @@ def test_out_of_place_control_closes_only_that_lane(pki, loop_kind, reason):
             raw.send(fastpath.encode_data([b"before"]) + OUT_OF_PLACE[reason])
             await raw.until_closed()
             errs = [m for m in raw.controls() if isinstance(m, Err)]
-            assert [e.code for e in errs] == [ERR_PROTOCOL_ERROR], raw.controls()
+            # After the peer's GOODBYE the server has already closed its side: what
+            # follows is counted, with no ERR (nobody is there to read it).
+            after_goodbye = reason.endswith("_after_goodbye")
+            assert [e.code for e in errs] == ([] if after_goodbye else [ERR_PROTOCOL_ERROR]), (
+                raw.controls())
             assert server.stats()["protocol_errors"] == {reason: 1}
             session = server.sessions[("home", 9)]
             assert session.active_lanes == 1
@@ -612,6 +617,27 @@ def test_out_of_place_control_closes_only_that_lane(pki, loop_kind, reason):
             got = keep.data() + raw.data()
             assert b"before" in got and b"ping" in got and b"late" not in got
             keep.close()
+        echo.close()
+
+    run_on(loop_kind, main())
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_goodbye_ends_the_lane_even_if_the_peer_keeps_it_open(pki, loop_kind):
+    """Issue 19 (server-side lane hygiene): a client that says GOODBYE and then holds its
+    connection open gets it closed by the server within about a second."""
+
+    async def main():
+        echo = UdpEcho().start()
+        async with ut.Server(server_config(pki, echo.address, lanes=1)) as server:
+            raw = await RawLane.open(pki, server)
+            await raw.hello(9, 0, 1)
+            raw.send(control_frame(Goodbye(0)))
+            took = await raw.until_closed(timeout=3.0)
+            assert took < 2.0
+            assert server.sessions[("home", 9)].active_lanes == 0
+            assert not server.stats()["protocol_errors"]
+            raw.close()
         echo.close()
 
     run_on(loop_kind, main())

@@ -173,11 +173,15 @@ class Lane(asyncio.BufferedProtocol):
             elif kind is PeerHello:
                 owner.lane_hello(self, ev.hello, ev.flags)
             elif kind is PeerGoodbye:
-                # The peer is leaving: stop writing to this lane now; it will close.
+                # The peer is leaving: stop writing to this lane now, and close our side
+                # too (a peer that said GOODBYE and then holds the connection open gets
+                # nothing more out of it).
                 self._report(f"peer_goodbye_{ev.reason}")
+                self._close_transport()
             elif kind is PeerError:
                 self.peer_err = ev.err
                 self._report(f"peer_error_{ev.err.code_name}")
+                self._close_transport()
             else:  # a Violation: always the last event
                 self._violated(ev)
 
@@ -186,6 +190,12 @@ class Lane(asyncio.BufferedProtocol):
         number, found by the resequencer): end the lane as for any violation."""
         if self.proto.state is not State.CLOSED:
             self._violated(self.proto.violated(reason, text))
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+            # A peer that never reads our close must not keep the connection either.
+            asyncio.get_running_loop().call_later(ERR_LINGER_SECONDS, self.abort)
 
     def _violated(self, violation: Violation) -> None:
         """A protocol rule was broken: count and log it (the owner), say ERR, close."""
@@ -246,10 +256,7 @@ class Lane(asyncio.BufferedProtocol):
         """Send ERR ``code`` and close; abort if the peer does not read it in time."""
         self._report(reason or f"err_{code}")
         self._write_control(self.proto.refuse(code, text))
-        if self.transport is not None:
-            self.transport.close()
-            # A hostile peer may never read our close: do not wait on it.
-            asyncio.get_running_loop().call_later(ERR_LINGER_SECONDS, self.abort)
+        self._close_transport()
 
     def close(self, goodbye_reason: int | None = None, reason: str = "") -> None:
         """Close on purpose: the owner hears ``lane_closed`` first (nothing more is
