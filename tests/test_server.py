@@ -205,3 +205,35 @@ def test_session_ends_after_linger(pki):
         echo.close()
 
     run_on("asyncio", main())
+
+
+def test_server_closes_lanes_that_stay_idle_and_the_client_does_not_redial(pki):
+    """Issue 19 (lane hygiene): the server closes a session's lanes after 2 ×
+    tcp.idle_seconds without payload (here its own 1 s; the client would wait 60), with
+    GOODBYE idle; the client takes that as an idle close: no redial until the next
+    datagram, which rebuilds the lanes in the same server session."""
+    async def main():
+        echo = UdpEcho().start()
+        server_cfg = server_config(pki, echo.address, idle_seconds=1, session_linger_seconds=30)
+        async with ut.Server(server_cfg) as server:
+            cfg = client_config(pki, server.address[:2], lanes=2, idle_seconds=60)
+            with capture_events() as cap:
+                async with ut.Client(cfg) as client:
+                    peer = await UdpPeer.open(client.udp_address[:2])
+                    peer.send(b"a")
+                    assert await peer.recv() == b"a"
+                    assert await wait_for(lambda: client.stats()["lanes_ready"] == 2)
+                    assert await wait_for(lambda: client.stats()["lanes_ready"] == 0, 5)
+                    (session,) = server.sessions.values()
+                    assert session.active_lanes == 0
+                    opens = len([e for e in cap.named("lane_open") if e["role"] == "client"])
+                    await asyncio.sleep(1.0)  # no redial meanwhile
+                    assert len([e for e in cap.named("lane_open") if e["role"] == "client"]) == opens
+                    peer.send(b"b")
+                    assert await peer.recv() == b"b"
+                    assert list(server.sessions.values()) == [session]
+                    peer.close()
+        echo.close()
+
+    run_on("uvloop", main())
+

@@ -290,6 +290,12 @@ class ClientSession(Session):
             # close from its cache: offer the next lanes a live lane's session instead.
             live = [other for other in self.lanes if other is not None and other.ready]
             transport.remember(live[0].transport if live else None)
+        if lane.close_reason == "peer_goodbye_idle":
+            # The server found the session idle (its own idle close): do as for ours,
+            # and let the next datagram rebuild the lanes rather than redial now.
+            if self.active_lanes == 0:
+                self.idle = True
+            return
         if not self.closed and not self.idle:
             self._lost_slots.add(lane.lane_id)
             self.wants_lanes()

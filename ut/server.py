@@ -23,13 +23,21 @@ import functools
 import logging
 import socket
 import ssl
+import time
 from typing import Any
 
 from . import fastpath
 from ._version import __version__
 from .addr import format_addr, parse_addr
 from .config import Config
-from .control import ERR_BAD_HELLO, ERR_HELLO_TIMEOUT, ERR_INTERNAL, GOODBYE_SHUTDOWN, Hello
+from .control import (
+    ERR_BAD_HELLO,
+    ERR_HELLO_TIMEOUT,
+    ERR_INTERNAL,
+    GOODBYE_IDLE,
+    GOODBYE_SHUTDOWN,
+    Hello,
+)
 from .lane import Lane
 from .laneproto import LaneMachine, State, Violation
 from .logs import Debounced, event
@@ -52,7 +60,11 @@ LISTEN_BACKLOG = 512
 # within that time to push it out, whereas refusing the newest would let
 # 512 idle sockets lock every client out until their timeouts.
 MAX_PENDING_LANES = 512
-REFUSAL_LOG_WINDOW_SECONDS = 5.0  # one tls_handshake_fail / lane_refused line per reason per window
+REFUSAL_LOG_WINDOW_SECONDS = 5.0
+# The server closes a session's lanes after this many times tcp.idle_seconds without
+# payload: later than an honest client (which closes its idle lanes after idle_seconds),
+# so it never races one into redialling, but it does end lanes a client left hanging.
+SERVER_IDLE_FACTOR = 2.0  # one tls_handshake_fail / lane_refused line per reason per window
 
 
 def _close_if_cancelled(conn: socket.socket, task: asyncio.Task) -> None:
@@ -144,6 +156,7 @@ class Server:
         self.metrics: Any = None
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
+        self._idle_task: asyncio.Task | None = None
         self._handshakes: set[asyncio.Task] = set()
         # Lanes accepted but not yet through TLS + HELLO, oldest first (dicts
         # keep insertion order): value = the HELLO timer once TLS is done.
@@ -178,6 +191,7 @@ class Server:
             raise
         self._listen_sock = sock
         self._accept_task = self.loop.create_task(self._accept_loop())
+        self._idle_task = self.loop.create_task(self._idle_watch())
         if cfg.metrics.enabled:
             from .metrics import start_metrics_server
 
@@ -230,6 +244,21 @@ class Server:
             # A task cancelled before it ever ran (evicted in a burst of accepts)
             # never reaches its own clean-up: close its socket here.
             task.add_done_callback(functools.partial(_close_if_cancelled, conn))
+
+    async def _idle_watch(self) -> None:
+        """Close the lanes of sessions that carried no payload for ``SERVER_IDLE_FACTOR``
+        × ``tcp.idle_seconds`` (docs/config.md): the client closes idle lanes itself
+        well before that; this catches clients that do not (a dead or hostile one holding
+        lanes open). The session lingers as after any lane loss."""
+        idle = self.config.tcp.idle_seconds * SERVER_IDLE_FACTOR
+        tick = min(1.0, idle / 4)
+        while True:
+            await asyncio.sleep(tick)
+            deadline = time.perf_counter() - idle
+            for session in list(self.sessions.values()):
+                if session.active_lanes and session.active_at < deadline:
+                    session.log("idle_close", lanes=session.active_lanes, idle_seconds=idle)
+                    session.close_lanes(GOODBYE_IDLE, "idle")
 
     def _log_refusal(self, name: str, reason: str, **fields: Any) -> None:
         key = (name, reason)
@@ -395,6 +424,8 @@ class Server:
         self._closed.set()
         if self._accept_task is not None:
             self._accept_task.cancel()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         if self._listen_sock is not None:
             self._listen_sock.close()
         for task in list(self._handshakes):

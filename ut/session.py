@@ -143,6 +143,7 @@ class Session:
         self._oversize_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._socket_drop_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self.closed = False
+        self.active_at = time.perf_counter()  # last payload either way (time.perf_counter)
         self.io_chunk = io_chunk  # tcp.tcp_buf: the most bytes in one lane write
         # Receiving: ask the peer for numbered DATA (FLAG_SEQ on our HELLO) and put it
         # back in order. The resequencer also serves a peer that numbers unasked.
@@ -207,6 +208,7 @@ class Session:
         # Each datagram carries its arrival time through the queue, so the input
         # direction's forwarding latency includes any wait for a writable lane.
         now = time.perf_counter()
+        self.active_at = now
         for d in datagrams:
             n = len(d)
             nbytes += n
@@ -427,6 +429,7 @@ class Session:
     def lane_data(self, lane: Lane, frames: list) -> None:
         """DATA frames read from ``lane`` (the lane's machine let only DATA through)."""
         t0 = time.perf_counter()
+        self.active_at = t0
         try:
             _others, n, nbytes = self.reseq.feed(frames, t0)
         except FrameError as err:  # a numbered frame too short for its number
