@@ -23,6 +23,11 @@ Rules:
   must exist and be readable unless ``check_files=False``.
 - Conflicts between keys (backoff bounds, two listeners on one port) are
   checked here, after every key on its own.
+- Hostile files are refused, never followed: at most ``MAX_CONFIG_BYTES`` are
+  read, YAML anchors and aliases are refused before anything expands them,
+  nesting deeper than ``MAX_DEPTH`` is refused, and any failure of the YAML
+  library becomes a ``ConfigError``. Messages quote at most ``SHOW_MAX``
+  characters of a value.
 
 This module is the public face: the section classes, ``SCHEMA`` and the limits
 are re-exported from ``ut.configschema``, so ``from ut.config import ...``
@@ -54,6 +59,7 @@ from ut.configschema import (
     ALPN_MAX,
     COALESCE_MS_MAX,
     DROP_POLICIES,
+    DURATION_MAX,
     LANE_PICKS,
     LOG_LEVELS,
     MAX_LANES,
@@ -64,6 +70,7 @@ from ut.configschema import (
     ROLES,
     SCHEMA,
     SECTIONS,
+    SHOW_MAX,
     SOCK_BUF_MAX,
     SOCK_BUF_MIN,
     TCP_BUF_MAX,
@@ -76,6 +83,8 @@ from ut.configschema import (
     TcpConfig,
     TlsConfig,
     UdpConfig,
+    clip_text,
+    show_value,
 )
 from ut.errors import ConfigError
 
@@ -96,9 +105,12 @@ __all__ = [
     "ALPN_MAX",
     "COALESCE_MS_MAX",
     "DROP_POLICIES",
+    "DURATION_MAX",
     "KeySpec",
     "LANE_PICKS",
     "LOG_LEVELS",
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
     "MAX_LANES",
     "QUEUE_MAX_BYTES",
     "QUEUE_MAX_PACKETS",
@@ -106,11 +118,19 @@ __all__ = [
     "RESEQUENCE_MAX_WAIT_MS_MAX",
     "ROLES",
     "SECTIONS",
+    "SHOW_MAX",
     "SOCK_BUF_MAX",
     "SOCK_BUF_MIN",
     "TCP_BUF_MAX",
     "TCP_BUF_MIN",
 ]
+
+#: The most a config file may hold; more (or an endless device) is refused. A
+#: commented example is about 3 KiB; 64 KiB of the worst YAML still parses in well
+#: under a second with PyYAML's pure-Python parser (which names lines in errors).
+MAX_CONFIG_BYTES = 64 * 1024
+#: The deepest nesting of mappings and lists a config file may have (it needs 2).
+MAX_DEPTH = 32
 
 # ------------------------------------------------------------------- config
 
@@ -204,7 +224,7 @@ class Config:
                 raw["role"] = value
                 continue
             if section not in SCHEMA or name not in SCHEMA[section]:
-                raise ConfigError(self.source, dotted, f"unknown key{_suggest(dotted)}")
+                raise ConfigError(self.source, clip_text(str(dotted)), f"unknown key{_suggest(str(dotted))}")
             raw[section][name] = value
         return _build(raw, self.source, Path.cwd(), check_files)
 
@@ -222,6 +242,8 @@ def _choices(choices: tuple[str, ...]) -> str:
 
 
 def _choice_hint(value: str, choices: tuple[str, ...]) -> str:
+    if len(value) > SHOW_MAX:
+        return ""
     lowered = {c.lower(): c for c in choices}
     if value.lower() in lowered:
         return f"; did you mean {lowered[value.lower()]!r}?"
@@ -299,36 +321,97 @@ def _find_duplicate(node: yaml.Node, path: str = "") -> tuple[str, int, int] | N
     return None
 
 
+class _RefusedYAML(Exception):
+    """A construct a config file may not use; the message says which and where."""
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses anchors, aliases and deep nesting while composing.
+
+    Checked on the event stream, before any node is built, so an alias bomb
+    ("billion laughs") or a self-referencing alias (``a: &a [*a]``) is refused
+    without being expanded or followed.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _RefusedYAML(
+                f"YAML alias *{clip_text(str(event.anchor))}{_where(event.start_mark)}: anchors "
+                "and aliases are not allowed in a configuration; write the value out")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _RefusedYAML(
+                f"YAML anchor &{clip_text(str(anchor))}{_where(event.start_mark)}: anchors "
+                "and aliases are not allowed in a configuration; write the value out")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if self._depth >= MAX_DEPTH:
+                raise _RefusedYAML(f"nested more than {MAX_DEPTH} levels deep{_where(event.start_mark)}")
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
+
+
+def _where(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
 def _read_yaml(name: str) -> Any:
     try:
         with open(name, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_CONFIG_BYTES + 1)  # capped: a device like /dev/zero never ends
     except FileNotFoundError:
         raise ConfigError(name, "", "file not found") from None
     except IsADirectoryError:
         raise ConfigError(name, "", "is a directory, expected a YAML file") from None
     except OSError as exc:
         raise ConfigError(name, "", f"cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte or an unencodable character in the path
+        raise ConfigError(name, "", f"cannot read: {clip_text(str(exc))}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(name, "", f"larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                          "a configuration file is a few kilobytes")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(name, "", f"not UTF-8 text (byte {exc.start})") from None
+    loader: _GuardedLoader | None = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _GuardedLoader(text)
+        node = loader.get_single_node()
         duplicate = _find_duplicate(node) if node is not None else None
         if duplicate:
             key, first, line = duplicate
-            raise ConfigError(name, key, f"duplicate key at line {line} (first set at line {first})")
-        raw = yaml.safe_load(text)
+            raise ConfigError(name, clip_text(key), f"duplicate key at line {line} (first set at line {first})")
+        raw = loader.construct_document(node) if node is not None else None
+    except ConfigError:
+        raise
+    except _RefusedYAML as exc:
+        raise ConfigError(name, "", str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(name, "", f"YAML syntax error{where}: {problem}") from None
+        raise ConfigError(name, "", f"YAML syntax error{_where(mark)}: {clip_text(str(problem), 200)}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever PyYAML trips over is the file's fault
+        # A scalar PyYAML recognises but cannot convert: an integer of more than
+        # 4300 digits, a timestamp like 2024-13-45, an empty "!!int", ...
+        what = clip_text(str(exc), 200) or type(exc).__name__
+        raise ConfigError(name, "", f"a value cannot be read: {what}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if raw is None:
         raise ConfigError(name, "", "file is empty (it needs at least role, tcp and tls)")
     return raw
 
+
+#: The longest "host:port" (a 253-character DNS name, brackets, a port), with room.
+_ADDR_MAX = 270
 
 _ALL_KEYS: tuple[str, ...] = ("role",) + SECTIONS + tuple(
     f"{section}.{name}" for section, keys in SCHEMA.items() for name in keys
@@ -336,6 +419,8 @@ _ALL_KEYS: tuple[str, ...] = ("role",) + SECTIONS + tuple(
 
 
 def _suggest(dotted: str) -> str:
+    if len(dotted) > 2 * SHOW_MAX:
+        return ""
     section, _, name = dotted.rpartition(".")
     # The same name in another section first ("tcp.wg_udp_addr" -> "udp.wg_udp_addr").
     if section:
@@ -359,19 +444,24 @@ def _type_name(value: Any) -> str:
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, int):
-        return f"a whole number ({value})"
+        try:
+            return f"a whole number ({clip_text(str(value))})"
+        except ValueError:  # more digits than Python will convert
+            return f"a whole number of {value.bit_length()} bits"
     if isinstance(value, float):
         return f"a number ({value:g})"
     if isinstance(value, str):
-        return f"a string ({value!r})"
+        return f"a string ({show_value(value)})"
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, Mapping):
         return "a mapping"
-    return type(value).__name__
+    return clip_text(type(value).__name__)
 
 
 def _looks_numeric(value: str) -> bool:
+    if len(value) > SHOW_MAX:
+        return False
     try:
         float(value)
     except ValueError:
@@ -394,8 +484,12 @@ def _convert(file: str, dotted: str, spec: KeySpec, value: Any, directory: Path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = " (write it without quotes)" if isinstance(value, str) and _looks_numeric(value) else ""
             raise fail(f"must be a number of seconds, got {_type_name(value)}{hint}")
-        if not math.isfinite(value):
-            raise fail(f"must be a finite number, got {value}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise fail(f"must be a finite number, got {_type_name(value)}")
         value = float(value)
     elif kind == "bool":
         if not isinstance(value, bool):
@@ -404,7 +498,8 @@ def _convert(file: str, dotted: str, spec: KeySpec, value: Any, directory: Path)
         if not isinstance(value, str):
             raise fail(f"must be a string, got {_type_name(value)}")
         if kind == "enum" and value not in spec.choices:
-            raise fail(f"must be {_choices(spec.choices)}, got {value!r}{_choice_hint(value, spec.choices)}")
+            raise fail(f"must be {_choices(spec.choices)}, got {show_value(value)}"
+                       f"{_choice_hint(value, spec.choices)}")
         if kind == "name" and not value:
             raise fail("must not be empty (leave the key out to use the server_addr host)")
     elif kind == "strlist":
@@ -417,10 +512,13 @@ def _convert(file: str, dotted: str, spec: KeySpec, value: Any, directory: Path)
         if not isinstance(value, str):
             hint = ' (quote it: "host:port")' if isinstance(value, (int, float)) else ""
             raise fail(f'must be a "host:port" string, got {_type_name(value)}{hint}')
+        if len(value) > _ADDR_MAX:
+            raise fail(f'must be a "host:port" string of at most {_ADDR_MAX} characters, '
+                       f"got {show_value(value)}")
         try:
             parse_addr(value, allow_port_zero=spec.port_zero)
         except ValueError as exc:
-            raise fail(str(exc)) from None
+            raise fail(clip_text(str(exc), 200)) from None
         value = value.strip()
     elif kind == "path":
         if isinstance(value, os.PathLike):
@@ -436,15 +534,35 @@ def _convert(file: str, dotted: str, spec: KeySpec, value: Any, directory: Path)
 
 
 def _check_file(file: str, dotted: str, path: str) -> None:
+    shown = clip_text(path, 200)
     try:
         with open(path, "rb") as fh:
             fh.read(1)
     except FileNotFoundError:
-        raise ConfigError(file, dotted, f"file not found: {path}") from None
+        raise ConfigError(file, dotted, f"file not found: {shown}") from None
     except IsADirectoryError:
-        raise ConfigError(file, dotted, f"is a directory, expected a PEM file: {path}") from None
+        raise ConfigError(file, dotted, f"is a directory, expected a PEM file: {shown}") from None
     except OSError as exc:
-        raise ConfigError(file, dotted, f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError(file, dotted, f"cannot read {shown}: {exc.strerror or 'error'}") from None
+    except ValueError:  # a NUL byte or an unencodable character
+        raise ConfigError(file, dotted, f"not a usable file path: {show_value(path)}") from None
+
+
+def _key_text(key: Any) -> str:
+    """A key as an error message names it: short, whatever the key is."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return _num_text(key)
+    try:
+        return clip_text(str(key))
+    except Exception:  # noqa: BLE001 - a mapping given by a caller may hold anything
+        return clip_text(type(key).__name__)
+
+
+def _num_text(value: int) -> str:
+    try:
+        return clip_text(str(value))
+    except ValueError:
+        return f"<a whole number of {value.bit_length()} bits>"
 
 
 def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
@@ -454,9 +572,9 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
         )
     for key in raw:
         if not isinstance(key, str):
-            raise ConfigError(file, str(key), f"keys must be strings, got {_type_name(key)}")
+            raise ConfigError(file, _key_text(key), f"keys must be strings, got {_type_name(key)}")
         if key != "role" and key not in SCHEMA:
-            raise ConfigError(file, key, f"unknown key{_suggest(key)}")
+            raise ConfigError(file, _key_text(key), f"unknown key{_suggest(key)}")
 
     if "role" not in raw:
         raise ConfigError(file, "role", "missing required key: set role: client or role: server")
@@ -474,10 +592,11 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
             raise ConfigError(file, section, f"must be a mapping of keys, got {_type_name(given)}")
         for key in given:
             if not isinstance(key, str):
-                raise ConfigError(file, f"{section}.{key}", f"keys must be strings, got {_type_name(key)}")
+                raise ConfigError(file, f"{section}.{_key_text(key)}",
+                                  f"keys must be strings, got {_type_name(key)}")
             if key not in keys:
                 dotted = f"{section}.{key}"
-                raise ConfigError(file, dotted, f"unknown key{_suggest(dotted)}")
+                raise ConfigError(file, f"{section}.{_key_text(key)}", f"unknown key{_suggest(dotted)}")
         values: dict[str, Any] = {}
         for name, spec in keys.items():
             dotted = f"{section}.{name}"

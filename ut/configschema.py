@@ -51,7 +51,11 @@ __all__ = [
     "TcpConfig",
     "TlsConfig",
     "UdpConfig",
+    "DURATION_MAX",
+    "SHOW_MAX",
+    "clip_text",
     "setting",
+    "show_value",
 ]
 
 ROLES = ("client", "server")
@@ -70,6 +74,8 @@ ALPN_MAX = 8
 QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any link buffers
 QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
 QUEUE_MAX_BYTES = 1 << 30
+DURATION_MAX = 86400.0  # one day: a longer timer is a typo, not a setting
+SHOW_MAX = 60  # error messages quote at most this many characters of a value
 
 _C, _S = ("client",), ("server",)
 
@@ -201,8 +207,27 @@ def _spec_of(f: Field[Any]) -> KeySpec:
 # ------------------------------------------------------------------ checks
 
 
+def clip_text(text: str, limit: int = SHOW_MAX) -> str:
+    """``text``, or for a long one its first ``limit`` characters, "…" and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def show_value(value: str) -> str:
+    """``repr(value)`` for an error message; a long string is cut (``clip_text``)."""
+    if len(value) <= SHOW_MAX:
+        return repr(value)
+    return f"{value[:SHOW_MAX]!r}… ({len(value)} characters)"
+
+
 def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    if isinstance(value, int):
+        try:
+            return clip_text(str(value))
+        except ValueError:  # more digits than Python will convert
+            return f"a whole number of {value.bit_length()} bits"
+    return clip_text(str(int(value)) if float(value).is_integer() else f"{value:g}")
 
 
 def _range(
@@ -228,21 +253,21 @@ def _tcp_buf(value: int) -> str | None:
         "at 0" if value == 0 else ""
     )
     return (f"must be between {TCP_BUF_MIN} and {TCP_BUF_MAX} (the lane's I/O chunk in "
-            f"bytes), got {value}{hint}")
+            f"bytes), got {_num(value)}{hint}")
 
 
 def _sock_buf(value: int) -> str | None:
     if value == 0 or SOCK_BUF_MIN <= value <= SOCK_BUF_MAX:
         return None
     return (f"must be 0 (kernel autotuning) or between {SOCK_BUF_MIN} and {SOCK_BUF_MAX}, "
-            f"got {value}")
+            f"got {_num(value)}")
 
 
 def _metrics_path(value: str) -> str | None:
     if not value.startswith("/"):
-        return f'must start with "/", got {value!r}'
+        return f'must start with "/", got {show_value(value)}'
     if any(ch.isspace() for ch in value) or "?" in value or "#" in value:
-        return f"must be a plain URL path (no spaces, '?' or '#'), got {value!r}"
+        return f"must be a plain URL path (no spaces, '?' or '#'), got {show_value(value)}"
     return None
 
 
@@ -251,16 +276,16 @@ def _alpn(value: tuple[str, ...]) -> str | None:
         return f"must list 1 to {ALPN_MAX} protocol names (e.g. [h2, http/1.1]), got {len(value)}"
     for name in value:
         if not 1 <= len(name.encode()) <= 255 or not name.isprintable() or not name.isascii():
-            return f"protocol names must be 1 to 255 printable ASCII characters, got {name!r}"
+            return f"protocol names must be 1 to 255 printable ASCII characters, got {show_value(name)}"
     if len(set(value)) != len(value):
-        return f"lists a protocol twice: {list(value)}"
+        return f"lists a protocol twice: {clip_text(str(list(value)))}"
     return None
 
 
 def _server_name(value: str) -> str | None:
     if is_ip(value) or HOSTNAME_RE.fullmatch(value):
         return None
-    return f"must be a DNS name or an IP address, got {value!r}"
+    return f"must be a DNS name or an IP address, got {show_value(value)}"
 
 
 # ---------------------------------------------------------------- sections
@@ -276,16 +301,18 @@ class TcpConfig:
     tcp_nodelay: bool = setting(True)
     tcp_buf: int = setting(16384, check=_tcp_buf)
     sock_buf: int = setting(0, check=_sock_buf)
-    idle_seconds: float = setting(120.0, check=_range(above=0))
+    # Timers have a floor (a tiny one only makes the process spin or flood the log)
+    # and a ceiling of one day.
+    idle_seconds: float = setting(120.0, check=_range(1, DURATION_MAX))
     lane_pick: str = setting("rr", choices=LANE_PICKS)
     skip_slow_lanes: bool = setting(True)
     resequence: bool = setting(True)
     resequence_max_wait_ms: float = setting(500.0, check=_range(1, RESEQUENCE_MAX_WAIT_MS_MAX))
-    dial_backoff_min_seconds: float = setting(5.0, roles=_C, check=_range(above=0))
-    dial_backoff_max_seconds: float = setting(60.0, roles=_C, check=_range(above=0))
-    connect_timeout_seconds: float = setting(10.0, check=_range(above=0))
-    hello_timeout_seconds: float = setting(5.0, check=_range(above=0))
-    session_linger_seconds: float = setting(180.0, roles=_S, check=_range(0))
+    dial_backoff_min_seconds: float = setting(5.0, roles=_C, check=_range(0.01, DURATION_MAX))
+    dial_backoff_max_seconds: float = setting(60.0, roles=_C, check=_range(0.01, DURATION_MAX))
+    connect_timeout_seconds: float = setting(10.0, check=_range(0.1, DURATION_MAX))
+    hello_timeout_seconds: float = setting(5.0, check=_range(0.1, DURATION_MAX))
+    session_linger_seconds: float = setting(180.0, roles=_S, check=_range(0, DURATION_MAX))
 
     @property
     def server_host_port(self) -> tuple[str, int]:
