@@ -168,7 +168,7 @@ def test_session_lingers_and_keeps_its_udp_port_across_lane_rebuild(pki):
         echo.port.on_batch = spy
         server_cfg = server_config(pki, echo.address, session_linger_seconds=30)
         async with ut.Server(server_cfg) as server:
-            cfg = client_config(pki, server.address[:2], lanes=2, idle_seconds=0.5)
+            cfg = client_config(pki, server.address[:2], lanes=2, idle_seconds=1)
             with capture_events() as cap:
                 async with ut.Client(cfg) as client:
                     peer = await UdpPeer.open(client.udp_address[:2])
