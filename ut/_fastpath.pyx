@@ -12,7 +12,8 @@ One extension module, one source file per concern (as uvloop and msgpack do):
 * ``_fp_ring.pxi``    -- ``RingQueue``
 * ``_fp_reseq.pxi``   -- ``Resequencer``
 * ``_fp_picker.pxi``  -- ``LanePicker``, ``flow_key``
-* ``_fp_mmsg.pxi``    -- ``recv_batch``, ``send_batch``, ``HAVE_MMSG``, ``HAVE_GSO``
+* ``_fp_mmsg.pxi``    -- ``recv_batch``, ``recv_batch_with_drops``, ``send_batch``,
+  ``HAVE_MMSG``, ``HAVE_GSO``, ``HAVE_RXQ_OVFL``
 
 C-level declarations live in ``_fastpath.pxd`` for other Cython code to ``cimport``.
 Hot loops touch no Python object per frame beyond the returned tuple and payload bytes.
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "HAVE_MMSG",
     "HAVE_GSO",
+    "HAVE_RXQ_OVFL",
     "encode_frame",
     "encode_data",
     "encode_data_seq",
@@ -55,6 +57,7 @@ __all__ = [
     "LanePicker",
     "flow_key",
     "recv_batch",
+    "recv_batch_with_drops",
     "send_batch",
 ]
 

@@ -1,15 +1,16 @@
-# Batched UDP system calls: recv_batch, send_batch, HAVE_MMSG, HAVE_GSO. Included by
-# _fastpath.pyx.
+# Batched UDP system calls: recv_batch, recv_batch_with_drops, send_batch, HAVE_MMSG,
+# HAVE_GSO, HAVE_RXQ_OVFL. Included by _fastpath.pyx.
 #
 # The C lives in includes/mmsg.h, declared in includes/mmsg.pxd (uvloop's includes/ layout):
 # ut_recvmmsg/ut_sendmmsg are recvmmsg/sendmmsg on Linux, and elsewhere (macOS) or when
 # built with UT_NO_MMSG=1 (so Linux CI proves that path) the same contract done with one
-# recvmsg/sendmsg per message; ut_set_gso attaches UDP_SEGMENT where it exists. The C
-# preprocessor decides, not Cython's deprecated compile-time IF.
+# recvmsg/sendmsg per message; ut_set_gso attaches UDP_SEGMENT where it exists;
+# ut_want_ovfl/ut_read_ovfl carry the kernel's SO_RXQ_OVFL drop counter where it exists.
+# The C preprocessor decides, not Cython's deprecated compile-time IF.
 
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uint32_t
 
 from ut.includes.mmsg cimport (
     AF_INET,
@@ -18,6 +19,7 @@ from ut.includes.mmsg cimport (
     MSG_DONTWAIT,
     UT_HAVE_GSO,
     UT_HAVE_MMSG,
+    UT_HAVE_RXQ_OVFL,
     htonl,
     htons,
     inet_ntop,
@@ -31,15 +33,22 @@ from ut.includes.mmsg cimport (
     socklen_t,
     ut_gso_ctrl,
     ut_mmsghdr,
+    ut_ovfl_ctrl,
+    ut_read_ovfl,
     ut_recvmmsg,
     ut_sendmmsg,
     ut_set_gso,
+    ut_want_ovfl,
 )
 
 
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg``: Linux, unless
 #: built with UT_NO_MMSG=1. Always False in the pure-Python twin.
 HAVE_MMSG = bool(UT_HAVE_MMSG)
+
+#: True when ``recv_batch_with_drops`` can read the kernel's per-socket drop counter
+#: (``SO_RXQ_OVFL``, Linux) from the datagrams it receives; False elsewhere (macOS).
+HAVE_RXQ_OVFL = bool(UT_HAVE_RXQ_OVFL)
 
 cdef bint _kernel_has_gso():
     # Linux < 4.18 has no UDP_SEGMENT and ignores the control message: it would send a
@@ -272,10 +281,36 @@ def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
     ``socket.recvfrom`` returns them; a datagram longer than ``bufsize`` is truncated.
     Uses ``recvmmsg`` when ``HAVE_MMSG``, else a ``recvfrom`` loop.
     """
+    cdef long long drops = -1
+    return _recv(sock, max_count, bufsize, False, &drops)
+
+
+def recv_batch_with_drops(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
+    """``recv_batch``, and the kernel's count of datagrams dropped at ``sock``: return
+    ``(datagrams, drops)``.
+
+    ``drops`` is the socket's cumulative drop counter (u32, wrapping) as it stood when the
+    last datagram that carried it was queued, or -1 when none did. The kernel attaches it
+    (``SO_RXQ_OVFL`` control message) only on a socket with that option set
+    (``ut.sockdrops.enable_drop_counter``), only once the count is non-zero, and only where
+    ``HAVE_RXQ_OVFL``. Reading it costs no system call: it rides on the datagrams. Drops
+    therefore show with the next datagram queued after them.
+    """
+    cdef long long drops = -1
+    out = _recv(sock, max_count, bufsize, True, &drops)
+    return out, drops
+
+
+cdef list _recv(sock, Py_ssize_t max_count, Py_ssize_t bufsize, bint want_drops,
+                long long* drops):
+    # recv_batch's body; with want_drops, each message gets room for the SO_RXQ_OVFL
+    # control message and drops[0] is set from the last one that carries it.
     global _rx_scratch, _rx_scratch_len, _rx_scratch_busy
     cdef ut_mmsghdr hdrs[_VLEN]
     cdef iovec iovs[_VLEN]
     cdef sockaddr_storage addrs[_VLEN]
+    cdef ut_ovfl_ctrl ctrls[_VLEN]
+    cdef uint32_t counter
     cdef int fd, family, r, err, i, prev
     cdef Py_ssize_t n, per_call, need, got = 0
     cdef char* data = NULL
@@ -289,6 +324,7 @@ def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
         return _recv_loop(sock, max_count, bufsize)
     if max_count <= 0:
         return out
+    want_drops = want_drops and UT_HAVE_RXQ_OVFL
     fd = sock.fileno()
     per_call = _VLEN
     if bufsize and per_call * bufsize > _RX_SCRATCH_MAX:
@@ -323,6 +359,8 @@ def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
                 hdrs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
                 hdrs[i].msg_hdr.msg_iov = &iovs[i]
                 hdrs[i].msg_hdr.msg_iovlen = 1
+                if want_drops:
+                    ut_want_ovfl(&hdrs[i].msg_hdr, &ctrls[i])
             r = ut_recvmmsg(fd, hdrs, <unsigned int>n, MSG_DONTWAIT)
             if r < 0:
                 err = errno
@@ -343,6 +381,8 @@ def recv_batch(sock, Py_ssize_t max_count, Py_ssize_t bufsize=65535):
                     addr = _sockaddr_to_py(&addrs[i])
                     prev = i
                 out.append((PyBytes_FromStringAndSize(data + i * bufsize, mlen), addr))
+                if want_drops and ut_read_ovfl(&hdrs[i].msg_hdr, &counter):
+                    drops[0] = counter  # in order, not the largest: the counter wraps
             got += r
             if r < n:
                 break

@@ -29,6 +29,8 @@ PDU v1 (docs/protocol.md, SPEC "Wire format")::
 * ``LanePicker`` chooses the lane for each datagram: round-robin or flow hash.
 * ``recv_batch``/``send_batch`` move many UDP datagrams per call (the compiled module uses
   ``recvmmsg``/``sendmmsg`` where the platform has them; this twin loops).
+  ``recv_batch_with_drops`` also reads the kernel's per-socket drop counter that rides
+  on each datagram (``SO_RXQ_OVFL``), so counting drops needs no system call of its own.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "HAVE_MMSG",
     "HAVE_GSO",
+    "HAVE_RXQ_OVFL",
     "encode_frame",
     "encode_data",
     "encode_data_seq",
@@ -64,6 +67,7 @@ __all__ = [
     "LanePicker",
     "flow_key",
     "recv_batch",
+    "recv_batch_with_drops",
     "send_batch",
 ]
 
@@ -86,6 +90,12 @@ KIND_PAD = 0x04
 _PAD_KIND_BYTE = bytes([KIND_PAD])
 #: True when ``recv_batch``/``send_batch`` use ``recvmmsg``/``sendmmsg`` (never in this twin).
 HAVE_MMSG = False
+#: True when ``recv_batch_with_drops`` can read the kernel's per-socket drop counter
+#: (``SO_RXQ_OVFL``, Linux) from the datagrams it receives; False elsewhere (macOS).
+HAVE_RXQ_OVFL = sys.platform.startswith("linux") and hasattr(socket.socket, "recvmsg")
+_SO_RXQ_OVFL = 40  # asm-generic/socket.h (the socket module does not name it)
+_OVFL_SPACE = socket.CMSG_SPACE(4) if HAVE_RXQ_OVFL else 0  # one u32 control message
+_U32 = struct.Struct("=I")
 _SOL_UDP = 17  # IPPROTO_UDP
 _UDP_SEGMENT = 103  # linux/udp.h
 
@@ -946,6 +956,42 @@ def recv_batch(sock: socket.socket, max_count: int, bufsize: int = 65535) -> lis
                 break
             raise
     return out
+
+
+def recv_batch_with_drops(
+    sock: socket.socket, max_count: int, bufsize: int = 65535
+) -> tuple[list[tuple[bytes, Any]], int]:
+    """``recv_batch``, and the kernel's count of datagrams dropped at ``sock``: return
+    ``(datagrams, drops)``.
+
+    ``drops`` is the socket's cumulative drop counter (u32, wrapping) as it stood when the
+    last datagram that carried it was queued, or -1 when none did. The kernel attaches it
+    (``SO_RXQ_OVFL`` control message) only on a socket with that option set
+    (``ut.sockdrops.enable_drop_counter``), only once the count is non-zero, and only where
+    ``HAVE_RXQ_OVFL``. Reading it costs no system call: it rides on the datagrams. Drops
+    therefore show with the next datagram queued after them.
+    """
+    if bufsize < 0:
+        raise ValueError("negative buffersize in recvfrom")
+    if not HAVE_RXQ_OVFL or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return recv_batch(sock, max_count, bufsize), -1
+    out: list[tuple[bytes, Any]] = []
+    drops = -1
+    recvmsg = sock.recvmsg
+    for _ in range(max_count):
+        try:
+            data, ancdata, _flags, addr = recvmsg(bufsize, _OVFL_SPACE, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            if out:
+                break
+            raise
+        out.append((data, addr))
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_RXQ_OVFL and len(value) >= 4:
+                drops = _U32.unpack_from(value)[0]  # in order, not the largest: it wraps
+    return out, drops
 
 
 def _gso_runs(sizes: list[int]) -> list[int]:

@@ -7,6 +7,9 @@ list; sends go out with ``fastpath.send_batch`` (``sendmmsg``), and on Linux 4.1
 run of equal-size datagrams (WireGuard's full-size packets in a bulk transfer)
 goes out as one ``UDP_SEGMENT`` (GSO) message: the kernel routes, filters and
 loops it back once per run instead of once per datagram (``bench/gso_probe.py``).
+With an ``on_kernel_drops`` callback, reads use ``fastpath.recv_batch_with_drops``: the
+kernel's per-socket drop counter rides on the datagrams (``ut/sockdrops.py``), so drop
+accounting costs no system call and nothing proportional to the number of ports.
 The socket is created synchronously, so a server can open a session's port
 inside a callback without awaiting.
 """
@@ -23,7 +26,7 @@ from collections.abc import Callable
 
 from . import fastpath
 from .logs import event
-from .sockdrops import watcher_for
+from .sockdrops import SocketDropCounter, read_socket_drops, watch_socket
 
 BATCH_MAX = 64  # datagrams read per wake-up: bounds latency added to other work
 SOCKET_BUF_BYTES = 4 << 20  # ask the kernel for roomy UDP buffers (it may cap lower)
@@ -102,7 +105,7 @@ class UdpPort:
     ``on_error(exc)`` is called for a read error (for example ICMP port
     unreachable reported on a connected socket); the port keeps running.
     ``on_kernel_drops(n)`` is called with datagrams the kernel dropped at the socket
-    because it was full (Linux; checked every second while started, and at close).
+    because it was full (Linux): with the first datagram read after them, and at close.
     """
 
     def __init__(
@@ -117,11 +120,14 @@ class UdpPort:
         self.sock = sock
         self.on_batch = on_batch
         self.on_error = on_error
-        self._drop_watcher = watcher_for(loop) if on_kernel_drops is not None else None
-        self._on_kernel_drops = on_kernel_drops
+        self._drops: SocketDropCounter | None = (
+            watch_socket(sock, on_kernel_drops) if on_kernel_drops is not None else None
+        )
         self._fd = sock.fileno()
         self._reading = False
         self._recv_batch = fastpath.recv_batch
+        self._recv_batch_with_drops = fastpath.recv_batch_with_drops
+        self._reader = self._on_readable if self._drops is None else self._on_readable_counted
         self._send_batch = fastpath.send_batch
         self.gso = (
             fastpath.HAVE_GSO
@@ -135,10 +141,8 @@ class UdpPort:
 
     def start(self) -> None:
         if not self._reading:
-            self.loop.add_reader(self._fd, self._on_readable)
+            self.loop.add_reader(self._fd, self._reader)
             self._reading = True
-            if self._drop_watcher is not None and self._fd not in self._drop_watcher.watched:
-                self._drop_watcher.watch(self._fd, self._on_kernel_drops)  # type: ignore[arg-type]
 
     def pause(self) -> None:
         if self._reading:
@@ -151,6 +155,19 @@ class UdpPort:
         except OSError as exc:
             self._error(exc)
             return
+        if batch:
+            self.on_batch(batch)
+
+    def _on_readable_counted(self) -> None:
+        # _on_readable, plus the kernel's drop counter that came with the datagrams.
+        try:
+            batch, counter = self._recv_batch_with_drops(self.sock, BATCH_MAX)
+        except OSError as exc:
+            self._error(exc)
+            return
+        drops = self._drops
+        if counter >= 0 and drops is not None and counter != drops.seen:
+            drops.update(counter)  # before the batch: these drops happened first
         if batch:
             self.on_batch(batch)
 
@@ -209,6 +226,11 @@ class UdpPort:
 
     def close(self) -> None:
         self.pause()
-        if self._drop_watcher is not None:
-            self._drop_watcher.unwatch(self._fd)  # counts the last drops before the fd goes
+        if self._drops is not None and self.sock.fileno() >= 0:
+            # Drops after the last datagram read rode on no datagram: one getsockopt
+            # for this socket counts them before the fd goes.
+            counter = read_socket_drops(self.sock)
+            if counter is not None:
+                self._drops.update(counter)
+            self._drops = None
         self.sock.close()

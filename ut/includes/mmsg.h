@@ -89,4 +89,47 @@ static inline void ut_set_gso(struct msghdr *m, ut_gso_ctrl *ctrl, uint16_t size
 }
 #endif
 
+/* The kernel's count of datagrams dropped at a socket (Linux >= 2.6.33): with the socket
+   option SO_RXQ_OVFL on, each datagram received carries a SOL_SOCKET/SO_RXQ_OVFL control
+   message, a u32 holding the socket's sk_drops as it was when that datagram was queued
+   (cumulative since the socket was created, wrapping; the same counter as the "drops"
+   column of /proc/net/udp). The kernel attaches it only once that count is non-zero.
+   Elsewhere (macOS has no such option) the buffer is never attached and nothing is read. */
+#if defined(__linux__) && defined(SO_RXQ_OVFL)
+#define UT_HAVE_RXQ_OVFL 1
+typedef union {
+    char buf[CMSG_SPACE(sizeof(uint32_t))];
+    struct cmsghdr align;
+} ut_ovfl_ctrl;
+/* Give the receive of m room for the drop counter's control message. */
+static inline void ut_want_ovfl(struct msghdr *m, ut_ovfl_ctrl *ctrl) {
+    m->msg_control = ctrl->buf;
+    m->msg_controllen = sizeof(ctrl->buf);
+}
+/* 1 and *out = the counter when the received m carries it, else 0. */
+static inline int ut_read_ovfl(struct msghdr *m, uint32_t *out) {
+    struct cmsghdr *c;
+    if (m->msg_control == NULL || m->msg_controllen < sizeof(struct cmsghdr))
+        return 0;
+    for (c = CMSG_FIRSTHDR(m); c != NULL; c = CMSG_NXTHDR(m, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL
+                && c->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
+            memcpy(out, CMSG_DATA(c), sizeof(uint32_t));
+            return 1;
+        }
+    }
+    return 0;
+}
+#else
+#define UT_HAVE_RXQ_OVFL 0
+typedef union { char buf[16]; } ut_ovfl_ctrl;
+static inline void ut_want_ovfl(struct msghdr *m, ut_ovfl_ctrl *ctrl) {
+    (void)m; (void)ctrl;
+}
+static inline int ut_read_ovfl(struct msghdr *m, uint32_t *out) {
+    (void)m; (void)out;
+    return 0;
+}
+#endif
+
 #endif /* UT_INCLUDES_MMSG_H */

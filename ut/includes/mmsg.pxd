@@ -77,3 +77,15 @@ cdef extern from "includes/mmsg.h":
         pass
     # Point m's control data at ctrl, holding UDP_SEGMENT = size (the segment length).
     void ut_set_gso(msghdr* m, ut_gso_ctrl* ctrl, uint16_t size)
+
+    # 1 when ut_want_ovfl/ut_read_ovfl carry the kernel's SO_RXQ_OVFL drop counter
+    # (Linux), 0 where they do nothing (no such option: macOS).
+    int UT_HAVE_RXQ_OVFL
+    # Control-message buffer for one SO_RXQ_OVFL message (a u32), aligned for a cmsghdr.
+    ctypedef struct ut_ovfl_ctrl:
+        pass
+    # Point m's control buffer at ctrl before the receive.
+    void ut_want_ovfl(msghdr* m, ut_ovfl_ctrl* ctrl)
+    # After the receive: 1 and out[0] = the socket's cumulative drop count when m carries
+    # it, else 0.
+    int ut_read_ovfl(msghdr* m, uint32_t* out)
