@@ -247,6 +247,7 @@ queue_ops = st.lists(
         st.tuples(st.just("pop")),
         st.tuples(st.just("pop_batch"), st.integers(-1, 20), st.integers(0, 2000)),
         st.tuples(st.just("clear")),
+        st.tuples(st.just("drop_stale"), st.floats(0, 1e6)),
     ),
     max_size=200,
 )
@@ -265,6 +266,8 @@ def run_queue(fp, max_packets, max_bytes, ops):
             log.append(outcome(q.pop))
         elif op[0] == "pop_batch":
             log.append(outcome(q.pop_batch, op[1], op[2]))
+        elif op[0] == "drop_stale":
+            log.append(outcome(q.drop_stale, op[1]))
         else:
             log.append(outcome(q.clear))
         log.append((len(q), q.nbytes, q.dropped, q.dropped_bytes, q.head_stamp))

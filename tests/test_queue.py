@@ -135,6 +135,32 @@ def test_head_stamp(fp):
     assert isinstance(q.head_stamp, float)
 
 
+def test_drop_stale_takes_only_the_old_head(fp):
+    """The age bound (queue.max_age_seconds, issue 19): what is older than the cutoff
+    leaves from the head, nothing else; not counted as dropped-oldest."""
+    q = fp.RingQueue(max_packets=8)
+    for i, stamp in enumerate((1.0, 2.0, 3.0, 4.0)):
+        q.push(bytes(10 + i), stamp)
+    assert q.drop_stale(1.0) == 0  # older than, not as old as
+    assert q.drop_stale(2.5) == 2
+    assert len(q) == 2 and q.nbytes == 25 and q.head_stamp == 3.0
+    assert q.dropped == 0 and q.dropped_bytes == 0
+    assert q.drop_stale(100.0) == 2
+    assert len(q) == 0 and q.nbytes == 0 and q.drop_stale(100.0) == 0
+    q.push(b"x", 5.0)
+    assert q.pop() == b"x"
+
+
+def test_drop_stale_across_the_ring_wrap(fp):
+    q = fp.RingQueue(max_packets=16)
+    for i in range(40):  # the compiled ring wraps around its array
+        q.push(i.to_bytes(2, "big"), float(i))
+        if len(q) > 10:
+            q.pop()
+    assert q.drop_stale(35.0) == 5  # 30..34
+    assert [int.from_bytes(d, "big") for d in q.pop_batch(100)] == [35, 36, 37, 38, 39]
+
+
 def test_clear(fp):
     q = fp.RingQueue(max_packets=3)
     for d in (b"a", b"b", b"c", b"d"):

@@ -89,3 +89,63 @@ def test_datagrams_that_waited_too_long_are_dropped_as_stale(impl):
             lane.connection_lost(None)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+def test_the_age_bound_drops_an_outage_backlog_and_caps_nothing(impl):
+    """queue.max_age_seconds (issue 19): what waited longer than the bound while no lane
+    was up is dropped as ``stale`` -- when more datagrams come in, and when a lane takes
+    data again -- and, unlike max_delay_ms, the lanes keep their whole buffers."""
+    async def main():
+        with use_implementation(impl):
+            stats = TunnelStats(role="client", max_lanes=1)
+            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
+                               session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20,
+                               skip_slow_lanes=True, max_queue_age=WAIT / 2)
+            assert s.stale_after == WAIT / 2 and s.lane_max_unsent == 0
+            s.port = FakePort()
+            s.push_datagrams([b"outage" * 10] * 5)  # no lane yet: they wait
+            await asyncio.sleep(WAIT)
+            s.push_datagrams([b"later" * 10] * 3)  # the 5 have gone stale: dropped now
+            assert s.counters.drops == {"stale": 5} and len(s.queue) == 3
+            await asyncio.sleep(WAIT)
+            lane = open_lane(s, 0, "client")
+            s.lane_up(lane)  # the lane is back: the 3 are stale too, nothing goes out
+            await asyncio.sleep(0)
+            assert s.counters.drops == {"stale": 8} and len(s.queue) == 0
+            assert s.counters.lane_tx_frames[0] == 0
+            s.push_datagrams([b"fresh" * 10] * 2)
+            assert s.counters.lane_tx_frames[0] == 2 and s.counters.drops == {"stale": 8}
+            lane.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_the_stricter_bound_applies_and_the_default_is_on():
+    from ut.config import ConfigError, load_config
+    from ut.session import session_options
+
+    def stale_after(**kw):
+        loop = asyncio.new_event_loop()
+        try:
+            return Session(loop, TunnelStats(role="client", max_lanes=1), client_cn="x",
+                           session_id=1, n_lanes=1, max_packets=8, max_bytes=1 << 20,
+                           **kw).stale_after
+        finally:
+            loop.close()
+
+    assert stale_after() == 0.0
+    assert stale_after(max_queue_age=3.0) == 3.0
+    assert stale_after(max_queue_age=3.0, max_queue_delay=0.02) == 0.02
+    assert stale_after(max_queue_age=0.0, max_queue_delay=0.02) == 0.02
+
+    def config(**queue):
+        return load_config({"role": "client", "tcp": {"server_addr": "h:1"}, "queue": queue,
+                            "tls": {"ca_cert": "a", "cert": "b", "key": "c"}},
+                           check_files=False)
+
+    assert session_options(config())["max_queue_age"] == 3.0  # on by default
+    assert session_options(config(max_age_seconds=0))["max_queue_age"] == 0.0
+    for bad in (0.05, -1, 3601):
+        with pytest.raises(ConfigError, match="max_age_seconds"):
+            config(max_age_seconds=bad)

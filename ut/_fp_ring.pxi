@@ -172,6 +172,20 @@ cdef class RingQueue:
         self._discard_all()
         return n
 
+    def drop_stale(self, double before):
+        """Remove the datagrams at the head whose stamp is older than ``before`` (stamps
+        below it); return how many. Stops at the first younger one: a queue's stamps are
+        in push order, so a caller that stamps with one clock drops exactly what is older.
+        Costs one comparison when nothing is stale. These are not added to ``dropped``
+        (the caller counts them under its own reason, ``stale``)."""
+        cdef Py_ssize_t n = 0
+        cdef PyObject* d
+        while self._count and self._stamps[self._head] < before:
+            d = self._take_head()
+            Py_DECREF(<object>d)
+            n += 1
+        return n
+
     def __len__(self):
         return self._count
 

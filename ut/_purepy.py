@@ -552,6 +552,23 @@ class RingQueue:
         self._nbytes = 0
         return n
 
+    def drop_stale(self, before: float) -> int:
+        """Remove the datagrams at the head whose stamp is older than ``before`` (stamps
+        below it); return how many. Stops at the first younger one: a queue's stamps are
+        in push order, so a caller that stamps with one clock drops exactly what is older.
+        Costs one comparison when nothing is stale. These are not added to ``dropped``
+        (the caller counts them under its own reason, ``stale``)."""
+        stamps = self._stamps
+        if not stamps or stamps[0] >= before:
+            return 0
+        items = self._items
+        n = 0
+        while stamps and stamps[0] < before:
+            stamps.popleft()
+            self._nbytes -= len(items.popleft())
+            n += 1
+        return n
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -31,6 +31,7 @@ __all__ = [
     "LANE_PICKS",
     "LOG_LEVELS",
     "MAX_LANES",
+    "QUEUE_MAX_AGE_SECONDS",
     "QUEUE_MAX_BYTES",
     "QUEUE_MAX_PACKETS",
     "QUEUE_MIN_BYTES",
@@ -75,6 +76,12 @@ QUEUE_MAX_PACKETS = 1 << 20  # a ring this long already holds far more than any 
 QUEUE_MIN_BYTES = 65535  # one maximal datagram must always fit
 QUEUE_MAX_BYTES = 1 << 30
 DURATION_MAX = 86400.0  # one day: a longer timer is a typo, not a setting
+# queue.max_age_seconds: WireGuard resends a handshake after 5 s and the inner TCP
+# retransmits within seconds, so a datagram older than this is only a late duplicate;
+# yet a slow first dial (connect + TLS + HELLO over a long path) stays well inside it.
+QUEUE_MAX_AGE_SECONDS = 3.0
+QUEUE_MAX_AGE_MIN = 0.1
+QUEUE_MAX_AGE_MAX = 3600.0
 SHOW_MAX = 60  # error messages quote at most this many characters of a value
 
 _C, _S = ("client",), ("server",)
@@ -263,6 +270,13 @@ def _sock_buf(value: int) -> str | None:
             f"got {_num(value)}")
 
 
+def _max_age(value: float) -> str | None:
+    if value == 0 or QUEUE_MAX_AGE_MIN <= value <= QUEUE_MAX_AGE_MAX:
+        return None
+    return (f"must be 0 (off) or between {_num(QUEUE_MAX_AGE_MIN)} and "
+            f"{_num(QUEUE_MAX_AGE_MAX)} seconds, got {_num(value)}")
+
+
 def _metrics_path(value: str) -> str | None:
     if not value.startswith("/"):
         return f'must start with "/", got {show_value(value)}'
@@ -353,6 +367,9 @@ class QueueConfig:
     max_bytes: int = setting(8388608, check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES))
     drop_policy: str = setting("oldest", choices=DROP_POLICIES)
     max_delay_ms: float = setting(0.0, check=_range(0, 10000))
+    # Issue 19: drop, as ``stale``, what waited this long (an outage's backlog); 0 = off.
+    # Below 0.1 s it would be the AQM's job (max_delay_ms), which also caps the lanes.
+    max_age_seconds: float = setting(QUEUE_MAX_AGE_SECONDS, check=_max_age)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,13 @@ dialling and accepting):
   a lane may take to repair a loss). With ``queue.max_delay_ms`` a lane takes no more
   while ``LANE_MAX_UNSENT`` bytes wait in it, and datagrams that aged in the session
   queue are dropped (``stale``).
+* Stale datagrams (issue 19, ``queue.max_age_seconds``, on by default): a datagram that
+  waited longer than that in the session queue (lanes down, a dial backing off) is
+  dropped as ``stale`` instead of being sent late: WireGuard resends what matters, and
+  an outage's backlog arriving at once only hurts. Only the queue's head is looked at,
+  once per batch taken and once per batch pushed (``RingQueue.drop_stale``): O(1) on a
+  healthy link, whatever the queue holds. It changes nothing else (no lane cap); the
+  stricter ``queue.max_delay_ms`` is the AQM of a slow uplink.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "resequence_max_wait": tcp.resequence_max_wait_ms / 1000.0,
         "skip_slow_lanes": tcp.skip_slow_lanes,
         "max_queue_delay": cfg.queue.max_delay_ms / 1000.0,
+        "max_queue_age": cfg.queue.max_age_seconds,
         "padding": cfg.shaping.padding,
         "coalesce": cfg.shaping.coalesce_ms / 1000.0,
     }
@@ -125,6 +133,7 @@ class Session:
         resequence_max_wait: float = 0.2,
         skip_slow_lanes: bool = False,
         max_queue_delay: float = 0.0,
+        max_queue_age: float = 0.0,
         padding: bool = False,
         coalesce: float = 0.0,
     ) -> None:
@@ -174,6 +183,9 @@ class Session:
         # max_queue_delay applies (a lane's kernel and TLS buffers would hide it).
         self.lane_max_unsent = LANE_MAX_UNSENT if skip_slow_lanes and max_queue_delay else 0
         self.max_queue_delay = max_queue_delay
+        # The age past which a queued datagram is dropped as stale: the stricter of the
+        # AQM bound (max_queue_delay) and the staleness bound (max_queue_age); 0 = never.
+        self.stale_after = min((t for t in (max_queue_delay, max_queue_age) if t > 0), default=0.0)
         self._stale_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self._best_backlog = 0
         self._retry: asyncio.TimerHandle | None = None
@@ -209,6 +221,12 @@ class Session:
         # direction's forwarding latency includes any wait for a writable lane.
         now = time.perf_counter()
         self.active_at = now
+        if self.stale_after and len(queue):
+            # Lanes down for a while: what waits is dropped as it goes stale, not kept
+            # until they come back (one comparison when the head is fresh).
+            stale = queue.drop_stale(now - self.stale_after)
+            if stale:
+                self._count_stale(stale)
         for d in datagrams:
             n = len(d)
             nbytes += n
@@ -249,13 +267,14 @@ class Session:
             self.log("udp_socket_drop", logging.WARNING, dropped=due)
 
     def _count_stale(self, n: int) -> None:
-        # Like a router's AQM: datagrams that waited longer than queue.max_delay_ms are
-        # dropped, so the inner TCP sees loss and slows down instead of filling a queue.
+        # Like a router's AQM (queue.max_delay_ms): the inner TCP sees loss and slows down
+        # instead of filling a queue. Or an outage's backlog (queue.max_age_seconds):
+        # sent late it would only arrive as one burst of useless datagrams.
         self.counters.drop("stale", n)
         due = self._stale_log.hit(n)
         if due:
             self.log("queue_drop_stale", logging.INFO, dropped=due,
-                     max_delay_ms=round(self.max_queue_delay * 1000, 1),
+                     max_age_ms=round(self.stale_after * 1000, 1),
                      queue_len=len(self.queue))
 
     def _count_oldest(self, n: int) -> None:
@@ -281,25 +300,24 @@ class Session:
             self._coalescing.cancel()
             self._coalescing = None
         queue, picker, lanes, c = self.queue, self.picker, self.lanes, self.counters
-        if self.skip_slow_lanes or self.resequence:
-            now = time.perf_counter()
-            if now - self._lanes_polled_at >= LANE_POLL_SECONDS:
-                self._poll_lanes(now)
+        now = time.perf_counter()
+        if (self.skip_slow_lanes or self.resequence) and (
+                now - self._lanes_polled_at >= LANE_POLL_SECONDS):
+            self._poll_lanes(now)
         chunk = self.io_chunk
         numbered = self.tx_numbered and not self._hash
         batches = []  # (arrival of the batch's oldest datagram, datagrams in the batch)
-        max_delay = self.max_queue_delay
+        # One clock read per flush: a flush lasts well under a millisecond, far below
+        # any age bound (max_delay_ms is 20 ms where it is used).
+        stale_before = now - self.stale_after if self.stale_after else 0.0
         while len(queue) and picker.ready_count:
-            if max_delay:
-                now = time.perf_counter()
-                stale = 0
-                while len(queue) and now - queue.head_stamp > max_delay:
-                    queue.pop()
-                    stale += 1
+            if stale_before:
+                # The head is the oldest: one comparison per batch while it is fresh.
+                stale = queue.drop_stale(stale_before)
                 if stale:
                     self._count_stale(stale)
-                if not len(queue):
-                    break
+                    if not len(queue):
+                        break
             batch_stamp = queue.head_stamp
             sent = 0
             if self._hash:
