@@ -113,16 +113,22 @@ def _configs(byo: Path, client_name: str, port: int = 0, echo_port: int = 9) -> 
     return server, client
 
 
+@pytest.mark.parametrize("client_auth", ["handshake", "proof"])
 @pytest.mark.parametrize("client_name", ["home", "noaki"])
-def test_a_tunnel_runs_on_openssl_made_certificates(byo: Path, client_name: str) -> None:
+def test_a_tunnel_runs_on_openssl_made_certificates(byo: Path, client_name: str,
+                                                     client_auth: str) -> None:
+    """Both ways of showing the client certificate (tls.client_auth) take these files: the
+    proof's verifier (cryptography) is as lenient as the handshake's (OpenSSL)."""
     async def main() -> tuple[int, int, str]:
         echo = UdpEcho("127.0.0.1", 0)
         echo_addr = await echo.start()
         echo_task = asyncio.ensure_future(echo.run())
         try:
             server_cfg, _ = _configs(byo, client_name, echo_port=echo_addr[1])
+            server_cfg["tls"]["client_auth"] = client_auth
             async with ut.Server(ut.load_config(server_cfg)) as server:
                 _, client_cfg = _configs(byo, client_name, port=server.address[1])
+                client_cfg["tls"]["client_auth"] = client_auth
                 async with ut.Client(ut.load_config(client_cfg)) as client:
                     res = await asyncio.wait_for(
                         run_probe(client.udp_address, rate=500, count=50, wait=2.0), 30)

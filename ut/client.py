@@ -36,7 +36,7 @@ from .logs import event
 from .session import Session, session_options
 from .stats import TunnelStats
 from .tls import ClientContext, client_context, failure_reason, own_cn, sends_sni
-from .transport import TlsTransport
+from .transport import TlsTransport, client_transport
 from .udp import UdpPort, open_udp_socket
 
 #: Each lane after the first of a session waits a uniform random time in this range
@@ -372,7 +372,7 @@ class Client:
         self.loop = asyncio.get_running_loop()
         self.ssl_context = client_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
                                           alpn=cfg.tls.alpn)
-        self.transport = TlsTransport(self.ssl_context, cfg.tcp, server_hostname=self.server_name)
+        self.transport = client_transport(cfg, self.ssl_context, self.server_name)
         client_cn = own_cn(cfg.tls.cert)
         self.session = ClientSession(
             self, client_cn=client_cn, session_id=secrets.randbits(64),

@@ -75,6 +75,7 @@ from ut.configschema import (
     SOCK_BUF_MIN,
     TCP_BUF_MAX,
     TCP_BUF_MIN,
+    FallbackConfig,
     KeySpec,
     LogConfig,
     MetricsConfig,
@@ -91,6 +92,7 @@ from ut.errors import ConfigError
 __all__ = [
     "Config",
     "ConfigError",
+    "FallbackConfig",
     "LogConfig",
     "MetricsConfig",
     "QueueConfig",
@@ -151,6 +153,7 @@ class Config:
     log: LogConfig
     source: str
     shaping: ShapingConfig = ShapingConfig()
+    fallback: FallbackConfig = FallbackConfig()
 
     @property
     def is_client(self) -> bool:
@@ -201,7 +204,8 @@ class Config:
                 if self.role in SCHEMA[section][name].roles
                 and not (section == "metrics" and not self.metrics.enabled and name != "enabled")
             }
-            out[section] = kept
+            if kept:  # a section with no key for this role (fallback: on a client) is left out
+                out[section] = kept
         if self.is_client:
             out["tls"]["server_name"] = self.tls_server_name
         return out
@@ -641,5 +645,6 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
         tls=TlsConfig(**sections["tls"]),
         log=LogConfig(**sections["log"]),
         shaping=ShapingConfig(**sections["shaping"]),
+        fallback=FallbackConfig(**sections["fallback"]),
         source=file,
     )

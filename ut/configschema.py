@@ -85,6 +85,7 @@ QUEUE_MAX_AGE_MAX = 3600.0
 SHOW_MAX = 60  # error messages quote at most this many characters of a value
 
 _C, _S = ("client",), ("server",)
+CLIENT_AUTHS = ("handshake", "proof")
 
 
 # -------------------------------------------------------------------- keys
@@ -397,6 +398,19 @@ class TlsConfig:
     key: str = setting(kind="path", required=ROLES)
     server_name: str | None = setting(None, kind="name", roles=_C, check=_server_name)
     alpn: tuple[str, ...] = setting(("h2", "http/1.1"), kind="strlist", check=_alpn)
+    # How the client shows its certificate: in the TLS handshake (the spec's mTLS), or in
+    # a proof after it (ut.proof), so that a prober sees an ordinary HTTPS server.
+    client_auth: str = setting("handshake", choices=CLIENT_AUTHS)
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """``fallback:`` — where connections that are not clients go (``tls.client_auth: proof``):
+    a plain-HTTP web server for HTTP/1.1, and one for HTTP/2 with prior knowledge; neither
+    set: a built-in static site (``ut.webface``)."""
+
+    addr: str | None = setting(None, kind="addr", roles=_S)
+    h2_addr: str | None = setting(None, kind="addr", roles=_S)
 
 
 @dataclass(frozen=True)
@@ -424,6 +438,7 @@ SECTION_CLASSES: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "tls": TlsConfig,
     "shaping": ShapingConfig,
+    "fallback": FallbackConfig,
     "log": LogConfig,
 }
 #: Every key: ``SCHEMA[section][name] -> KeySpec``, read off the section dataclasses

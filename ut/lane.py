@@ -26,7 +26,7 @@ from .control import Hello
 from .laneproto import Data, LaneMachine, PeerError, PeerGoodbye, PeerHello, State, Violation
 from .tcpsock import unsent_bytes
 
-__all__ = ["Lane", "LaneOwner", "WRITE_HIGH_WATER", "WRITE_LOW_WATER"]
+__all__ = ["Lane", "LaneOwner", "RefusedByWebFace", "WRITE_HIGH_WATER", "WRITE_LOW_WATER"]
 
 # Above this many bytes waiting in the TLS transport the lane reports itself
 # busy and the picker skips it, so a backlog builds in the session queue
@@ -40,6 +40,20 @@ WRITE_LOW_WATER = 16 * 1024
 ERR_LINGER_SECONDS = 1.0
 
 _OPEN = State.OPEN
+
+
+class RefusedByWebFace(ConnectionError):
+    """A client lane got an HTTP answer where the server's HELLO belongs: the server
+    (``tls.client_auth: proof``) did not take its proof and showed its web face."""
+
+    reason = "refused_by_server"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the server answered like a web server: it did not accept this client's proof "
+            "(a certificate from another CA, an expired one, a clock more than 2 minutes "
+            "off, or tls.client_auth differs between the two ends); see the server's "
+            "client_refused log line for its reason")
 
 
 class LaneOwner(Protocol):
@@ -77,6 +91,8 @@ class Lane(asyncio.BufferedProtocol):
         self.close_reason = ""
         self.close_exc: BaseException | None = None
         self.peer_err: Any = None  # the peer's ERR message, if it sent one
+        self.first_bytes = b""  # the start of what the peer sent first
+        self._first_read: Any = b""
         self._reported = False  # lane_closed has been called
         self.lost = asyncio.get_running_loop().create_future()
 
@@ -108,9 +124,26 @@ class Lane(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         chunk = self.read_chunk
-        return self.deframer.get_buffer(chunk)[:chunk]
+        view = self.deframer.get_buffer(chunk)[:chunk]
+        if not self.rx_bytes:
+            self._first_read = view  # to recognise a web server's answer (_violated)
+        return view
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read before this lane became its transport's protocol (a client's
+        HELLO that came with its proof, ``ut.gate``): handled as if just read."""
+        view = memoryview(data)
+        while view and not self._reported:
+            buf = self.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if not self.rx_bytes:
+            self.first_bytes = bytes(self._first_read[:min(nbytes, 8)])
+            self._first_read = b""  # no export of the deframer's buffer left behind
         self.rx_bytes += nbytes
         deframer = self.deframer
         try:
@@ -199,6 +232,14 @@ class Lane(asyncio.BufferedProtocol):
 
     def _violated(self, violation: Violation) -> None:
         """A protocol rule was broken: count and log it (the owner), say ERR, close."""
+        if self.rx_frames == 0 and self.proto.role == "client" and self.first_bytes.startswith(b"HTTP/"):
+            # Not a protocol error: the server's web face answered our proof request
+            # (tls.client_auth: proof), i.e. it did not take us for a client.
+            if not self.lost.done():
+                self.lost.set_result(RefusedByWebFace())
+            self._report("refused_by_server")
+            self.abort()
+            return
         self.owner.lane_violation(self, violation)
         self._report(f"protocol_error:{violation.reason}")
         if violation.err_code and self.transport is not None and not self.transport.is_closing():

@@ -52,7 +52,11 @@ from .tls import REASONS as _TLS_REASONS
 
 # Every reason ``handshake_failed()`` is called with: failure_reason()'s words, and the
 # server's "evicted" (a pending handshake pushed out by a newer connection).
-HANDSHAKE_FAILURE_REASONS: tuple[str, ...] = (*_TLS_REASONS, "evicted")
+# With tls.client_auth: proof, a refused proof counts here too (ut.proof.PROOF_REASONS).
+HANDSHAKE_FAILURE_REASONS: tuple[str, ...] = tuple(dict.fromkeys(
+    (*_TLS_REASONS, "evicted", "bad_proof", "clock_skew")))
+# The web face's answers (ut.webface.ANSWERS), kept here so metrics need no cryptography.
+WEB_FACE_ANSWERS: tuple[str, ...] = ("plain", "fallback", "site")
 
 __all__ = [
     "DROP_REASONS",
@@ -103,6 +107,9 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter", "TLS handshakes refused or failed, by reason."),
     "ut_protocol_errors_total": (
         "counter", "Protocol errors on lanes (bad frames, bad control messages), by reason."),
+    "ut_web_face_connections_total": (
+        "counter", "Connections that were not clients, answered as a web site "
+                   "(tls.client_auth: proof), by answer: plain, fallback or site."),
 }
 METRIC_NAMES: dict[str, str] = {name: typ for name, (typ, _) in METRICS.items()}
 
@@ -226,9 +233,13 @@ def families(
     for reason, n in sorted({**dict.fromkeys(PROTOCOL_ERROR_REASONS, 0),
                              **stats.protocol_errors}.items()):
         errors.add((reason,), n)
+    web = Family("ut_web_face_connections_total", ("answer",))
+    if stats.role == "server":
+        for answer, n in sorted({**dict.fromkeys(WEB_FACE_ANSWERS, 0), **stats.web_face}.items()):
+            web.add((answer,), n)
     return [info, configured, sessions, lanes, lanes_twin, queue, in_pk, in_by, out_pk, out_by,
             drops, reconnects, reorder_skipped, reorder_late, frames, nbytes, latency,
-            handshakes, failures, errors]
+            handshakes, failures, errors, web]
 
 
 def _escape(value: str) -> str:

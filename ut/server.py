@@ -38,14 +38,16 @@ from .control import (
     GOODBYE_SHUTDOWN,
     Hello,
 )
+from .gate import NotAClient
 from .lane import Lane
 from .laneproto import LaneMachine, State, Violation
 from .logs import Debounced, event
+from .proof import PROOF_REASONS
 from .session import Session, hello_flags, session_options
 from .stats import TunnelStats
 from .tcpsock import set_tcp_options
-from .tls import failure_reason, server_context
-from .transport import TlsTransport
+from .tls import failure_reason
+from .transport import TlsTransport, server_transport
 from .udp import UdpPort, open_udp_socket
 
 LISTEN_BACKLOG = 512
@@ -60,11 +62,12 @@ LISTEN_BACKLOG = 512
 # within that time to push it out, whereas refusing the newest would let
 # 512 idle sockets lock every client out until their timeouts.
 MAX_PENDING_LANES = 512
+# One tls_handshake_fail / lane_refused / client_refused line per reason per window.
 REFUSAL_LOG_WINDOW_SECONDS = 5.0
 # The server closes a session's lanes after this many times tcp.idle_seconds without
 # payload: later than an honest client (which closes its idle lanes after idle_seconds),
 # so it never races one into redialling, but it does end lanes a client left hanging.
-SERVER_IDLE_FACTOR = 2.0  # one tls_handshake_fail / lane_refused line per reason per window
+SERVER_IDLE_FACTOR = 2.0
 
 
 def _close_if_cancelled(conn: socket.socket, task: asyncio.Task) -> None:
@@ -172,9 +175,8 @@ class Server:
         """Listen for lanes and serve metrics."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
-        self.ssl_context = server_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
-                                          alpn=cfg.tls.alpn)
-        self.transport = TlsTransport(self.ssl_context, cfg.tcp)
+        self.transport = server_transport(cfg, self._stats.web_answer)
+        self.ssl_context = self.transport.ssl_context
         host, port = parse_addr(cfg.tcp.listen_addr)
         infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                             flags=socket.AI_PASSIVE)
@@ -298,6 +300,17 @@ class Server:
             self._pending.pop(lane, None)
             conn.close()
             raise
+        except NotAClient as exc:  # tls.client_auth: proof
+            self._pending.pop(lane, None)
+            if not exc.handed_off:
+                conn.close()
+            if exc.reason in PROOF_REASONS:  # it knew the CA: a client, refused
+                self._stats.handshake_failed(exc.reason)
+                self._log_refusal("client_refused", exc.reason, peer=format_addr(peer),
+                                  err=exc.text)
+            elif not exc.handed_off:
+                self._stats.handshake_failed(exc.reason)
+            return
         except BaseException as exc:  # noqa: BLE001 - a refused peer must never stop us
             self._pending.pop(lane, None)
             conn.close()
@@ -432,6 +445,8 @@ class Server:
             task.cancel()
         for lane in list(self._pending):
             lane.abort("shutdown")
+        if self.transport is not None and self.transport.gate is not None:
+            self.transport.gate.face.close()
         lanes = [lane for s in self.sessions.values() for lane in s.lanes if lane is not None]
         for session in list(self.sessions.values()):
             self.end_session(session, "shutdown")

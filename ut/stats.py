@@ -161,6 +161,8 @@ class TunnelStats:
     handshake_seconds: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_BUCKETS))
     handshake_failures: dict[str, int] = field(default_factory=dict)
     protocol_errors: dict[str, int] = field(default_factory=dict)
+    # Connections the server answered as a web site (tls.client_auth: proof), by answer.
+    web_face: dict[str, int] = field(default_factory=dict)
     # Live sessions: key -> object with ``counters`` and ``queue`` (len() = queue length).
     sessions: dict[Any, Any] = field(default_factory=dict)
 
@@ -182,6 +184,9 @@ class TunnelStats:
 
     def handshake_failed(self, reason: str) -> None:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+
+    def web_answer(self, answer: str) -> None:
+        self.web_face[answer] = self.web_face.get(answer, 0) + 1
 
     def protocol_error(self, reason: str) -> None:
         self.protocol_errors[reason] = self.protocol_errors.get(reason, 0) + 1
@@ -227,6 +232,7 @@ class TunnelStats:
             "handshakes": self.handshake_seconds.count,
             "handshake_failures": dict(self.handshake_failures),
             "protocol_errors": dict(self.protocol_errors),
+            "web_face": dict(self.web_face),
             "by_cn": {
                 cn: {
                     "udp_in_packets": c.udp_in_packets,

@@ -86,6 +86,7 @@ REASONS: tuple[str, ...] = (
     "not_tls",
     "closed",
     "protocol_version",
+    "refused_by_server",
     "other",
 )
 
@@ -260,10 +261,15 @@ def _base_context(purpose: int, cls: type[ssl.SSLContext] = ssl.SSLContext) -> s
 
 
 def server_context(
-    ca_cert: Any, cert: Any, key: Any, *, alpn: Sequence[str] = DEFAULT_ALPN
+    ca_cert: Any, cert: Any, key: Any, *, alpn: Sequence[str] = DEFAULT_ALPN,
+    client_auth: str = "handshake",
 ) -> ssl.SSLContext:
     """A server context: presents ``cert``/``key``, requires a client certificate
     signed by ``ca_cert`` (and nothing else). TLS 1.2 minimum, 1.3 preferred.
+
+    ``client_auth="proof"`` (``tls.client_auth``) asks for no certificate in the
+    handshake (no CertificateRequest: a prober sees an ordinary HTTPS server); the
+    client proves itself after it (``ut.proof``, ``ut.gate``).
 
     ``alpn`` (``tls.alpn``) is what the server is willing to select. Python's
     ALPN callback (``SSL_select_next_proto``) picks the first protocol of *the
@@ -280,6 +286,10 @@ def server_context(
     """
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
     _load(ctx, ca_cert, cert, key)
+    if client_auth == "proof":
+        ctx.verify_mode = ssl.CERT_NONE
+    elif client_auth != "handshake":
+        raise ValueError(f"client_auth must be 'handshake' or 'proof', not {client_auth!r}")
     # TLS 1.3 tickets from the server's session cache (a 32-byte id) instead of
     # stateless ones (~640 bytes: the whole session, client certificate included). A
     # resuming lane's ClientHello then has the size of a browser's.
@@ -547,6 +557,9 @@ def _classify_one(exc: BaseException) -> tuple[str, bool]:
         return "timeout", False
     if isinstance(exc, ConnectionRefusedError):
         return "other", False
+    own = getattr(exc, "reason", None)
+    if isinstance(exc, ConnectionError) and own in REASONS:  # e.g. ut.lane.RefusedByWebFace
+        return own, False
     if isinstance(exc, ConnectionAbortedError):
         return _match(_LOCAL, str(exc)) or "closed", False
     if isinstance(exc, (ConnectionError, EOFError)):  # reset, broken pipe, IncompleteReadError
@@ -657,6 +670,8 @@ def _human(reason: str, ours: bool, side: str | None, exc: BaseException) -> str
         )
     if reason == "protocol_version":
         return "no common TLS version: ut-tunnel needs TLS 1.2 or 1.3 on both sides"
+    if reason == "refused_by_server" and isinstance(exc, ConnectionError):
+        return str(exc)
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused: nothing listens there; check tcp.server_addr and that the server runs"
     if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):

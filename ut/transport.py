@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .tcpsock import set_lane_liveness, set_tcp_options, tune_connected_lane
 from .tls import ClientContext, peer_cn
 
-__all__ = ["LaneTransport", "TlsTransport"]
+if TYPE_CHECKING:  # tls.client_auth: proof only; cryptography is imported when used
+    from .gate import ProofGate
+    from .proof import ClientProver
+
+__all__ = ["LaneTransport", "TlsTransport", "client_transport", "server_transport"]
 
 
 class LaneTransport(Protocol):
@@ -66,10 +70,15 @@ class TlsTransport:
 
     name = "tls"
 
-    def __init__(self, ssl_context: Any, tcp: Any, *, server_hostname: str | None = None) -> None:
+    def __init__(self, ssl_context: Any, tcp: Any, *, server_hostname: str | None = None,
+                 prover: ClientProver | None = None, gate: ProofGate | None = None) -> None:
         self.ssl_context = ssl_context
         self.tcp = tcp
         self.server_hostname = server_hostname
+        # tls.client_auth: proof. Client: the proof written first on each lane; server:
+        # the gate that takes the handshake and sends non-clients to the web face.
+        self.prover = prover
+        self.gate = gate
         self._remembered_from: Any = None  # the lane transport whose session is offered
 
     # -- client ---------------------------------------------------------------------
@@ -98,6 +107,13 @@ class TlsTransport:
             server_hostname=self.server_hostname,
             ssl_handshake_timeout=self.tcp.connect_timeout_seconds,
         )
+        if self.prover is not None:
+            # The proof goes first, bound to this TLS connection; the lane's HELLO follows
+            # in the same flight (no round trip added).
+            obj = transport.get_extra_info("ssl_object")
+            binding = (obj.get_channel_binding("tls-unique") if obj is not None else None) or b""
+            host = self.server_hostname or str(sock.getpeername()[0])
+            transport.write(self.prover.request(host, binding))
         return transport
 
     def resumed(self, transport: Any) -> bool | None:
@@ -133,7 +149,10 @@ class TlsTransport:
 
     async def accept(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.BaseProtocol,
                      sock: socket.socket) -> asyncio.BaseTransport:
-        """The server's TLS handshake over an accepted ``sock``."""
+        """The server's TLS handshake over an accepted ``sock`` (with a gate: the
+        handshake and the client's proof; ``ut.gate.NotAClient`` if it is not a client)."""
+        if self.gate is not None:
+            return await self.gate.accept(loop, protocol, sock)
         transport, _ = await loop.connect_accepted_socket(
             lambda: protocol, sock, ssl=self.ssl_context,
             ssl_handshake_timeout=self.tcp.connect_timeout_seconds,
@@ -141,5 +160,49 @@ class TlsTransport:
         return transport
 
     def peer_identity(self, transport: Any) -> str:
-        """The client's name: its verified certificate's CN (``ValueError`` if none)."""
+        """The client's name: its verified certificate's CN (``ValueError`` if none);
+        with a gate, the CN its proof carried (set on the lane by the gate)."""
+        if self.gate is not None:
+            cn = getattr(transport.get_protocol(), "client_cn", "")
+            if not cn:
+                raise ValueError("no proven identity")
+            return str(cn)
         return peer_cn(transport)
+
+
+def client_transport(config: Any, ssl_context: Any, server_hostname: str | None) -> TlsTransport:
+    """The client's lane transport for ``config`` (``tls.client_auth`` says whether each
+    lane starts with a proof)."""
+    prover = None
+    if config.tls.client_auth == "proof":
+        from .proof import ClientProver
+
+        prover = ClientProver(config.tls.ca_cert, config.tls.cert, config.tls.key)
+    return TlsTransport(ssl_context, config.tcp, server_hostname=server_hostname, prover=prover)
+
+
+def server_transport(config: Any, count_web_answer: Any = None) -> TlsTransport:
+    """The server's lane transport for ``config``: its TLS context, and with
+    ``tls.client_auth: proof`` the gate and web face (``fallback:``);
+    ``count_web_answer(answer)`` counts the web face's answers."""
+    from .addr import parse_addr
+    from .tls import server_context
+
+    tls = config.tls
+    if tls.client_auth != "proof":
+        ctx = server_context(tls.ca_cert, tls.cert, tls.key, alpn=tls.alpn)
+        return TlsTransport(ctx, config.tcp)
+    from .gate import ProofGate
+    from .proof import ProofVerifier
+    from .webface import WebFace
+
+    fb = config.fallback
+    face = WebFace(
+        parse_addr(fb.addr, allow_port_zero=False) if fb.addr else None,
+        parse_addr(fb.h2_addr, allow_port_zero=False) if fb.h2_addr else None,
+        count=count_web_answer or (lambda answer: None),
+    )
+    ctx = server_context(tls.ca_cert, tls.cert, tls.key, alpn=face.alpn(tls.alpn),
+                         client_auth="proof")
+    gate = ProofGate(ctx, ProofVerifier(tls.ca_cert), face, config.tcp)
+    return TlsTransport(ctx, config.tcp, gate=gate)

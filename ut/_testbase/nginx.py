@@ -1,0 +1,140 @@
+"""A real nginx (Debian ``nginx-light``) for tests: the reference web server and fallback.
+
+``Nginx(workdir, cert, key).start()`` runs one nginx master (``daemon off``, one worker)
+listening on loopback:
+
+* ``tls_port``: HTTPS (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1) with the given certificate:
+  the *reference* a ut-tunnel server's web face is compared with;
+* ``http_port``: plain HTTP/1.1 and ``h2c_port``: HTTP/2 with prior knowledge, the same
+  site: the *fallback* a ut-tunnel server relays to (``fallback.addr``/``h2_addr``).
+
+Every server block serves the same static ``index.html``, with ``server_tokens off``.
+``header_timeout`` sets nginx's ``client_header_timeout`` (tests shorten nginx's 60 s,
+and the web face's with it). ``stop()`` ends the master by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Nginx", "nginx_binary"]
+
+INDEX = b"<!DOCTYPE html>\n<html><head><title>A site</title></head><body>Hello.</body></html>\n"
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable, or None (Debian installs it in /usr/sbin)."""
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Nginx:
+    """One nginx for a test (see the module docstring)."""
+
+    def __init__(self, workdir: Any, cert: Any, key: Any, *, header_timeout: float = 60.0,
+                 keepalive: float = 75.0) -> None:
+        self.wd = Path(workdir)
+        self.cert, self.key = Path(cert), Path(key)
+        self.header_timeout = header_timeout
+        self.keepalive = keepalive
+        self.tls_port = self.http_port = self.h2c_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _config(self) -> str:
+        wd = self.wd
+        ht, ka = f"{round(self.header_timeout * 1000)}ms", f"{round(self.keepalive * 1000)}ms"
+        # Root starts the workers as "nobody", who cannot read a test's 0700 tmp dirs.
+        user = "user root root;" if os.geteuid() == 0 else ""
+        return f"""
+{user}
+daemon off;
+master_process on;
+worker_processes 1;
+pid {wd}/nginx.pid;
+error_log {wd}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    server_tokens off;
+    types {{ text/html html; }}
+    default_type application/octet-stream;
+    client_body_temp_path {wd}/tmp;
+    client_header_timeout {ht};
+    keepalive_timeout {ka};
+    root {wd}/www;
+    server {{
+        listen 127.0.0.1:{self.tls_port} ssl http2;
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+    }}
+    server {{ listen 127.0.0.1:{self.http_port}; }}
+    server {{ listen 127.0.0.1:{self.h2c_port} http2; }}
+}}
+"""
+
+    def start(self, timeout: float = 10.0) -> Nginx:
+        binary = nginx_binary()
+        if binary is None:
+            raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx-light)")
+        (self.wd / "www").mkdir(parents=True, exist_ok=True)
+        (self.wd / "tmp").mkdir(exist_ok=True)
+        (self.wd / "www" / "index.html").write_bytes(INDEX)
+        self.tls_port, self.http_port, self.h2c_port = _free_port(), _free_port(), _free_port()
+        conf = self.wd / "nginx.conf"
+        conf.write_text(self._config())
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf), "-p", str(self.wd), "-e", str(self.wd / "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"nginx exited ({self.proc.returncode}): {err[:500]}")
+            if all(self._listening(p) for p in (self.tls_port, self.http_port, self.h2c_port)):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("nginx did not start listening in time")
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop; workers follow the master
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,140 @@
+"""The server's gate for ``tls.client_auth: proof``: is a new connection a client?
+
+``ProofGate.accept`` replaces the TLS handshake of ``TlsTransport.accept``:
+
+1. wait for the first byte (``MSG_PEEK``, at most the face's ``header_timeout``, nginx's 60 s); a
+   first byte that is not a TLS handshake goes to the web face's ``plain`` answer;
+2. the TLS handshake, with no CertificateRequest (the context verifies nothing);
+3. the first request head, at most ``tcp.hello_timeout_seconds`` after the handshake,
+   judged by ``ut.proof.ProofVerifier`` against this connection's channel binding;
+4. a proven client: the lane becomes the transport's protocol, its identity (the
+   certificate's CN) is set, and the bytes after the head (its HELLO) are fed to it;
+   anything else: the web face takes the connection and what it sent (``WebFace.take``)
+   and ``NotAClient`` says why (``handed_off``: the connection is no longer ours to close).
+
+A refusal is counted and logged by the server, as for a handshake refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from typing import Any
+
+from .proof import HEAD_LIMIT, PROOF_START, ProofVerifier, head_end
+from .webface import WebFace
+
+__all__ = ["NotAClient", "ProofGate"]
+
+_TLS_HANDSHAKE = 0x16  # the content type of a TLS handshake record
+
+
+class NotAClient(Exception):
+    """The connection went to the web face (or closed): ``reason`` is ``no_proof`` (a
+    visitor), ``not_tls``, ``timeout``, ``closed`` or one of ``ut.proof.PROOF_REASONS``."""
+
+    def __init__(self, reason: str, text: str, *, handed_off: bool) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+        self.handed_off = handed_off
+
+
+class _HeadReader(asyncio.Protocol):
+    """Collects a connection's first bytes until a request head is complete."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.done.done() and (
+            head_end(self.buf) > 0 or len(self.buf) >= HEAD_LIMIT
+            or not self.buf.startswith(PROOF_START[:len(self.buf)])  # cannot be a proof
+        ):
+            self.done.set_result(True)
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(False)
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+
+
+async def _first_byte(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                      timeout: float) -> bytes:
+    """The connection's first byte, left in the socket (``b""``: closed or timed out)."""
+    ready = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        return b""
+    finally:
+        loop.remove_reader(sock.fileno())
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return b""
+
+
+class ProofGate:
+    """Admits proven clients as lanes, hands everything else to ``face``."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, verifier: ProofVerifier, face: WebFace,
+                 tcp: Any) -> None:
+        self.ssl_context = ssl_context
+        self.verifier = verifier
+        self.face = face
+        self.tcp = tcp
+
+    async def accept(self, loop: asyncio.AbstractEventLoop, protocol: Any,
+                     sock: socket.socket) -> asyncio.BaseTransport:
+        first = await _first_byte(loop, sock, self.face.header_timeout)
+        if not first:
+            raise NotAClient("closed", "closed or silent before TLS", handed_off=False)
+        if first[0] != _TLS_HANDSHAKE:
+            self.face.plain(loop, sock)
+            raise NotAClient("not_tls", "not TLS: answered as a web server", handed_off=True)
+        reader = _HeadReader()
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: reader, sock, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.face.header_timeout,
+        )
+        t_tls = loop.time()
+        try:
+            await asyncio.wait_for(asyncio.shield(reader.done), self.tcp.hello_timeout_seconds)
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        if transport.is_closing():
+            raise NotAClient("closed", "closed before a request", handed_off=False)
+        obj = transport.get_extra_info("ssl_object")
+        binding = (obj.get_channel_binding("tls-unique") if obj is not None else None) or b""
+        result = self.verifier.check(bytes(reader.buf), host=None, binding=binding)
+        if not result.ok:
+            data = bytes(reader.buf)
+            self.face.take(loop, transport, data, loop.time() - t_tls)
+            raise NotAClient(result.reason, result.text, handed_off=True)
+        protocol.client_cn = result.cn
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if result.rest:  # the client's HELLO, sent with its proof
+            protocol.feed(result.rest)
+        return transport
