@@ -272,17 +272,59 @@ def test_server_restart_client_rebuilds(pki, loop_kind):
 
 
 def test_dial_delays_are_jittered_and_back_off():
-    # Issue 19 ("Recovery"): full jitter, a fast first retry, caps doubling to the max.
-    from ut.client import FAST_RETRY_SECONDS, dial_delays
+    # Issue 19 ("Recovery"): full jitter, a fast first retry, the cap held at the min for
+    # the first minutes of an outage, then doubling to the max.
+    from ut.client import DIAL_HOLD_SECONDS, FAST_RETRY_SECONDS, dial_delays
 
-    runs = [list(itertools.islice(dial_delays(5.0, 60.0), 8)) for _ in range(300)]
-    caps = [min(FAST_RETRY_SECONDS, 5.0), 5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
+    def run(n: int) -> list[float]:
+        now = [0.0]  # the outage's clock: the waits themselves
+        waits = []
+        for w in dial_delays(5.0, 60.0, clock=lambda: now[0]):
+            waits.append(w)
+            now[0] += w
+            if len(waits) == n:
+                return waits
+        raise AssertionError("dial_delays ended")
+
+    # The first waits, well inside the hold: 1 s, then 5 s caps.
+    early = [run(8) for _ in range(300)]
+    caps = [min(FAST_RETRY_SECONDS, 5.0)] + [5.0] * 7
     for n, cap in enumerate(caps):
-        waits = [run[n] for run in runs]
+        waits = [r[n] for r in early]
         assert all(0.0 <= w <= cap for w in waits), (n, cap)
         assert max(waits) > cap * 0.8 and min(waits) < cap * 0.2  # spread over [0, cap]
     # Two clients that lost the same server do not dial it back in step.
-    assert len({round(run[3], 3) for run in runs}) > 250
+    assert len({round(r[3], 3) for r in early}) > 250
+
+    # Past the hold the cap doubles up to the max: 10, 20, 40, 60, 60.
+    for _ in range(50):
+        waits = run(200)
+        ends = list(itertools.accumulate(waits))
+        first_after = next(i for i, t in enumerate(ends) if t >= DIAL_HOLD_SECONDS) + 1
+        assert all(w <= 5.0 for w in waits[1:first_after])
+        for w, cap in zip(waits[first_after:], [10.0, 20.0, 40.0, 60.0, 60.0, 60.0],
+                          strict=False):
+            assert w <= cap
+        assert max(waits) <= 60.0
+
+
+def test_dial_delays_hold_a_low_cap_through_a_35_s_outage():
+    """The issue's target: after a 35 s outage, a median under 2 s from the server's
+    return to the next dial (the previous schedule, doubling from the start: ~15 s)."""
+    import statistics
+
+    from ut.client import dial_delays
+
+    def left_after(outage: float) -> float:
+        now = [0.0]  # the outage's clock: the waits themselves
+        for w in dial_delays(5.0, 60.0, clock=lambda: now[0]):
+            now[0] += w
+            if now[0] >= outage:
+                return now[0] - outage
+        raise AssertionError("dial_delays ended")
+
+    left = [left_after(35.0) for _ in range(2000)]
+    assert statistics.median(left) < 2.0 and max(left) <= 5.0
 
 
 def test_server_outage_recovery_is_quick(pki):
@@ -325,9 +367,9 @@ def test_server_outage_recovery_is_quick(pki):
             echo.close()
 
     # One run is a draw from the jitter, bounded by the cap in force when the server came
-    # back (5 s, or 10 s if a retry fell inside the outage); the median of a few is lower.
+    # back (5 s: the hold keeps it there for two minutes); the median of a few is lower.
     took = sorted(run_on("uvloop", main()) for _ in range(3))
-    assert took[-1] < 10.0 + 1.0, took
+    assert took[-1] < 5.0 + 1.0, took  # the cap stays at the min through the hold
     assert took[1] < 6.0, took
 
 
