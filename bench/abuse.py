@@ -1,0 +1,308 @@
+"""Mass events against a real server (issue 19, points 4 and 7: the figures about time).
+
+Real processes on loopback: a ``ut-tunnel`` server with a UDP echo behind it (WireGuard's
+stand-in), an honest ``ut-tunnel`` client (CN ``honest``) with a probe in front sending a
+datagram every ``--probe-ms`` and timing each echo, and in this process a flood client
+(CN ``flood``, a valid certificate) that opens sessions as cheaply as a client can: one
+TLS connection each (resuming one TLS session), HELLO with a new session id, held open.
+
+Phases, each bounded in count and time:
+
+1. **open**: ``--sessions`` sessions, ``--concurrency`` handshakes in flight. Reports
+   sessions opened per second, the server's RSS and file descriptors, and the honest
+   client's round trip while it happens (p50 / p99 / max).
+2. **expiry**: every flood connection is closed at once; the server lingers each session
+   ``tcp.session_linger_seconds`` (``--linger``) and then closes them all within the
+   same instant. Reports the honest client's worst round trip in that window (the event
+   loop's stall, as a user sees it) and how long the server took to release the
+   sessions' sockets.
+3. **sigterm**: the sessions are opened again and the server gets SIGTERM: the time to
+   exit (target < 5 s; the systemd unit kills at 15 s).
+
+    python bench/abuse.py --sessions 5000 --json bench/results/issue19-abuse.json
+    python bench/abuse.py --sessions 500 --linger 5      # a quick look
+
+Raises this process's ``RLIMIT_NOFILE`` (the server inherits it). Every process started
+is stopped by its pid, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tunnelprocs import (  # noqa: E402 - after the path line, as run as a script
+    UdpEchoThread,
+    UtProcess,
+    fd_count,
+    free_port,
+    make_pki,
+    raise_nofile,
+    rss_mib,
+    wait_listening,
+    write_config,
+)
+
+from ut import fastpath  # noqa: E402
+from ut.control import Hello, control_frame, decode_control  # noqa: E402
+from ut.tls import client_context  # noqa: E402
+
+
+class RttProbe:
+    """The honest WireGuard peer: a datagram every ``interval`` s to the honest client,
+    each echo's round trip noted with its send time (a thread: this process's own loop
+    is busy flooding)."""
+
+    def __init__(self, client_addr: tuple[str, int], interval: float) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.addr, self.interval = client_addr, interval
+        self.samples: list[tuple[float, float]] = []  # (sent at, round trip)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._recv, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _send(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            try:
+                self.sock.sendto(seq.to_bytes(8, "big") + time.monotonic().hex().encode()
+                                 + bytes(60), self.addr)
+                self.sent += 1
+            except OSError:
+                pass
+            time.sleep(self.interval)
+
+    def _recv(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(2048)
+            except (TimeoutError, OSError):
+                continue
+            now = time.monotonic()
+            try:
+                sent = float.fromhex(data[8:].rstrip(b"\0").decode())
+            except ValueError:
+                continue
+            self.samples.append((sent, now - sent))
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Round trips of the datagrams sent in [t0, t1), and how many were lost."""
+        rtts = sorted(r for s, r in self.samples if t0 <= s < t1)
+        expected = max(1, int((t1 - t0) / self.interval))
+        if not rtts:
+            return {"n": 0, "expected": expected}
+        return {"n": len(rtts), "expected": expected,
+                "p50_ms": 1000 * statistics.median(rtts),
+                "p99_ms": 1000 * rtts[min(len(rtts) - 1, int(0.99 * len(rtts)))],
+                "max_ms": 1000 * rtts[-1]}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(2)
+        self.sock.close()
+
+
+class Flood:
+    """Sessions opened by one authenticated client: TLS, HELLO with a new session id,
+    wait for the server's HELLO, keep the connection."""
+
+    def __init__(self, pki: Any, port: int) -> None:
+        cert, key = pki.client("flood")
+        self.ctx = client_context(pki.ca, cert, key)
+        self.server_name = pki.server_name
+        self.port = port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.failed = 0
+
+    async def _one(self) -> bool:
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(
+                "127.0.0.1", self.port, ssl=self.ctx, server_hostname=self.server_name), 20)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        w.write(control_frame(Hello(random.getrandbits(64), 0, 1)))
+        deframer = fastpath.Deframer()
+        try:
+            while True:
+                data = await asyncio.wait_for(r.read(65536), 20)
+                if not data:
+                    raise ConnectionError("closed before HELLO")
+                for ftype, _flags, payload in deframer.feed(data):
+                    if ftype == fastpath.TYPE_CTRL and isinstance(decode_control(payload), Hello):
+                        if self.ctx.resume_session is None:  # tickets have arrived
+                            self.ctx.resume_session = w.get_extra_info("ssl_object").session
+                        self.writers.append(w)
+                        return True
+        except (OSError, asyncio.TimeoutError, ConnectionError, ValueError):
+            w.close()
+            return False
+
+    async def open(self, n: int, concurrency: int, deadline: float) -> float:
+        """Open ``n`` sessions (at most ``deadline`` seconds); return the seconds taken."""
+        t0 = time.monotonic()
+        todo = iter(range(n))
+
+        async def worker() -> None:
+            for _ in todo:
+                if time.monotonic() - t0 > deadline:
+                    return
+                if not await self._one():
+                    self.failed += 1
+
+        await self._one()  # a first session alone: its TLS session is resumed by the rest
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.monotonic() - t0
+
+    async def close_all(self) -> None:
+        for w in self.writers:
+            w.transport.abort()  # at once, no TLS close: like a client that vanished
+        self.writers = []
+        await asyncio.sleep(0)
+
+
+async def socket_fds(pid: int) -> int:
+    """The server's sockets (a flood session holds two: its lane, its UDP port)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        n += target.startswith("socket:")
+    return n
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    nofile = raise_nofile(max(4 * args.sessions + 1024, 20000))
+    result: dict[str, Any] = {"sessions": args.sessions, "nofile": nofile,
+                              "linger_seconds": args.linger}
+    with tempfile.TemporaryDirectory(prefix="ut-abuse-") as tmp:
+        root = Path(tmp)
+        pki = make_pki(root / "pki", ("honest", "flood"))
+        echo = UdpEchoThread()
+        port, honest_udp = free_port(), free_port(socket.SOCK_DGRAM)
+        server_tcp = {"session_linger_seconds": args.linger, "lanes": 5}
+        # The flood speaks the spec's mTLS (certificate in the handshake, then HELLO):
+        # both ends say so, whatever tls.client_auth defaults to.
+        auth = {"client_auth": "handshake"}
+        scfg = write_config(root / "server.yaml", pki, "server", server_port=port,
+                            wg_addr=echo.address, tcp=server_tcp, tls=auth)
+        ccfg = write_config(root / "client.yaml", pki, "client", server_port=port,
+                            client_udp_port=honest_udp, cn="honest", tls=auth)
+        server = client = None
+        probe = None
+        try:
+            server = UtProcess(scfg, root / "server.log")
+            wait_listening(port)
+            client = UtProcess(ccfg, root / "client.log")
+            probe = RttProbe(("127.0.0.1", honest_udp), args.probe_ms / 1000)
+            await asyncio.sleep(3)  # the honest client's lanes come up
+            t = time.monotonic()
+            result["idle"] = {"rss_mib": rss_mib(server.pid), "fds": fd_count(server.pid),
+                              "honest": probe.window(t - 2, t)}
+            print("idle:", result["idle"], flush=True)
+
+            # 1. open
+            flood = Flood(pki, port)
+            t_open = time.monotonic()
+            took = await flood.open(args.sessions, args.concurrency, args.max_seconds)
+            t_opened = time.monotonic()
+            await asyncio.sleep(1)
+            opened = len(flood.writers)
+            result["open"] = {
+                "opened": opened, "failed": flood.failed, "seconds": took,
+                "sessions_per_second": opened / took if took else 0.0,
+                "rss_mib": rss_mib(server.pid), "fds": fd_count(server.pid),
+                "honest": probe.window(t_open, t_opened),
+            }
+            print("open:", result["open"], flush=True)
+
+            # 2. expiry: every flood lane gone at once, every session lingers, then ends.
+            base = await socket_fds(server.pid)
+            await flood.close_all()
+            t_closed = time.monotonic()
+            released_at = None
+            while time.monotonic() - t_closed < args.linger + 60:
+                await asyncio.sleep(0.2)
+                if await socket_fds(server.pid) <= base - opened * 2 + 50:
+                    released_at = time.monotonic()
+                    break
+            await asyncio.sleep(1)
+            expiry_window = probe.window(t_closed + args.linger - 1,
+                                         (released_at or time.monotonic()) + 1)
+            result["expiry"] = {
+                "sessions": opened,
+                "released_seconds_after_linger":
+                    None if released_at is None else released_at - t_closed - args.linger,
+                "honest": expiry_window, "rss_mib": rss_mib(server.pid),
+                "fds": fd_count(server.pid),
+                "honest_while_lanes_closed": probe.window(t_closed, t_closed + 2),
+            }
+            print("expiry:", result["expiry"], flush=True)
+
+            # 3. SIGTERM with the sessions open again
+            flood = Flood(pki, port)
+            took = await flood.open(args.sessions, args.concurrency, args.max_seconds)
+            await asyncio.sleep(1)
+            n = len(flood.writers)
+            rss = rss_mib(server.pid)
+            stop_seconds = server.stop()
+            result["sigterm"] = {"sessions": n, "exit_seconds": stop_seconds, "rss_mib": rss,
+                                 "open_seconds": took}
+            print("sigterm:", result["sigterm"], flush=True)
+            await flood.close_all()
+        finally:
+            if probe is not None:
+                probe.stop()
+            for p in (client, server):
+                if p is not None:
+                    p.stop(timeout=10)
+            echo.stop()
+            log = (root / "server.log").read_text(errors="replace").splitlines()
+            result["server_log_lines"] = len(log)
+            result["server_log_tail"] = log[-5:]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--linger", type=float, default=10.0)
+    ap.add_argument("--probe-ms", type=float, default=10.0)
+    ap.add_argument("--max-seconds", type=float, default=240.0, help="bound on each open phase")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(run(args))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
