@@ -1,7 +1,7 @@
 """Hostile and broken peers against a running ``ut.Server`` on loopback (issue 5).
 
-* Unauthenticated: plain TCP garbage, an HTTP request, TLS with no / another CA's /
-  an expired certificate -- each refused quickly, logged with a reason, nothing left
+* Unauthenticated (``tls.client_auth: handshake``): plain TCP garbage, an HTTP request,
+  TLS with no / another CA's / an expired certificate -- each refused quickly, logged with a reason, nothing left
   behind. Silent TCP (no ClientHello) and TLS without HELLO are closed after their
   timeouts; hundreds at once do not stop a real client's traffic; the number pending
   at once is capped (oldest evicted).
@@ -33,6 +33,7 @@ import pytest
 
 import ut
 from ut import fastpath
+from ut._testbase.rawlane import RawLane
 from ut._testbase.tunnelkit import (
     LOOP_KINDS,
     UdpEcho,
@@ -50,8 +51,8 @@ from ut.control import (
     Goodbye,
     Hello,
     control_frame,
-    decode_control,
 )
+from ut.proof import ClientProver
 from ut.tls import client_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,11 @@ def _certless_context(pki) -> ssl.SSLContext:
     return ctx
 
 
+# The refusal tests below are about tls.client_auth: handshake (mutual TLS in the
+# handshake: a refusal is silent and quick). With proof (the default) the same probes get
+# a web server's answers instead: tests/test_probes.py and tests/test_proof.py.
+HANDSHAKE = {"tls": {"client_auth": "handshake"}}
+
 REFUSALS = {
     # case: (how, expected reason)
     "tcp_garbage": ("plain", "not_tls"),
@@ -137,7 +143,7 @@ def test_unauthenticated_peer_refused_quickly_with_reason(pki, case, loop_kind):
 
     async def main():
         echo = UdpEcho().start()
-        cfg = server_config(pki, echo.address, connect_timeout_seconds=3)
+        cfg = server_config(pki, echo.address, connect_timeout_seconds=3, _extra=HANDSHAKE)
         with capture_events() as cap:
             async with ut.Server(cfg) as server:
                 await asyncio.sleep(0.05)
@@ -177,7 +183,7 @@ def test_silent_tcp_and_partial_tls_closed_after_connect_timeout(pki, loop_kind)
 
     async def main():
         echo = UdpEcho().start()
-        cfg = server_config(pki, echo.address, connect_timeout_seconds=0.5)
+        cfg = server_config(pki, echo.address, connect_timeout_seconds=0.5, _extra=HANDSHAKE)
         with capture_events() as cap:
             async with ut.Server(cfg) as server:
                 t0 = time.monotonic()
@@ -301,6 +307,54 @@ async def probe_traffic(peer: UdpPeer, count: int, rate: float) -> dict:
 
 
 @pytest.mark.slow
+def test_slowloris_crowd_against_the_web_face(pki):
+    """tls.client_auth: proof (the default): the same 300 connections that never finish
+    (150 silent TCP, 50 half a TLS record, 100 TLS with no proof) meet the web face's
+    timeouts (nginx's, shortened here to 3 s) while a real client sends."""
+    raise_fd_limit()
+    cert, key = pki.client("home")
+    timeout = 3.0
+
+    async def main():
+        echo = UdpEcho().start()
+        cfg = server_config(pki, echo.address, hello_timeout_seconds=1.0)
+        async with ut.Server(cfg) as server:
+            server.transport.gate.face.header_timeout = timeout
+            async with ut.Client(client_config(pki, server.address[:2], lanes=2)) as client:
+                peer = await UdpPeer.open(client.udp_address[:2])
+                peer.send(b"\0\0\0\0warm-up")
+                assert await peer.recv()
+                spec = {"host": "127.0.0.1", "port": server.address[1], "silent": 150,
+                        "partial": 50, "tls": 100, "ca": str(pki.ca), "cert": str(cert),
+                        "key": str(key), "server_name": pki.server_name, "hold": 20}
+                traffic = asyncio.create_task(probe_traffic(peer, 2400, 400))
+                t0 = time.monotonic()
+                attacker = await start_attacker(spec)
+                opened = time.monotonic() - t0
+                result = await finish_attacker(attacker, 25)
+                attacked = await traffic
+                print(f"\nslowloris vs web face: 300 opened in {opened:.2f}s; under attack "
+                      f"{attacked}; closed {result['closed']}, after max "
+                      f"{max(result['closed_after'])}s")
+                assert result["still_open"] == 0 and result["closed"] == 300, result
+                # The gate's wait for a proof (1 s) then the face's header timeout (3 s).
+                assert max(result["closed_after"]) < opened + 1.0 + timeout + 3.0, result
+                assert attacked["loss_pct"] <= 1.0, attacked
+                assert attacked["rtt_p95_ms"] < 250, attacked
+                assert await wait_for(lambda: not server._pending and not len(
+                    server.transport.gate.face), 5)
+                stats = server.stats()
+                assert stats["web_face"].get("site") == 100, stats
+                assert list(server.sessions) == [("home", client.session.session_id)]
+                peer.send(b"\0\0\0\x09after")
+                assert await peer.recv()
+                peer.close()
+        echo.close()
+
+    run_on("uvloop", main(), timeout=90)
+
+
+@pytest.mark.slow
 def test_slowloris_crowd_is_closed_and_real_traffic_keeps_flowing(pki):
     """300 connections that never finish (150 silent TCP, 50 half a TLS record,
     100 TLS with a valid certificate and no HELLO) while a real client sends."""
@@ -311,10 +365,10 @@ def test_slowloris_crowd_is_closed_and_real_traffic_keeps_flowing(pki):
     async def main():
         echo = UdpEcho().start()
         cfg = server_config(pki, echo.address, connect_timeout_seconds=timeout,
-                            hello_timeout_seconds=timeout)
+                            hello_timeout_seconds=timeout, _extra=HANDSHAKE)
         with capture_events() as cap:
             async with ut.Server(cfg) as server:
-                ccfg = client_config(pki, server.address[:2], lanes=2)
+                ccfg = client_config(pki, server.address[:2], lanes=2, _extra=HANDSHAKE)
                 async with ut.Client(ccfg) as client:
                     peer = await UdpPeer.open(client.udp_address[:2])
                     peer.send(b"\0\0\0\0warm-up")
@@ -414,69 +468,6 @@ def test_pending_connections_are_capped_oldest_evicted(pki, loop_kind):
 # ---------------------------------------------------------------------------------------
 # Authenticated peers sending broken frames
 # ---------------------------------------------------------------------------------------
-
-class RawLane:
-    """An mTLS connection we drive frame by frame (as in tests/test_server.py)."""
-
-    def __init__(self, reader, writer) -> None:
-        self.reader, self.writer = reader, writer
-        self.deframer = fastpath.Deframer()
-        self.frames: list = []
-
-    @classmethod
-    async def open(cls, pki, server, name="home") -> RawLane:
-        cert, key = pki.client(name)
-        ctx = client_context(pki.ca, cert, key)
-        r, w = await asyncio.open_connection(
-            *server.address[:2], ssl=ctx, server_hostname=pki.server_name)
-        return cls(r, w)
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def read_some(self, timeout: float = 5.0) -> bool:
-        """Read once; False at EOF/error."""
-        try:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
-        except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError):
-            return False
-        if not data:
-            return False
-        try:
-            self.frames.extend(self.deframer.feed(data))
-        except Exception:  # noqa: BLE001 - we only watch
-            return False
-        return True
-
-    async def hello(self, session_id: int, lane_id: int, lanes: int) -> Hello:
-        self.send(control_frame(Hello(session_id, lane_id, lanes)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while loop.time() < deadline:
-            for msg in self.controls():
-                if isinstance(msg, Hello):
-                    return msg
-            if not await self.read_some(deadline - loop.time()):
-                break
-        raise AssertionError(f"no HELLO reply: {self.frames}")
-
-    async def until_closed(self, timeout: float = 5.0) -> float:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        while loop.time() - t0 < timeout:
-            if not await self.read_some(timeout - (loop.time() - t0)):
-                return loop.time() - t0
-        raise AssertionError("the server did not close the lane")
-
-    def controls(self) -> list:
-        return [decode_control(p) for t, _f, p in self.frames if t == fastpath.TYPE_CTRL]
-
-    def data(self) -> list[bytes]:
-        return [p for t, _f, p in self.frames if t == fastpath.TYPE_DATA]
-
-    def close(self) -> None:
-        self.writer.close()
-
 
 def _hdr(magic=b"UT", ver=1, ftype=1, flags=0, length=0) -> bytes:
     return magic + bytes([ver, ftype, flags]) + length.to_bytes(4, "big")
@@ -673,7 +664,9 @@ def test_peer_that_stops_reading_is_dropped_by_tcp_user_timeout(pki):
                     raw.setblocking(True)
                     tls = await asyncio.to_thread(
                         ctx.wrap_socket, raw, server_hostname=pki.server_name)
-                    tls.sendall(control_frame(Hello(sid, SERVER_LANES - 1, SERVER_LANES)))
+                    proof = ClientProver(pki.ca, cert, key).request(
+                        pki.server_name, tls.get_channel_binding("tls-unique") or b"")
+                    tls.sendall(proof + control_frame(Hello(sid, SERVER_LANES - 1, SERVER_LANES)))
                     session = server.sessions[("home", sid)]
                     assert await wait_for(lambda: session.active_lanes == CLIENT_LANES + 1, 5)
                     # Big echoes: a third of them head for the lane nobody reads.

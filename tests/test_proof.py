@@ -100,6 +100,14 @@ def test_the_verifier_never_raises(pki: TestPki, data: bytes, binding: bytes) ->
     assert not res.ok and res.reason
 
 
+def test_fallback_needs_proof_mode(pki: TestPki) -> None:
+    with pytest.raises(ut.ConfigError, match=r"fallback\.addr: is only used with tls\.client_auth: proof"):
+        server_config(pki, ("127.0.0.1", 9), _extra={
+            "tls": {"client_auth": "handshake"}, "fallback": {"addr": "127.0.0.1:8080"}})
+    cfg = server_config(pki, ("127.0.0.1", 9), _extra={"fallback": {"addr": "127.0.0.1:8080"}})
+    assert cfg.tls.client_auth == "proof" and cfg.fallback.addr == "127.0.0.1:8080"
+
+
 # ------------------------------------------------------------------ lanes through the gate
 
 
@@ -145,7 +153,7 @@ def test_refused_clients_get_the_web_face_never_a_lane(pki: TestPki, loop_kind: 
                 else:
                     reason = {"expired": "expired", "other_ca": "unknown_ca"}[who]
                     assert failures.get(reason, 0) >= 2
-                    refused = events.named("client_refused")
+                    refused = [e for e in events.named("tls_handshake_fail") if e.get("stage") == "proof"]
                     assert refused and refused[0]["reason"] == reason
                 fails = [e for e in events.named("tls_handshake_fail")
                          if e.get("reason") == "refused_by_server"]

@@ -9,6 +9,7 @@ import pytest
 
 import ut
 from ut import fastpath
+from ut._testbase.rawlane import RawLane
 from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
@@ -26,43 +27,6 @@ from ut.control import (
     control_frame,
     decode_control,
 )
-from ut.tls import client_context
-
-
-class RawLane:
-    """An mTLS connection to the server that we drive frame by frame."""
-
-    def __init__(self, reader, writer) -> None:
-        self.reader, self.writer = reader, writer
-        self.deframer = fastpath.Deframer()
-
-    @classmethod
-    async def open(cls, pki, server, name="home") -> RawLane:
-        cert, key = pki.client(name)
-        ctx = client_context(pki.ca, cert, key)
-        host, port = server.address[:2]
-        r, w = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=pki.server_name)
-        return cls(r, w)
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def frames_until_closed(self, timeout: float = 10.0) -> list:
-        frames = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            try:
-                data = await asyncio.wait_for(self.reader.read(65536), deadline - loop.time())
-            except (ConnectionError, OSError):
-                break
-            if not data:
-                break
-            frames.extend(self.deframer.feed(data))
-        return frames
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def _controls(frames) -> list:

@@ -417,7 +417,7 @@ def test_later_lanes_resume_the_first_lanes_session(pki, loop):
                 resumed = [lane.transport.get_extra_info("ssl_object").session_reused
                            for lane in server_lanes]
                 # The server knows who a resumed lane belongs to (the CN is in the session).
-                cns = [tls.peer_cn(lane.transport) for lane in server_lanes]
+                cns = [lane.client_cn for lane in server_lanes]
                 hellos = [J.parse_client_hello(raw) for raw in tap.raw]
                 _RAW_HELLOS[:] = tap.raw
         return _client_opens(cap), sorted(resumed), cns, hellos
@@ -464,7 +464,8 @@ def test_reconnect_resumes_and_a_refused_session_costs_a_full_handshake(pki, loo
                 # A server whose ticket keys changed (a restart, say) refuses the session:
                 # the lane still opens, with a full handshake, and the next one resumes again.
                 t.server.transport.ssl_context = tls.server_context(
-                    t.pki.ca, t.pki.server_cert, t.pki.server_key)
+                    t.pki.ca, t.pki.server_cert, t.pki.server_key,
+                    client_auth=t.server.config.tls.client_auth)
                 await reopen(t, 2)
                 await reopen(t, 1)
                 t.peer.send(b"y")

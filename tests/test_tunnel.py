@@ -90,18 +90,22 @@ def test_implementation_is_reported(pki, loop_kind):
         assert ut.IMPLEMENTATION == "pure"
 
 
+@pytest.mark.parametrize("client_auth", ["proof", "handshake"])
 @pytest.mark.parametrize(
     "case", ["other_ca", "expired", "not_yet_valid"],
 )
-def test_server_refuses_bad_client_certificates(tmp_path, loop_kind, case):
+def test_server_refuses_bad_client_certificates(tmp_path, loop_kind, case, client_auth):
+    """Both ways of showing a certificate (tls.client_auth) refuse the same certificates
+    with the same reasons; with proof the refusal comes after the handshake."""
     pki = make_test_pki(tmp_path)
     bad = pki.client("intruder", **{case: True})
+    mode = {"tls": {"client_auth": client_auth}}
 
     async def main():
         with capture_events() as cap:
             echo = UdpEcho().start()
-            async with ut.Server(server_config(pki, echo.address)) as server:
-                cfg = client_config(pki, server.address[:2], cert=bad, lanes=1)
+            async with ut.Server(server_config(pki, echo.address, _extra=mode)) as server:
+                cfg = client_config(pki, server.address[:2], cert=bad, lanes=1, _extra=mode)
                 async with ut.Client(cfg) as client:
                     peer = await UdpPeer.open(client.udp_address[:2])
                     peer.send(b"hello")
@@ -124,6 +128,8 @@ def test_server_refuses_bad_client_certificates(tmp_path, loop_kind, case):
 
 
 def test_server_refuses_a_client_without_certificate(tmp_path, loop_kind):
+    """tls.client_auth: handshake (with proof, a client without a certificate is a visitor
+    and meets the web face: tests/test_probes.py)."""
     pki = make_test_pki(tmp_path)
 
     def certless_client(addr):
@@ -141,7 +147,8 @@ def test_server_refuses_a_client_without_certificate(tmp_path, loop_kind):
     async def main():
         with capture_events() as cap:
             echo = UdpEcho().start()
-            async with ut.Server(server_config(pki, echo.address)) as server:
+            cfg = server_config(pki, echo.address, _extra={"tls": {"client_auth": "handshake"}})
+            async with ut.Server(cfg) as server:
                 await asyncio.to_thread(certless_client, server.address[:2])
                 assert await wait_for(lambda: cap.named("tls_handshake_fail"))
                 assert server.sessions == {}

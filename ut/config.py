@@ -632,6 +632,14 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
                 f"conflicts with tcp.listen_addr ({metrics['listen_addr']} vs {tcp['listen_addr']}): "
                 "both are TCP listeners; use another port",
             )
+    fallback = sections["fallback"]
+    if role == "server" and sections["tls"]["client_auth"] != "proof":
+        for name in ("addr", "h2_addr"):
+            if fallback[name] is not None:
+                raise ConfigError(
+                    file, f"fallback.{name}",
+                    "is only used with tls.client_auth: proof (with handshake, a connection "
+                    "without a client certificate is refused in the TLS handshake)")
     if check_files:
         for name in ("ca_cert", "cert", "key"):
             _check_file(file, f"tls.{name}", sections["tls"][name])

@@ -400,7 +400,7 @@ class TlsConfig:
     alpn: tuple[str, ...] = setting(("h2", "http/1.1"), kind="strlist", check=_alpn)
     # How the client shows its certificate: in the TLS handshake (the spec's mTLS), or in
     # a proof after it (ut.proof), so that a prober sees an ordinary HTTPS server.
-    client_auth: str = setting("handshake", choices=CLIENT_AUTHS)
+    client_auth: str = setting("proof", choices=CLIENT_AUTHS)
 
 
 @dataclass(frozen=True)

@@ -95,15 +95,16 @@ async def _first_byte(loop: asyncio.AbstractEventLoop, sock: socket.socket,
 class ProofGate:
     """Admits proven clients as lanes, hands everything else to ``face``."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, verifier: ProofVerifier, face: WebFace,
-                 tcp: Any) -> None:
-        self.ssl_context = ssl_context
+    def __init__(self, verifier: ProofVerifier, face: WebFace, tcp: Any) -> None:
         self.verifier = verifier
         self.face = face
         self.tcp = tcp
 
     async def accept(self, loop: asyncio.AbstractEventLoop, protocol: Any,
-                     sock: socket.socket) -> asyncio.BaseTransport:
+                     sock: socket.socket, ssl_context: ssl.SSLContext) -> asyncio.BaseTransport:
+        """``protocol``'s transport once it proved to be a client (``ssl_context`` with no
+        CertificateRequest: ``ut.tls.server_context(client_auth="proof")``); else
+        ``NotAClient``."""
         first = await _first_byte(loop, sock, self.face.header_timeout)
         if not first:
             raise NotAClient("closed", "closed or silent before TLS", handed_off=False)
@@ -112,7 +113,7 @@ class ProofGate:
             raise NotAClient("not_tls", "not TLS: answered as a web server", handed_off=True)
         reader = _HeadReader()
         transport, _ = await loop.connect_accepted_socket(
-            lambda: reader, sock, ssl=self.ssl_context,
+            lambda: reader, sock, ssl=ssl_context,
             ssl_handshake_timeout=self.face.header_timeout,
         )
         t_tls = loop.time()

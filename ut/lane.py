@@ -53,7 +53,7 @@ class RefusedByWebFace(ConnectionError):
             "the server answered like a web server: it did not accept this client's proof "
             "(a certificate from another CA, an expired one, a clock more than 2 minutes "
             "off, or tls.client_auth differs between the two ends); see the server's "
-            "client_refused log line for its reason")
+            "tls_handshake_fail log line (stage proof) for its reason")
 
 
 class LaneOwner(Protocol):

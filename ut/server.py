@@ -62,7 +62,7 @@ LISTEN_BACKLOG = 512
 # within that time to push it out, whereas refusing the newest would let
 # 512 idle sockets lock every client out until their timeouts.
 MAX_PENDING_LANES = 512
-# One tls_handshake_fail / lane_refused / client_refused line per reason per window.
+# One tls_handshake_fail / lane_refused line per reason per window.
 REFUSAL_LOG_WINDOW_SECONDS = 5.0
 # The server closes a session's lanes after this many times tcp.idle_seconds without
 # payload: later than an honest client (which closes its idle lanes after idle_seconds),
@@ -306,8 +306,8 @@ class Server:
                 conn.close()
             if exc.reason in PROOF_REASONS:  # it knew the CA: a client, refused
                 self._stats.handshake_failed(exc.reason)
-                self._log_refusal("client_refused", exc.reason, peer=format_addr(peer),
-                                  err=exc.text)
+                self._log_refusal("tls_handshake_fail", exc.reason, peer=format_addr(peer),
+                                  stage="proof", err=exc.text)
             elif not exc.handed_off:
                 self._stats.handshake_failed(exc.reason)
             return

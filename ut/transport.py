@@ -152,7 +152,7 @@ class TlsTransport:
         """The server's TLS handshake over an accepted ``sock`` (with a gate: the
         handshake and the client's proof; ``ut.gate.NotAClient`` if it is not a client)."""
         if self.gate is not None:
-            return await self.gate.accept(loop, protocol, sock)
+            return await self.gate.accept(loop, protocol, sock, self.ssl_context)
         transport, _ = await loop.connect_accepted_socket(
             lambda: protocol, sock, ssl=self.ssl_context,
             ssl_handshake_timeout=self.tcp.connect_timeout_seconds,
@@ -204,5 +204,5 @@ def server_transport(config: Any, count_web_answer: Any = None) -> TlsTransport:
     )
     ctx = server_context(tls.ca_cert, tls.cert, tls.key, alpn=face.alpn(tls.alpn),
                          client_auth="proof")
-    gate = ProofGate(ctx, ProofVerifier(tls.ca_cert), face, config.tcp)
+    gate = ProofGate(ProofVerifier(tls.ca_cert), face, config.tcp)
     return TlsTransport(ctx, config.tcp, gate=gate)

@@ -131,6 +131,34 @@ def test_http_64mib_download_and_upload(tun, big_file, http_url):
     _alive(srv, cli)
 
 
+# --------------------------------------------------------------------------- tls.client_auth: proof
+PROOF = {"tls": {"client_auth": "proof"}}
+
+
+def test_64mib_both_ways_with_client_proof(tun, big_file, http_url):
+    """Issue 17: no CertificateRequest; the client proves itself after the handshake.
+    WireGuard runs through as with handshake mTLS; the server saw no visitor."""
+    bed = tun
+    path, digest = big_file
+    srv, (cli,) = _start_tunnel(bed, server=PROOF, client=PROOF)
+    bed.wait_ping(bed.home, bed.cloud, within=FIRST_PING_WITHIN)
+    dest = bed.wd / "download-proof.bin"
+    secs = bed.download(bed.home, f"{http_url}/{path.name}", dest, max_time=180)
+    assert sha256_file(dest) == digest
+    reply, usecs = bed.upload(bed.home, dest, f"{http_url}/upload/up-proof.bin", max_time=180)
+    assert reply == {"sha256": digest, "bytes": path.stat().st_size}
+    size_mbit = path.stat().st_size * 8 / 1e6
+    print(f"\nproof mode: 64 MiB down {size_mbit / secs:.0f} Mbit/s, up {size_mbit / usecs:.0f} Mbit/s")
+    dest.unlink()
+    (bed.wd / "www" / "uploads" / "up-proof.bin").unlink()
+    s = bed.metrics(bed.cloud)
+    assert metric_sum(s, "ut_lanes_active_total") == LANES
+    assert metric_sum(s, "ut_web_face_connections_total") == 0
+    assert metric_sum(s, "ut_tls_handshake_failures_total") == 0
+    assert {e.get("client_cn") for e in _events(srv, "session_open")} == {"home"}
+    _alive(srv, cli)
+
+
 # --------------------------------------------------------------------------- 3. lanes in metrics
 def _lane_frames(samples) -> dict[str, float]:
     out: dict[str, float] = {}
