@@ -64,7 +64,7 @@ def _with_server(pki: TestPki, nginx: Nginx, fallback: bool, client_auth: str = 
         async def main() -> None:
             echo = UdpEcho().start()
             extra: dict = {"tls": {"client_auth": client_auth}}
-            if fallback:
+            if fallback and client_auth == "proof":
                 extra["fallback"] = {"addr": f"127.0.0.1:{nginx.http_port}",
                                      "h2_addr": f"127.0.0.1:{nginx.h2c_port}"}
             server = ut.Server(server_config(pki, echo.address, _extra=extra,

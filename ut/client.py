@@ -406,7 +406,7 @@ class Client:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         self.ssl_context = client_context(cfg.tls.ca_cert, cfg.tls.cert, cfg.tls.key,
-                                          alpn=cfg.tls.alpn)
+                                          alpn=cfg.tls.alpn, server_trust=cfg.tls.server_trust)
         self.transport = client_transport(cfg, self.ssl_context, self.server_name)
         client_cn = own_cn(cfg.tls.cert)
         self.session = ClientSession(

@@ -632,6 +632,13 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
                 f"conflicts with tcp.listen_addr ({metrics['listen_addr']} vs {tcp['listen_addr']}): "
                 "both are TCP listeners; use another port",
             )
+    kind = tcp["transport"]
+    if kind == "ws" and role == "client":
+        raise ConfigError(file, "tcp.transport", "ws is for a server behind a reverse proxy that "
+                          "terminates TLS; a client always speaks TLS: use wss")
+    if kind != "tls" and sections["tls"]["client_auth"] != "proof":
+        raise ConfigError(file, "tcp.transport", f"{kind} needs tls.client_auth: proof (a client "
+                          "certificate does not cross a TLS-terminating proxy)")
     fallback = sections["fallback"]
     if role == "server" and sections["tls"]["client_auth"] != "proof":
         for name in ("addr", "h2_addr"):

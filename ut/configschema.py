@@ -86,6 +86,8 @@ SHOW_MAX = 60  # error messages quote at most this many characters of a value
 
 _C, _S = ("client",), ("server",)
 CLIENT_AUTHS = ("handshake", "proof")
+TRANSPORTS = ("tls", "wss", "ws")
+SERVER_TRUSTS = ("private", "system")
 
 
 # -------------------------------------------------------------------- keys
@@ -286,6 +288,24 @@ def _metrics_path(value: str) -> str | None:
     return None
 
 
+def _ws_path(value: str) -> str | None:
+    if not value.startswith("/") or value.endswith("/") or len(value) > 200:
+        return f'must start with "/" and not end with one (e.g. /ws), got {show_value(value)}'
+    if any(not (ch.isascii() and ch.isprintable()) or ch.isspace() or ch in "?#%" for ch in value):
+        return f"must be a plain URL path (ASCII, no spaces, '?', '#' or '%'), got {show_value(value)}"
+    return None
+
+
+def _proxy(value: str) -> str | None:
+    from .httpproxy import parse_proxy
+
+    try:
+        parse_proxy(value, environ={})
+    except ValueError:
+        return f'must be "env" or http://[user:password@]host:port, got {show_value(value)}'
+    return None
+
+
 def _alpn(value: tuple[str, ...]) -> str | None:
     if not 1 <= len(value) <= ALPN_MAX:
         return f"must list 1 to {ALPN_MAX} protocol names (e.g. [h2, http/1.1]), got {len(value)}"
@@ -328,6 +348,11 @@ class TcpConfig:
     connect_timeout_seconds: float = setting(10.0, check=_range(0.1, DURATION_MAX))
     hello_timeout_seconds: float = setting(5.0, check=_range(0.1, DURATION_MAX))
     session_linger_seconds: float = setting(180.0, roles=_S, check=_range(0, DURATION_MAX))
+    # What carries a lane (docs/config.md): TLS, WebSocket over TLS, or (server behind a
+    # TLS-terminating reverse proxy) WebSocket over plain HTTP on loopback.
+    transport: str = setting("tls", choices=TRANSPORTS)
+    ws_path: str = setting("/ws", check=_ws_path)
+    proxy: str | None = setting(None, kind="str", roles=_C, check=_proxy)
 
     @property
     def server_host_port(self) -> tuple[str, int]:
@@ -401,6 +426,8 @@ class TlsConfig:
     # How the client shows its certificate: in the TLS handshake (the spec's mTLS), or in
     # a proof after it (ut.proof), so that a prober sees an ordinary HTTPS server.
     client_auth: str = setting("proof", choices=CLIENT_AUTHS)
+    # Which CAs vouch for the server: only ca_cert, or also the system's (a CDN in front).
+    server_trust: str = setting("private", choices=SERVER_TRUSTS, roles=_C)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 from .proof import HEAD_LIMIT, PROOF_START, ProofVerifier, head_end
 from .webface import WebFace
 
-__all__ = ["NotAClient", "ProofGate"]
+__all__ = ["HeadReader", "NotAClient", "ProofGate"]
 
 _TLS_HANDSHAKE = 0x16  # the content type of a TLS handshake record
 
@@ -41,13 +41,14 @@ class NotAClient(Exception):
         self.handed_off = handed_off
 
 
-class _HeadReader(asyncio.Protocol):
+class HeadReader(asyncio.Protocol):
     """Collects a connection's first bytes until a request head is complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, judge_early: bool = True) -> None:
         self.buf = bytearray()
         self.done = asyncio.get_running_loop().create_future()
         self.transport: Any = None
+        self.judge_early = judge_early  # stop at bytes that cannot start a proof request
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -56,7 +57,7 @@ class _HeadReader(asyncio.Protocol):
         self.buf += data
         if not self.done.done() and (
             head_end(self.buf) > 0 or len(self.buf) >= HEAD_LIMIT
-            or not self.buf.startswith(PROOF_START[:len(self.buf)])  # cannot be a proof
+            or (self.judge_early and not self.buf.startswith(PROOF_START[:len(self.buf)]))
         ):
             self.done.set_result(True)
 
@@ -99,23 +100,30 @@ class ProofGate:
         self.verifier = verifier
         self.face = face
         self.tcp = tcp
+        # tcp.transport: tls (lanes are TLS), wss (WebSocket over our TLS) or ws (WebSocket
+        # behind a reverse proxy that terminated TLS: no TLS here).
+        self.kind = getattr(tcp, "transport", "tls")
+        self.ws_path = getattr(tcp, "ws_path", "") if self.kind != "tls" else ""
 
     async def accept(self, loop: asyncio.AbstractEventLoop, protocol: Any,
-                     sock: socket.socket, ssl_context: ssl.SSLContext) -> asyncio.BaseTransport:
+                     sock: socket.socket, ssl_context: ssl.SSLContext) -> Any:
         """``protocol``'s transport once it proved to be a client (``ssl_context`` with no
         CertificateRequest: ``ut.tls.server_context(client_auth="proof")``); else
-        ``NotAClient``."""
-        first = await _first_byte(loop, sock, self.face.header_timeout)
-        if not first:
-            raise NotAClient("closed", "closed or silent before TLS", handed_off=False)
-        if first[0] != _TLS_HANDSHAKE:
-            self.face.plain(loop, sock)
-            raise NotAClient("not_tls", "not TLS: answered as a web server", handed_off=True)
-        reader = _HeadReader()
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: reader, sock, ssl=ssl_context,
-            ssl_handshake_timeout=self.face.header_timeout,
-        )
+        ``NotAClient``. For WebSocket lanes the transport is a ``ut.wslane.WsLink``."""
+        reader = HeadReader()
+        if self.kind == "ws":  # plain HTTP from the reverse proxy on loopback
+            transport, _ = await loop.connect_accepted_socket(lambda: reader, sock)
+        else:
+            first = await _first_byte(loop, sock, self.face.header_timeout)
+            if not first:
+                raise NotAClient("closed", "closed or silent before TLS", handed_off=False)
+            if first[0] != _TLS_HANDSHAKE:
+                self.face.plain(loop, sock)
+                raise NotAClient("not_tls", "not TLS: answered as a web server", handed_off=True)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: reader, sock, ssl=ssl_context,
+                ssl_handshake_timeout=self.face.header_timeout,
+            )
         t_tls = loop.time()
         try:
             await asyncio.wait_for(asyncio.shield(reader.done), self.tcp.hello_timeout_seconds)
@@ -126,14 +134,32 @@ class ProofGate:
             raise
         if transport.is_closing():
             raise NotAClient("closed", "closed before a request", handed_off=False)
-        obj = transport.get_extra_info("ssl_object")
-        binding = (obj.get_channel_binding("tls-unique") if obj is not None else None) or b""
-        result = self.verifier.check(bytes(reader.buf), host=None, binding=binding)
+        data = bytes(reader.buf)
+        if self.kind == "tls":
+            obj = transport.get_extra_info("ssl_object")
+            binding = (obj.get_channel_binding("tls-unique") if obj is not None else None) or b""
+        else:
+            binding = b""  # WebSocket proofs are not bound: a proxy may terminate TLS
+        result = self.verifier.check(data, host=None, binding=binding, prefix=self.ws_path)
+        upgrade = None
+        if result.ok and self.kind != "tls":
+            from .wslane import accept_upgrade
+
+            upgrade = accept_upgrade(data[:len(data) - len(result.rest)])
+            if upgrade is None:
+                result = result.__class__(None, "bad_proof", "a proof, but no WebSocket upgrade")
         if not result.ok:
-            data = bytes(reader.buf)
             self.face.take(loop, transport, data, loop.time() - t_tls)
             raise NotAClient(result.reason, result.text, handed_off=True)
         protocol.client_cn = result.cn
+        if upgrade is not None:
+            from .wslane import WsLink
+
+            ws, answer = upgrade
+            transport.write(answer)  # 101 Switching Protocols
+            link = WsLink(ws, transport)
+            link.attach(protocol, result.rest)
+            return link
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if result.rest:  # the client's HELLO, sent with its proof

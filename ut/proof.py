@@ -164,14 +164,21 @@ class ClientProver:
         mac = hmac.new(self._path_key, ts + nonce, hashlib.sha256).digest()[:_MAC_LEN]
         return _b64(ts + nonce + mac)
 
-    def request(self, host: str, binding: bytes, now: float | None = None) -> bytes:
-        """The proof request (an HTTP/1.1 GET head) for a connection to ``host`` whose
-        channel binding is ``binding`` (``b""``: not bound, for a proxy in between)."""
+    def proof(self, host: str, binding: bytes, prefix: str = "",
+              now: float | None = None) -> tuple[str, str]:
+        """``(target, authorization)``: the request target ``prefix/<token>`` and the
+        ``Authorization`` header value, for a connection to ``host`` whose channel
+        binding is ``binding`` (``b""``: not bound, when a proxy terminates TLS)."""
         token = self.token(now)
         sig = _sign(self._key, _signed_message(token, host, binding))
+        return f"{prefix}/{token}", f"Bearer {_b64(sig)}.{self._chain}"
+
+    def request(self, host: str, binding: bytes, now: float | None = None) -> bytes:
+        """The proof request (an HTTP/1.1 GET head) for a TLS lane to ``host``."""
+        target, authorization = self.proof(host, binding, now=now)
         return (
-            f"GET /{token} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n"
-            f"Authorization: Bearer {_b64(sig)}.{self._chain}\r\n\r\n"
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n"
+            f"Authorization: {authorization}\r\n\r\n"
         ).encode("ascii")
 
 
@@ -232,11 +239,12 @@ class ProofVerifier:
             .build_client_verifier()
         )
 
-    def check(self, data: bytes, *, host: str | None, binding: bytes,
+    def check(self, data: bytes, *, host: str | None, binding: bytes, prefix: str = "",
               now: float | None = None) -> ProofResult:
         """Judge ``data``: the connection's first bytes, holding one complete request
         head (``head_end(data) > 0``). ``binding`` is this connection's channel binding
-        as the server sees it; ``host``, if given, must be what the client named."""
+        as the server sees it; ``host``, if given, must be what the client named;
+        ``prefix`` is the path before the token (``tcp.ws_path`` for WebSocket lanes)."""
         now = self._clock() if now is None else now
         end = head_end(data)
         if end < 0:
@@ -246,7 +254,7 @@ class ProofVerifier:
         if request is None:
             return ProofResult(None, "no_proof", "not an HTTP/1.1 request")
         target, headers = request
-        token = target[1:] if target.startswith("/") else ""
+        token = target[len(prefix) + 1:] if target.startswith(prefix + "/") else ""
         raw = _token_bytes(token)
         if raw is None:
             return ProofResult(None, "no_proof", "no proof path")

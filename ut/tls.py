@@ -323,7 +323,8 @@ class ClientContext(ssl.SSLContext):
 
 
 def client_context(
-    ca_cert: Any, cert: Any, key: Any, *, alpn: Sequence[str] = DEFAULT_ALPN
+    ca_cert: Any, cert: Any, key: Any, *, alpn: Sequence[str] = DEFAULT_ALPN,
+    server_trust: str = "private",
 ) -> ClientContext:
     """A client context: presents ``cert``/``key``, verifies the server's chain
     against ``ca_cert`` only and its name (``check_hostname``; pass
@@ -332,13 +333,16 @@ def client_context(
     Its ClientHello is ``curl``'s on the same OpenSSL (same JA4, see
     ``_like_curl``), offering ``alpn`` (``tls.alpn``) in that order. Set
     ``resume_session`` (``ClientContext``) to resume a session on later
-    connections.
+    connections. ``server_trust="system"`` (``tls.server_trust``) also trusts the
+    system's CAs for the server (a CDN in front of it).
 
     >>> ctx = client_context("/etc/ut/ca.pem", "/etc/ut/home.pem", "/etc/ut/home.key")
     """
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, ClientContext)
     ctx.check_hostname = True
     _load(ctx, ca_cert, cert, key)
+    if server_trust == "system":  # tls.server_trust: a CDN in front shows a public certificate
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     _like_curl(ctx)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))

@@ -79,12 +79,20 @@ class TlsTransport:
         # the gate that takes the handshake and sends non-clients to the web face.
         self.prover = prover
         self.gate = gate
+        self.kind = getattr(tcp, "transport", "tls")  # tls / wss / ws (docs/config.md)
+        # Client: (host, port, credentials) of the HTTP proxy lanes go through, or None.
+        self.proxy: tuple[str, int, str | None] | None = None
         self._remembered_from: Any = None  # the lane transport whose session is offered
 
     # -- client ---------------------------------------------------------------------
     async def connect(self, loop: asyncio.AbstractEventLoop, addr: tuple[str, int]) -> socket.socket:
-        """A TCP connection to ``addr`` (host, port) with the lane's socket options."""
+        """A TCP connection to ``addr`` (host, port) with the lane's socket options; with
+        ``tcp.proxy``, a tunnel to it through the HTTP proxy (``CONNECT``)."""
         tcp = self.tcp
+        proxy = self.proxy
+        target = addr
+        if proxy is not None:
+            addr = proxy[:2]
         infos = await loop.getaddrinfo(*addr, type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -94,6 +102,13 @@ class TlsTransport:
             set_lane_liveness(sock)  # notice a dead path (TCP_USER_TIMEOUT, keepalive)
             await asyncio.wait_for(loop.sock_connect(sock, sockaddr), tcp.connect_timeout_seconds)
             tune_connected_lane(sock, tcp)  # after the SYN: the usual window scale
+            if proxy is not None:
+                from .httpproxy import connect_through
+
+                extra = await connect_through(loop, sock, target, proxy[2],
+                                              tcp.connect_timeout_seconds)
+                if extra:  # a proxy must not speak for the server before TLS starts
+                    raise ConnectionError("the proxy sent data after opening the tunnel")
         except BaseException:
             sock.close()
             raise
@@ -101,7 +116,10 @@ class TlsTransport:
 
     async def secure(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.BaseProtocol,
                      sock: socket.socket) -> asyncio.BaseTransport:
-        """The TLS handshake over ``sock``; ``protocol`` (the lane) gets the transport."""
+        """The TLS handshake over ``sock``; ``protocol`` (the lane) gets the transport
+        (with ``tcp.transport: wss``, a WebSocket link over it)."""
+        if self.kind == "wss":
+            return await self._secure_ws(loop, protocol, sock)
         transport, _ = await loop.create_connection(
             lambda: protocol, sock=sock, ssl=self.ssl_context,
             server_hostname=self.server_hostname,
@@ -115,6 +133,37 @@ class TlsTransport:
             host = self.server_hostname or str(sock.getpeername()[0])
             transport.write(self.prover.request(host, binding))
         return transport
+
+    async def _secure_ws(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.BaseProtocol,
+                         sock: socket.socket) -> Any:
+        """TLS, then the WebSocket upgrade (carrying the proof, unbound: a reverse proxy
+        may terminate TLS); the lane reads and writes through a ``ut.wslane.WsLink``."""
+        from .gate import HeadReader
+        from .wslane import UpgradeRefused, WsLink, finish_upgrade, upgrade_request
+
+        reader = HeadReader(judge_early=False)
+        transport, _ = await loop.create_connection(
+            lambda: reader, sock=sock, ssl=self.ssl_context,
+            server_hostname=self.server_hostname,
+            ssl_handshake_timeout=self.tcp.connect_timeout_seconds,
+        )
+        try:
+            host = self.server_hostname or str(sock.getpeername()[0])
+            assert self.prover is not None  # wss needs tls.client_auth: proof (config)
+            target, authorization = self.prover.proof(host, b"", prefix=self.tcp.ws_path)
+            ws, request = upgrade_request(host, target, authorization)
+            transport.write(request)
+            await asyncio.wait_for(asyncio.shield(reader.done), self.tcp.hello_timeout_seconds)
+            if not reader.done.result() and not reader.buf:
+                raise UpgradeRefused("the server closed the connection instead of answering "
+                                     "the WebSocket upgrade")
+            finish_upgrade(ws, bytes(reader.buf))
+        except BaseException:
+            transport.abort()
+            raise
+        link = WsLink(ws, transport)
+        link.attach(protocol)
+        return link
 
     def resumed(self, transport: Any) -> bool | None:
         """Whether the lane resumed an earlier TLS session (None: not known)."""
@@ -178,7 +227,15 @@ def client_transport(config: Any, ssl_context: Any, server_hostname: str | None)
         from .proof import ClientProver
 
         prover = ClientProver(config.tls.ca_cert, config.tls.cert, config.tls.key)
-    return TlsTransport(ssl_context, config.tcp, server_hostname=server_hostname, prover=prover)
+    if config.tcp.transport == "wss":
+        # A WebSocket upgrade is HTTP/1.1: offering h2 would let a proxy in front pick it.
+        ssl_context.set_alpn_protocols(["http/1.1"])
+    t = TlsTransport(ssl_context, config.tcp, server_hostname=server_hostname, prover=prover)
+    if config.tcp.proxy:
+        from .httpproxy import parse_proxy
+
+        t.proxy = parse_proxy(config.tcp.proxy)
+    return t
 
 
 def server_transport(config: Any, count_web_answer: Any = None) -> TlsTransport:
