@@ -59,6 +59,7 @@ def test_constants():
         3: "protocol_error",
         4: "hello_timeout",
         5: "internal",
+        6: "limit",
     }
     assert control.ERR_MESSAGE_MAX_BYTES == 512
 

@@ -44,7 +44,7 @@ PUBLIC = [
     "MAGIC", "VERSION", "TYPE_DATA", "TYPE_CTRL", "HEADER_LEN", "MAX_PAYLOAD", "HAVE_MMSG",
     "HAVE_GSO", "encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
     "recv_batch", "send_batch", "encode_data_seq", "FLAG_SEQ", "SEQ_LEN", "Resequencer",
-    "pad_frame", "FLAG_PAD", "KIND_PAD", "HAVE_RXQ_OVFL", "recv_batch_with_drops",
+    "pad_frame", "FLAG_PAD", "KIND_PAD", "HAVE_RXQ_OVFL", "recv_batch_with_drops", "QueueBudget",
 ]
 
 

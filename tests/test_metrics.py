@@ -296,7 +296,7 @@ def test_every_metric_per_client_cn(run: Any) -> None:
     per_cn = set(METRIC_NAMES) - {
         "ut_build_info", "ut_lanes_configured", "ut_tls_handshake_seconds",
         "ut_tls_handshake_failures_total", "ut_protocol_errors_total",
-        "ut_web_face_connections_total"}
+        "ut_web_face_connections_total", "ut_limit_refusals_total"}
     for (name, labels) in s:
         family = re.sub(r"_(bucket|sum|count)$", "", name)
         assert ("client_cn" in dict(labels)) == (family in per_cn), name

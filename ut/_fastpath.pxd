@@ -95,6 +95,13 @@ cdef class Deframer:
     cdef int _emit(self, const uint8_t* h, Py_ssize_t payload_len, list out) except -1
 
 
+cdef class QueueBudget:
+    # Payload bytes held by every RingQueue that shares this budget (issue 19).
+    cdef Py_ssize_t _nbytes
+    # The budget: a caller sheds queued datagrams once _nbytes is above it.
+    cdef Py_ssize_t _max_bytes
+
+
 cdef class RingQueue:
     # Ring of owned references to bytes objects; live slots are _head .. _head+_count-1
     # (mod _cap), all others NULL.
@@ -115,6 +122,8 @@ cdef class RingQueue:
     # Datagrams (and their bytes) dropped as oldest or refused as oversize, ever.
     cdef unsigned long long _dropped
     cdef unsigned long long _dropped_bytes
+    # The process-wide budget this queue's bytes count towards, or None.
+    cdef QueueBudget _budget
 
     cdef int _grow(self) except -1
     # Unlink the oldest datagram and hand its reference to the caller (_count > 0).

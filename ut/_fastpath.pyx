@@ -52,6 +52,7 @@ __all__ = [
     "KIND_PAD",
     "SEQ_LEN",
     "Deframer",
+    "QueueBudget",
     "RingQueue",
     "Resequencer",
     "LanePicker",

@@ -6,6 +6,45 @@ cdef enum:
     _RING_MIN_CAP = 16  # first allocation, in slots
 
 
+cdef class QueueBudget:
+    """One process-wide budget of queued payload bytes, shared by many ``RingQueue`` s
+    (issue 19: a server with many sessions whose queues fill must stay within its memory).
+
+    Every queue made with ``budget=`` adds its pushes to ``nbytes`` and takes its pops,
+    drops and clears away, so ``nbytes`` is always the sum of their ``nbytes``. The budget
+    refuses nothing by itself: the owner of the queues sheds datagrams (``RingQueue.
+    shrink_to``) when ``over`` says so, choosing whose (``ut.budget.shed``).
+
+    >>> b = QueueBudget(3)
+    >>> q = RingQueue(budget=b)
+    >>> q.push(b"ab"), q.push(b"cd"), b.nbytes, b.over
+    (0, 0, 4, True)
+    >>> q.shrink_to(2), b.nbytes, b.over
+    (1, 2, False)
+    """
+
+    def __cinit__(self, Py_ssize_t max_bytes):
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes {max_bytes!r} < 1")
+        self._max_bytes = max_bytes
+        self._nbytes = 0
+
+    @property
+    def max_bytes(self):
+        """The budget, in payload bytes."""
+        return self._max_bytes
+
+    @property
+    def nbytes(self):
+        """Payload bytes held by all the queues sharing this budget."""
+        return self._nbytes
+
+    @property
+    def over(self):
+        """True when the queues hold more than ``max_bytes``."""
+        return self._nbytes > self._max_bytes
+
+
 cdef class RingQueue:
     """FIFO of datagrams with drop-oldest backpressure (SPEC "Backpressure").
 
@@ -20,7 +59,8 @@ cdef class RingQueue:
     [b'b', b'c']
     """
 
-    def __cinit__(self, Py_ssize_t max_packets=4096, Py_ssize_t max_bytes=8388608):
+    def __cinit__(self, Py_ssize_t max_packets=4096, Py_ssize_t max_bytes=8388608,
+                  QueueBudget budget=None):
         if max_packets < 1:
             raise ValueError(f"max_packets {max_packets!r} < 1")
         if max_bytes < 1:
@@ -35,6 +75,7 @@ cdef class RingQueue:
         self._nbytes = 0
         self._dropped = 0
         self._dropped_bytes = 0
+        self._budget = budget
 
     def __dealloc__(self):
         self._discard_all()
@@ -76,12 +117,15 @@ cdef class RingQueue:
     cdef PyObject* _take_head(self) noexcept:
         # Unlink the oldest datagram and return its (now the caller's) reference.
         cdef PyObject* d = self._items[self._head]
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(<object>d)
         self._items[self._head] = NULL
         self._head += 1
         if self._head == self._cap:
             self._head = 0
         self._count -= 1
-        self._nbytes -= PyBytes_GET_SIZE(<object>d)
+        self._nbytes -= n
+        if self._budget is not None:
+            self._budget._nbytes -= n
         return d
 
     cdef void _discard_all(self) noexcept:
@@ -115,6 +159,8 @@ cdef class RingQueue:
         self._stamps[tail] = stamp
         self._count += 1
         self._nbytes += n
+        if self._budget is not None:
+            self._budget._nbytes += n
         return drops
 
     cdef bytes pop_unchecked(self):
@@ -185,6 +231,23 @@ cdef class RingQueue:
             Py_DECREF(<object>d)
             n += 1
         return n
+
+    def shrink_to(self, Py_ssize_t max_nbytes):
+        """Drop the oldest datagrams until at most ``max_nbytes`` payload bytes are left;
+        return how many. The budget's shedding (``ut.budget``): not added to ``dropped``
+        (the caller counts them under its own reason, ``budget``)."""
+        cdef Py_ssize_t n = 0
+        cdef PyObject* d
+        while self._count and self._nbytes > max_nbytes:
+            d = self._take_head()
+            Py_DECREF(<object>d)
+            n += 1
+        return n
+
+    @property
+    def budget(self):
+        """The ``QueueBudget`` this queue counts towards, or None."""
+        return self._budget
 
     def __len__(self):
         return self._count

@@ -62,6 +62,7 @@ __all__ = [
     "KIND_PAD",
     "SEQ_LEN",
     "Deframer",
+    "QueueBudget",
     "RingQueue",
     "Resequencer",
     "LanePicker",
@@ -440,6 +441,47 @@ class Deframer:
             raise FrameError("truncated", f"{held} bytes of an unfinished frame at end of stream")
 
 
+class QueueBudget:
+    """One process-wide budget of queued payload bytes, shared by many ``RingQueue`` s
+    (issue 19: a server with many sessions whose queues fill must stay within its memory).
+
+    Every queue made with ``budget=`` adds its pushes to ``nbytes`` and takes its pops,
+    drops and clears away, so ``nbytes`` is always the sum of their ``nbytes``. The budget
+    refuses nothing by itself: the owner of the queues sheds datagrams (``RingQueue.
+    shrink_to``) when ``over`` says so, choosing whose (``ut.budget.shed``).
+
+    >>> b = QueueBudget(3)
+    >>> q = RingQueue(budget=b)
+    >>> q.push(b"ab"), q.push(b"cd"), b.nbytes, b.over
+    (0, 0, 4, True)
+    >>> q.shrink_to(2), b.nbytes, b.over
+    (1, 2, False)
+    """
+
+    __slots__ = ("_max_bytes", "_nbytes")
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes {max_bytes!r} < 1")
+        self._max_bytes = max_bytes
+        self._nbytes = 0
+
+    @property
+    def max_bytes(self) -> int:
+        """The budget, in payload bytes."""
+        return self._max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes held by all the queues sharing this budget."""
+        return self._nbytes
+
+    @property
+    def over(self) -> bool:
+        """True when the queues hold more than ``max_bytes``."""
+        return self._nbytes > self._max_bytes
+
+
 class RingQueue:
     """FIFO of datagrams with drop-oldest backpressure (SPEC "Backpressure").
 
@@ -462,9 +504,11 @@ class RingQueue:
         "_nbytes",
         "_dropped",
         "_dropped_bytes",
+        "_budget",
     )
 
-    def __init__(self, max_packets: int = 4096, max_bytes: int = 8388608) -> None:
+    def __init__(self, max_packets: int = 4096, max_bytes: int = 8388608,
+                 budget: QueueBudget | None = None) -> None:
         if max_packets < 1:
             raise ValueError(f"max_packets {max_packets!r} < 1")
         if max_bytes < 1:
@@ -476,6 +520,18 @@ class RingQueue:
         self._nbytes = 0
         self._dropped = 0
         self._dropped_bytes = 0
+        self._budget = budget
+
+    def __del__(self) -> None:
+        # As the compiled ring's dealloc: what a queue held no longer counts.
+        if self._budget is not None:
+            self._budget._nbytes -= self._nbytes
+
+    def _taken(self, n: int) -> None:
+        """``n`` payload bytes left the queue (popped, dropped or cleared)."""
+        self._nbytes -= n
+        if self._budget is not None:
+            self._budget._nbytes -= n
 
     @property
     def max_packets(self) -> int:
@@ -506,13 +562,15 @@ class RingQueue:
         while len(items) >= self._max_packets or self._nbytes + n > self._max_bytes:
             old = items.popleft()
             self._stamps.popleft()
-            self._nbytes -= len(old)
+            self._taken(len(old))
             self._dropped_bytes += len(old)
             drops += 1
         self._dropped += drops
         items.append(datagram)
         self._stamps.append(stamp)
         self._nbytes += n
+        if self._budget is not None:
+            self._budget._nbytes += n
         return drops
 
     def pop(self) -> bytes:
@@ -521,7 +579,7 @@ class RingQueue:
             raise IndexError("pop from an empty RingQueue")
         d = self._items.popleft()
         self._stamps.popleft()
-        self._nbytes -= len(d)
+        self._taken(len(d))
         return d
 
     def pop_batch(self, max_count: int, max_bytes: int = 1 << 30) -> list[bytes]:
@@ -540,7 +598,7 @@ class RingQueue:
             out.append(items.popleft())
             stamps.popleft()
             total += n
-        self._nbytes -= total
+        self._taken(total)
         return out
 
     def clear(self) -> int:
@@ -549,7 +607,7 @@ class RingQueue:
         n = len(self._items)
         self._items.clear()
         self._stamps.clear()
-        self._nbytes = 0
+        self._taken(self._nbytes)
         return n
 
     def drop_stale(self, before: float) -> int:
@@ -565,9 +623,26 @@ class RingQueue:
         n = 0
         while stamps and stamps[0] < before:
             stamps.popleft()
-            self._nbytes -= len(items.popleft())
+            self._taken(len(items.popleft()))
             n += 1
         return n
+
+    def shrink_to(self, max_nbytes: int) -> int:
+        """Drop the oldest datagrams until at most ``max_nbytes`` payload bytes are left;
+        return how many. The budget's shedding (``ut.budget``): not added to ``dropped``
+        (the caller counts them under its own reason, ``budget``)."""
+        items, stamps = self._items, self._stamps
+        n = 0
+        while items and self._nbytes > max_nbytes:
+            stamps.popleft()
+            self._taken(len(items.popleft()))
+            n += 1
+        return n
+
+    @property
+    def budget(self) -> QueueBudget | None:
+        """The ``QueueBudget`` this queue counts towards, or None."""
+        return self._budget
 
     def __len__(self) -> int:
         return len(self._items)

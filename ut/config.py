@@ -77,6 +77,7 @@ from ut.configschema import (
     TCP_BUF_MIN,
     FallbackConfig,
     KeySpec,
+    LimitsConfig,
     LogConfig,
     MetricsConfig,
     QueueConfig,
@@ -93,6 +94,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FallbackConfig",
+    "LimitsConfig",
     "LogConfig",
     "MetricsConfig",
     "QueueConfig",
@@ -154,6 +156,7 @@ class Config:
     source: str
     shaping: ShapingConfig = ShapingConfig()
     fallback: FallbackConfig = FallbackConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def is_client(self) -> bool:
@@ -661,5 +664,6 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
         log=LogConfig(**sections["log"]),
         shaping=ShapingConfig(**sections["shaping"]),
         fallback=FallbackConfig(**sections["fallback"]),
+        limits=LimitsConfig(**sections["limits"]),
         source=file,
     )

@@ -45,6 +45,7 @@ __all__ = [
     "TCP_BUF_MAX",
     "TCP_BUF_MIN",
     "KeySpec",
+    "LimitsConfig",
     "LogConfig",
     "MetricsConfig",
     "QueueConfig",
@@ -83,6 +84,12 @@ QUEUE_MAX_AGE_SECONDS = 3.0
 QUEUE_MAX_AGE_MIN = 0.1
 QUEUE_MAX_AGE_MAX = 3600.0
 SHOW_MAX = 60  # error messages quote at most this many characters of a value
+# limits: (issue 19): counts of sessions, lanes and pending connections.
+LIMIT_COUNT_MAX = 1_000_000
+# limits.queue_budget_bytes: 128 MiB of queued payload keeps a server with every
+# queue full well inside the design's 512 MiB (a bytes object costs ~33 bytes more
+# than its payload), yet is 16 sessions' worth of full 8 MiB queues at once.
+QUEUE_BUDGET_BYTES = 128 * 1024 * 1024
 
 _C, _S = ("client",), ("server",)
 CLIENT_AUTHS = ("handshake", "proof")
@@ -449,6 +456,23 @@ class ShapingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """``limits:`` — the server's robustness bounds (issue 19), far above what a normal
+    site meets: at one, a new session or lane is refused (ERR ``limit``), counted in
+    ``ut_limit_refusals_total`` and logged (debounced); what is established goes on."""
+
+    max_sessions: int = setting(10000, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
+    # A client runs one session at a time; a restarted one leaves its old session
+    # lingering (tcp.session_linger_seconds). Lingering sessions give way first.
+    max_sessions_per_cn: int = setting(64, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
+    max_lanes: int = setting(20000, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
+    # Connections not yet through TLS + HELLO; at the cap the oldest is dropped.
+    max_pending: int = setting(512, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
+    queue_budget_bytes: int = setting(QUEUE_BUDGET_BYTES, roles=_S,
+                                      check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``log:``."""
 
@@ -466,6 +490,7 @@ SECTION_CLASSES: dict[str, type[Any]] = {
     "tls": TlsConfig,
     "shaping": ShapingConfig,
     "fallback": FallbackConfig,
+    "limits": LimitsConfig,
     "log": LogConfig,
 }
 #: Every key: ``SCHEMA[section][name] -> KeySpec``, read off the section dataclasses

@@ -41,6 +41,7 @@ __all__ = [
     "ERR_PROTOCOL_ERROR",
     "ERR_HELLO_TIMEOUT",
     "ERR_INTERNAL",
+    "ERR_LIMIT",
     "ERR_CODES",
     "ERR_MESSAGE_MAX_BYTES",
     "Hello",
@@ -74,12 +75,14 @@ ERR_LANE_ID_OUT_OF_RANGE = 2  # HELLO lane_id >= the server's lane limit
 ERR_PROTOCOL_ERROR = 3  # any other protocol violation
 ERR_HELLO_TIMEOUT = 4  # no HELLO arrived in time after the TLS handshake
 ERR_INTERNAL = 5  # the server could not serve the lane (e.g. no UDP socket)
+ERR_LIMIT = 6  # the server is at a resource bound (limits:); the client retries later
 ERR_CODES = {
     ERR_BAD_HELLO: "bad_hello",
     ERR_LANE_ID_OUT_OF_RANGE: "lane_id_out_of_range",
     ERR_PROTOCOL_ERROR: "protocol_error",
     ERR_HELLO_TIMEOUT: "hello_timeout",
     ERR_INTERNAL: "internal",
+    ERR_LIMIT: "limit",
 }
 #: ERR messages longer than this are cut (at a character boundary) when encoded.
 ERR_MESSAGE_MAX_BYTES = 512

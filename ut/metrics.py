@@ -43,6 +43,7 @@ from .stats import (
     DROP_PATH,
     DROP_REASONS,
     FORWARD_BUCKETS,
+    LIMIT_REFUSAL_REASONS,
     PROTOCOL_ERROR_REASONS,
     Counters,
     Histogram,
@@ -107,6 +108,9 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter", "TLS handshakes refused or failed, by reason."),
     "ut_protocol_errors_total": (
         "counter", "Protocol errors on lanes (bad frames, bad control messages), by reason."),
+    "ut_limit_refusals_total": (
+        "counter", "New sessions or lanes the server refused at one of its resource bounds "
+                   "(limits:, file descriptors), by reason."),
     "ut_web_face_connections_total": (
         "counter", "Connections that were not clients, answered as a web site "
                    "(tls.client_auth: proof), by answer: plain, fallback or site."),
@@ -233,13 +237,17 @@ def families(
     for reason, n in sorted({**dict.fromkeys(PROTOCOL_ERROR_REASONS, 0),
                              **stats.protocol_errors}.items()):
         errors.add((reason,), n)
+    limits = Family("ut_limit_refusals_total", ("reason",))
     web = Family("ut_web_face_connections_total", ("answer",))
     if stats.role == "server":
+        for reason, n in sorted({**dict.fromkeys(LIMIT_REFUSAL_REASONS, 0),
+                                 **stats.limit_refusals}.items()):
+            limits.add((reason,), n)
         for answer, n in sorted({**dict.fromkeys(WEB_FACE_ANSWERS, 0), **stats.web_face}.items()):
             web.add((answer,), n)
     return [info, configured, sessions, lanes, lanes_twin, queue, in_pk, in_by, out_pk, out_by,
             drops, reconnects, reorder_skipped, reorder_late, frames, nbytes, latency,
-            handshakes, failures, errors, web]
+            handshakes, failures, errors, limits, web]
 
 
 def _escape(value: str) -> str:

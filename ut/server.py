@@ -14,13 +14,29 @@ one client can never join another's session. Each session owns one connected
 UDP socket towards ``udp.wg_udp_addr``, opened once, so WireGuard sees one
 stable source port per session; the session lingers ``session_linger_seconds``
 after its last lane so a returning client keeps that port.
+
+Bounds (issue 19, ``limits:``; docs/config.md): sessions per CN and in all (a lingering
+session gives way to a new one before anything is refused), lanes in all, connections
+pending TLS + HELLO (the oldest is dropped), queued bytes in all (``ut.budget``), and
+file descriptors: a lane or session whose descriptor would be among the top
+``FD_RESERVE`` of ``RLIMIT_NOFILE`` is refused, so metrics scrapes and established
+sessions keep working at the limit. A refusal after HELLO is ERR ``limit``; each is
+counted in ``ut_limit_refusals_total{reason}`` and logged at most once per reason and
+window (``lane_refused``).
+
+Mass events (issue 19, point 4): lingering sessions end in batches of ``LINGER_BATCH``
+per loop pass from one ordered list (one timer, not one per session); the per-lane and
+per-session log lines go through a ``LineBudget`` (a summary line once there are many);
+``close`` gives lanes ``CLOSE_GRACE_SECONDS`` to take their GOODBYE and then aborts them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -29,11 +45,13 @@ from typing import Any
 from . import fastpath
 from ._version import __version__
 from .addr import format_addr, parse_addr
+from .budget import shed
 from .config import Config
 from .control import (
     ERR_BAD_HELLO,
     ERR_HELLO_TIMEOUT,
     ERR_INTERNAL,
+    ERR_LIMIT,
     GOODBYE_IDLE,
     GOODBYE_SHUTDOWN,
     Hello,
@@ -41,6 +59,7 @@ from .control import (
 from .gate import NotAClient
 from .lane import Lane
 from .laneproto import LaneMachine, State, Violation
+from .logbudget import LineBudget
 from .logs import Debounced, event
 from .proof import PROOF_REASONS
 from .session import Session, hello_flags, session_options
@@ -60,8 +79,24 @@ LISTEN_BACKLOG = 512
 # pending connection is dropped to admit the new one: a real client finishes
 # TLS + HELLO in milliseconds, so a slowloris crowd has to churn the whole cap
 # within that time to push it out, whereas refusing the newest would let
-# 512 idle sockets lock every client out until their timeouts.
+# 512 idle sockets lock every client out until their timeouts. The default of
+# limits.max_pending.
 MAX_PENDING_LANES = 512
+# File descriptors kept free for what must work at the limit: metrics scrapes, the web
+# face's relays to fallback.addr, a log file. Lanes and session sockets never take one
+# numbered in the top FD_RESERVE of RLIMIT_NOFILE (the kernel hands out the lowest free
+# number, so a number that high means the ones below are all taken).
+FD_RESERVE = 64
+# Lingering sessions ended per loop pass at most: 5,000 ending in one pass stalled the
+# loop for tens of milliseconds (bench/results/issue19-abuse.md).
+LINGER_BATCH = 200
+# Server.close(): how long lanes whose GOODBYE is written may take to close cleanly
+# before they are aborted (a peer that never reads its socket would hold the exit).
+CLOSE_GRACE_SECONDS = 0.5
+# Per-lane and per-session log lines: at most this many per window, then a summary.
+MASS_LOG_BURST = 200
+MASS_LOG_WINDOW_SECONDS = 1.0
+MASS_EVENTS = frozenset({"lane_open", "lane_close", "session_open", "session_close"})
 # One tls_handshake_fail / lane_refused line per reason per window.
 REFUSAL_LOG_WINDOW_SECONDS = 5.0
 # The server closes a session's lanes after this many times tcp.idle_seconds without
@@ -75,22 +110,46 @@ def _close_if_cancelled(conn: socket.socket, task: asyncio.Task) -> None:
         conn.close()
 
 
+def fd_ceiling(reserve: int = FD_RESERVE) -> int:
+    """The lowest descriptor number a lane or session socket may not have: the soft
+    ``RLIMIT_NOFILE`` less ``reserve`` (never below half the limit)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1 << 30
+    return max(soft - reserve, soft // 2)
+
+
+class LimitReached(Exception):
+    """A new session or lane would pass one of the server's bounds (``reason``)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
 class ServerSession(Session):
     role = "server"
 
-    def __init__(self, server: Server, **kw: Any) -> None:
-        super().__init__(server.loop, server._stats, **kw)
+    def __init__(self, server: Server, sock: socket.socket, **kw: Any) -> None:
+        super().__init__(server.loop, server._stats, budget=server.budget, **kw)
         self.server = server
         self.key = (self.client_cn, self.session_id)
         self.active_lanes = 0
-        self._linger: asyncio.TimerHandle | None = None
         self._udp_err_log = Debounced(5.0)
-        sock = open_udp_socket(connect=server.wg_addr)
         self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error,
                            self.count_socket_drops)
         self.udp.start()
         self.counters.sessions_active += 1
         self.log("session_open", udp_local=format_addr(self.udp.address))
+
+    def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
+        # Lines that come one per lane or session go through the server's line budget.
+        if name in MASS_EVENTS and not self.server.log_budget.allow(name, fields.get("reason")):
+            return
+        super().log(name, level, **fields)
+
+    def over_budget(self) -> None:
+        self.server.shed_queues()
 
     def on_udp_batch(self, batch: list) -> None:
         self.push_datagrams([d for d, _ in batch])
@@ -106,23 +165,21 @@ class ServerSession(Session):
 
     def admit(self, lane: Lane) -> None:
         self.active_lanes += 1
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+        self.server.lanes_total += 1
+        self.server.stop_linger(self)
         self.lane_up(lane)
 
     def after_lane_lost(self, lane: Lane, exc: BaseException | None) -> None:
         self.active_lanes -= 1
+        self.server.lanes_total -= 1
         if self.active_lanes == 0 and not self.closed:
-            linger = self.server.config.tcp.session_linger_seconds
-            self._linger = self.loop.call_later(linger, self.server.end_session, self, "linger")
+            self.server.start_linger(self)
 
     def close(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._linger is not None:
-            self._linger.cancel()
+        self.server.stop_linger(self)
         self.close_lanes(GOODBYE_SHUTDOWN, reason)
         self.flush_reorder()
         self.udp.close()
@@ -165,7 +222,19 @@ class Server:
         # keep insertion order): value = the HELLO timer once TLS is done.
         self._pending: dict[Lane, asyncio.TimerHandle | None] = {}
         self._pending_tasks: dict[Lane, asyncio.Task] = {}
-        self.max_pending = MAX_PENDING_LANES
+        self.limits = config.limits
+        self.max_pending = config.limits.max_pending
+        # Every session's queue counts towards this (ut.budget).
+        self.budget = fastpath.QueueBudget(config.limits.queue_budget_bytes)
+        self.sessions_per_cn: dict[str, int] = {}
+        self.lanes_total = 0  # lanes admitted into a session (HELLO done), all sessions
+        # Sessions with no lane, in the order they began to linger, which is the order
+        # they expire in (the linger is one constant): value = when.
+        self._lingering: dict[ServerSession, float] = {}
+        self._lingering_by_cn: dict[str, dict[ServerSession, None]] = {}
+        self._linger_timer: asyncio.Handle | None = None
+        self._fd_ceiling = 1 << 30  # set by start() from RLIMIT_NOFILE
+        self.log_budget = LineBudget(MASS_LOG_BURST, MASS_LOG_WINDOW_SECONDS, "server")
         # Refusals are logged at most once per reason per window (with a count),
         # so a flood of garbage connections cannot flood the log.
         self._refusal_logs: dict[tuple[str, str], Debounced] = {}
@@ -175,6 +244,7 @@ class Server:
         """Listen for lanes and serve metrics."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
+        self._fd_ceiling = fd_ceiling()
         self.transport = server_transport(cfg, self._stats.web_answer)
         self.ssl_context = self.transport.ssl_context
         host, port = parse_addr(cfg.tcp.listen_addr)
@@ -227,8 +297,18 @@ class Server:
             except asyncio.CancelledError:
                 raise
             except OSError as exc:  # EMFILE and friends: wait, do not spin
-                event("accept_fail", logging.ERROR, role="server", err=str(exc))
+                self._stats.limit_refused("accept_error")
+                self._log_refusal("accept_fail", errno.errorcode.get(exc.errno or 0, "other"),
+                                  logging.ERROR, err=str(exc))
                 await asyncio.sleep(0.1)
+                continue
+            if conn.fileno() >= self._fd_ceiling:
+                # Near RLIMIT_NOFILE: keep the reserve for scrapes and what is established.
+                conn.close()
+                self._stats.limit_refused("fds")
+                self._log_refusal("lane_refused", "fds", peer=format_addr(peer),
+                                  err=f"file descriptors near the limit ({self._fd_ceiling}"
+                                      f" + {FD_RESERVE} reserved): connection closed")
                 continue
             transport.accepted(conn)
             while len(self._pending) >= self.max_pending:
@@ -262,14 +342,15 @@ class Server:
                     session.log("idle_close", lanes=session.active_lanes, idle_seconds=idle)
                     session.close_lanes(GOODBYE_IDLE, "idle")
 
-    def _log_refusal(self, name: str, reason: str, **fields: Any) -> None:
+    def _log_refusal(self, name: str, reason: str, level: int = logging.WARNING,
+                     **fields: Any) -> None:
         key = (name, reason)
         deb = self._refusal_logs.get(key)
         if deb is None:
             deb = self._refusal_logs[key] = Debounced(REFUSAL_LOG_WINDOW_SECONDS)
         due = deb.hit()
         if due:
-            event(name, logging.WARNING, role="server", reason=reason, count=due, **fields)
+            event(name, level, role="server", reason=reason, count=due, **fields)
 
     def _evict_oldest_pending(self) -> None:
         """Make room under ``max_pending``: drop the connection pending longest."""
@@ -341,6 +422,75 @@ class Server:
                           client_cn=lane.client_cn or None, err=text)
         lane.end_with_err(code, text, reason)
 
+    def _refuse_limit(self, lane: Lane, refusal: LimitReached) -> None:
+        """Refuse a lane at one of the bounds: counted by reason, logged, ERR limit."""
+        self._stats.limit_refused(refusal.reason)
+        self._log_refusal("lane_refused", refusal.reason, peer=format_addr(lane.peer),
+                          client_cn=lane.client_cn or None, err=str(refusal),
+                          sessions=len(self.sessions), lanes=self.lanes_total)
+        lane.end_with_err(ERR_LIMIT, str(refusal), f"limit_{refusal.reason}")
+
+    # -- bounds -----------------------------------------------------------------
+    def _make_room(self, client_cn: str) -> None:
+        """Room for one more session of ``client_cn``, a lingering one giving way if
+        need be (its own CN's first); ``LimitReached`` when every session has lanes."""
+        limits = self.limits
+        if self.sessions_per_cn.get(client_cn, 0) >= limits.max_sessions_per_cn:
+            if not self._end_oldest_lingering(self._lingering_by_cn.get(client_cn)):
+                raise LimitReached("sessions_per_cn", f"{limits.max_sessions_per_cn} sessions "
+                                   f"of this client (limits.max_sessions_per_cn), each with lanes")
+        if len(self.sessions) >= limits.max_sessions:
+            if not self._end_oldest_lingering(self._lingering):
+                raise LimitReached("sessions", f"{limits.max_sessions} sessions in all "
+                                   "(limits.max_sessions), each with lanes")
+
+    def _end_oldest_lingering(self, lingering: dict | None) -> bool:
+        if not lingering:
+            return False
+        self.end_session(next(iter(lingering)), "limit")
+        return True
+
+    def shed_queues(self) -> None:
+        """The session queues together are over ``limits.queue_budget_bytes``: drop the
+        oldest datagrams of the longest ones (``ut.budget.shed``), each counted."""
+        for session, n in shed(self.budget, self.sessions.values()):
+            session.count_budget(n)
+
+    def start_linger(self, session: ServerSession) -> None:
+        """``session`` lost its last lane: it ends ``session_linger_seconds`` from now
+        unless a lane comes back (``stop_linger``)."""
+        when = self.loop.time() + self.config.tcp.session_linger_seconds
+        self._lingering[session] = when
+        self._lingering_by_cn.setdefault(session.client_cn, {})[session] = None
+        if self._linger_timer is None:
+            self._linger_timer = self.loop.call_at(when, self._end_lingering)
+
+    def stop_linger(self, session: ServerSession) -> None:
+        if self._lingering.pop(session, None) is None:
+            return
+        by_cn = self._lingering_by_cn[session.client_cn]
+        del by_cn[session]
+        if not by_cn:
+            del self._lingering_by_cn[session.client_cn]
+
+    def _end_lingering(self) -> None:
+        """End the sessions whose linger is over, oldest first, ``LINGER_BATCH`` per loop
+        pass; come back for the rest (next pass) or at the next one's time."""
+        self._linger_timer = None
+        now = self.loop.time()
+        for _ in range(LINGER_BATCH):
+            if not self._lingering:
+                return
+            session, when = next(iter(self._lingering.items()))
+            if when > now:
+                self._linger_timer = self.loop.call_at(when, self._end_lingering)
+                return
+            self.stop_linger(session)
+            if session.active_lanes == 0:  # a lane that came back took it off the list
+                self.end_session(session, "linger")
+        if self._lingering:
+            self._linger_timer = self.loop.call_soon(self._end_lingering)
+
     # -- LaneOwner: the server owns every lane it accepts ------------------------
     def lane_hello(self, lane: Lane, hello: Hello, flags: int) -> None:
         """A valid client HELLO (its lane machine checked it): admit the lane into the
@@ -357,15 +507,23 @@ class Server:
             return
         key = (lane.client_cn, hello.session_id)
         session = self.sessions.get(key)
-        if session is None:
-            try:
+        replaces = session is not None and session.lanes[hello.lane_id] is not None
+        try:
+            if self.lanes_total >= self.limits.max_lanes and not replaces:
+                raise LimitReached("lanes", f"{self.limits.max_lanes} lanes in all "
+                                   "(limits.max_lanes)")
+            if session is None:
+                self._make_room(lane.client_cn)
                 session = self._new_session(lane.client_cn, hello.session_id)
-            except OSError as exc:
-                event("session_open_fail", logging.ERROR, role="server",
-                      client_cn=lane.client_cn, err=str(exc))
-                lane.end_with_err(ERR_INTERNAL, "cannot open UDP towards WireGuard",
-                                  "udp_open_failed")
-                return
+        except LimitReached as refusal:
+            self._refuse_limit(lane, refusal)
+            return
+        except OSError as exc:
+            event("session_open_fail", logging.ERROR, role="server",
+                  client_cn=lane.client_cn, err=str(exc))
+            lane.end_with_err(ERR_INTERNAL, "cannot open UDP towards WireGuard",
+                              "udp_open_failed")
+            return
         lane.session = session
         # FLAG_SEQ on the client's HELLO: it resequences, so number what we send it
         # (docs/protocol.md, "Sequence numbers"); FLAG_PAD, read by the lane's machine:
@@ -404,25 +562,47 @@ class Server:
 
     def _new_session(self, client_cn: str, session_id: int) -> ServerSession:
         cfg = self.config
-        session = ServerSession(
-            self, client_cn=client_cn, session_id=session_id, n_lanes=cfg.tcp.lanes,
-            max_packets=cfg.queue.max_packets, max_bytes=cfg.queue.max_bytes,
-            **session_options(cfg),
-        )
+        try:
+            sock = open_udp_socket(connect=self.wg_addr)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise LimitReached("fds", f"no file descriptor for a new session: {exc}") from exc
+            raise
+        if sock.fileno() >= self._fd_ceiling:
+            sock.close()
+            raise LimitReached("fds", f"file descriptors near the limit ({self._fd_ceiling}"
+                               f" + {FD_RESERVE} reserved): no new session")
+        try:
+            session = ServerSession(
+                self, sock, client_cn=client_cn, session_id=session_id, n_lanes=cfg.tcp.lanes,
+                max_packets=cfg.queue.max_packets, max_bytes=cfg.queue.max_bytes,
+                **session_options(cfg),
+            )
+        except BaseException:
+            sock.close()
+            raise
         self.sessions[session.key] = session
         self._stats.sessions[session.key] = session
+        self.sessions_per_cn[client_cn] = self.sessions_per_cn.get(client_cn, 0) + 1
         return session
 
     def end_session(self, session: ServerSession, reason: str) -> None:
+        self.stop_linger(session)
         if self.sessions.get(session.key) is session:
             del self.sessions[session.key]
             self._stats.sessions.pop(session.key, None)
+            n = self.sessions_per_cn[session.client_cn] - 1
+            if n:
+                self.sessions_per_cn[session.client_cn] = n
+            else:
+                del self.sessions_per_cn[session.client_cn]
         session.close(reason)
 
     # -- life cycle -------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """A snapshot of every counter (see ``ut.stats.TunnelStats.snapshot``)."""
         snap = self._stats.snapshot()
+        snap["queue_budget"] = {"nbytes": self.budget.nbytes, "max_bytes": self.budget.max_bytes}
         snap["sessions"] = [
             {"client_cn": s.client_cn, "session_id": f"{s.session_id:016x}",
              "lanes": s.active_lanes, "udp_local": format_addr(s.udp.address)}
@@ -439,6 +619,9 @@ class Server:
             self._accept_task.cancel()
         if self._idle_task is not None:
             self._idle_task.cancel()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self._listen_sock is not None:
             self._listen_sock.close()
         for task in list(self._handshakes):
@@ -451,7 +634,15 @@ class Server:
         for session in list(self.sessions.values()):
             self.end_session(session, "shutdown")
         if lanes:
-            await asyncio.wait([lane.lost for lane in lanes], timeout=2.0)
+            # GOODBYE is written: a peer that reads closes within a round trip or two;
+            # one that does not (gone, or its loop stuck) must not hold the exit.
+            await asyncio.wait([lane.lost for lane in lanes], timeout=CLOSE_GRACE_SECONDS)
+            late = [lane for lane in lanes if not lane.lost.done()]
+            for lane in late:
+                lane.abort("shutdown")
+            if late:
+                await asyncio.wait([lane.lost for lane in late], timeout=0.2)
+        self.log_budget.close()
         if self.metrics is not None:
             await self.metrics.close()
         event("stop", role="server")

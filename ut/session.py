@@ -35,6 +35,10 @@ dialling and accepting):
   once per batch taken and once per batch pushed (``RingQueue.drop_stale``): O(1) on a
   healthy link, whatever the queue holds. It changes nothing else (no lane cap); the
   stricter ``queue.max_delay_ms`` is the AQM of a slow uplink.
+* The queued-bytes budget (issue 19, server, ``limits.queue_budget_bytes``): a session
+  made with ``budget=`` counts its queue towards that process-wide budget; a push that
+  leaves it exceeded calls ``over_budget`` (the server sheds the longest queues,
+  ``ut.budget``), whose drops each session counts as ``budget`` (``count_budget``).
 """
 
 from __future__ import annotations
@@ -136,13 +140,17 @@ class Session:
         max_queue_age: float = 0.0,
         padding: bool = False,
         coalesce: float = 0.0,
+        budget: Any = None,
     ) -> None:
         self.loop = loop
         self.stats = stats
         self.client_cn = client_cn
         self.session_id = session_id
         self.counters: Counters = stats.counters(client_cn)
-        self.queue = fastpath.RingQueue(max_packets, max_bytes)
+        # budget: the server's process-wide fastpath.QueueBudget, or None (ut.budget).
+        self.queue = fastpath.RingQueue(max_packets, max_bytes, budget)
+        self._budget = budget
+        self._budget_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self.n_lanes = n_lanes
         self.picker = fastpath.LanePicker(n_lanes, lane_pick)
         self._hash = lane_pick == "hash"
@@ -240,6 +248,8 @@ class Session:
             self._count_oversize(oversize)
         if dropped:
             self._count_oldest(dropped)
+        if self._budget is not None and self._budget.over:
+            self.over_budget()
         if len(queue):
             if self.coalesce and queue.nbytes < COALESCE_BYTES:
                 if self._coalescing is None:
@@ -285,6 +295,19 @@ class Session:
                 "queue_drop_oldest", logging.WARNING, dropped=due,
                 queue_len=len(self.queue), queue_bytes=self.queue.nbytes,
             )
+
+    def count_budget(self, n: int) -> None:
+        """``n`` of our queued datagrams were shed to keep every session's queues together
+        within the process-wide budget (``ut.budget``)."""
+        self.counters.drop("budget", n)
+        due = self._budget_log.hit(n)
+        if due:
+            self.log("queue_drop_budget", logging.WARNING, dropped=due,
+                     queue_len=len(self.queue), queue_bytes=self.queue.nbytes,
+                     budget_bytes=self._budget.max_bytes if self._budget is not None else None)
+
+    def over_budget(self) -> None:
+        """Hook: the queues sharing our budget hold more than it (the server sheds)."""
 
     def wants_lanes(self) -> None:
         """Hook: the client dials here; a server cannot (it waits for lanes)."""

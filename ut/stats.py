@@ -38,6 +38,7 @@ DIRECTIONS = ("up", "down")
 DROP_PATH: dict[str, str] = {
     "udp_socket_full": "socket",  # the kernel dropped it at our full UDP socket (Linux)
     "oldest": "in",  # session queue full (packets or bytes): the oldest datagram made room
+    "budget": "in",  # server: every session's queue together at limits.queue_budget_bytes
     "stale": "in",  # waited in the session queue longer than queue.max_delay_ms
     "oversize": "in",  # datagram larger than one PDU can carry (logged as pdu_too_large)
     "no_lane": "in",  # still queued when the session closed (idle, linger, shutdown)
@@ -64,6 +65,16 @@ PROTOCOL_ERROR_REASONS: tuple[str, ...] = (
     "lane_id_out_of_range", "evicted",
     # an error without a reason of its own
     "protocol_error",
+)
+
+# Every reason the server refuses a new session or lane at one of its resource bounds
+# (``ut_limit_refusals_total{reason}``, issue 19, docs/metrics.md), exported at 0.
+LIMIT_REFUSAL_REASONS: tuple[str, ...] = (
+    "sessions_per_cn",  # limits.max_sessions_per_cn sessions of this CN, none lingering
+    "sessions",  # limits.max_sessions in all, none lingering
+    "lanes",  # limits.max_lanes lanes open in all
+    "fds",  # near the file descriptor limit (RLIMIT_NOFILE less a reserve)
+    "accept_error",  # accept() itself failed (EMFILE, ENFILE, ENOBUFS, ...)
 )
 
 
@@ -161,6 +172,8 @@ class TunnelStats:
     handshake_seconds: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_BUCKETS))
     handshake_failures: dict[str, int] = field(default_factory=dict)
     protocol_errors: dict[str, int] = field(default_factory=dict)
+    # New sessions or lanes refused at a resource bound (server), by LIMIT_REFUSAL_REASONS.
+    limit_refusals: dict[str, int] = field(default_factory=dict)
     # Connections the server answered as a web site (tls.client_auth: proof), by answer.
     web_face: dict[str, int] = field(default_factory=dict)
     # Live sessions: key -> object with ``counters`` and ``queue`` (len() = queue length).
@@ -190,6 +203,9 @@ class TunnelStats:
 
     def protocol_error(self, reason: str) -> None:
         self.protocol_errors[reason] = self.protocol_errors.get(reason, 0) + 1
+
+    def limit_refused(self, reason: str) -> None:
+        self.limit_refusals[reason] = self.limit_refusals.get(reason, 0) + 1
 
     def queue_len(self, client_cn: str | None = None) -> int:
         return sum(
@@ -232,6 +248,7 @@ class TunnelStats:
             "handshakes": self.handshake_seconds.count,
             "handshake_failures": dict(self.handshake_failures),
             "protocol_errors": dict(self.protocol_errors),
+            "limit_refusals": dict(self.limit_refusals),
             "web_face": dict(self.web_face),
             "by_cn": {
                 cn: {
