@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import pytest
 import ut
 from ut._testbase import probes
 from ut._testbase.certs import TestPki
-from ut._testbase.nginx import Nginx, nginx_binary
+from ut._testbase.nginx import Nginx
+from ut._testbase.require import require_tools
 from ut._testbase.tunnelkit import UdpEcho, run_on, server_config
 
 # nginx's timeouts, shortened for the test on both sides (the web face's defaults are
@@ -38,18 +38,9 @@ TIME_FACTOR = (HELLO_TIMEOUT + HEADER_TIMEOUT) / HEADER_TIMEOUT + 0.25
 GET = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
-def _need(*tools: str) -> None:
-    missing = [t for t in tools if (nginx_binary() if t == "nginx" else shutil.which(t)) is None]
-    if missing:
-        msg = f"not installed: {', '.join(missing)} (Debian: nginx-light, openssl, curl)"
-        if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):
-            pytest.fail(msg + " (UT_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def nginx(pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    _need("nginx", "openssl", "curl")
+    require_tools("nginx", "openssl", "curl")
     ng = Nginx(tmp_path_factory.mktemp("nginx"), pki.server_cert, pki.server_key,
                header_timeout=HEADER_TIMEOUT).start()
     try:

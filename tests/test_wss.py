@@ -8,9 +8,7 @@ The real-WireGuard versions of these are in tests/e2e/test_wss.py.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,9 @@ import pytest
 import ut
 from ut._testbase import probes
 from ut._testbase.certs import TestPki
-from ut._testbase.nginx import free_port, guide_reverse_proxy, nginx_binary
-from ut._testbase.tinyproxy import Tinyproxy, tinyproxy_binary
+from ut._testbase.nginx import free_port, guide_reverse_proxy
+from ut._testbase.require import require_tools
+from ut._testbase.tinyproxy import Tinyproxy
 from ut._testbase.tunnelkit import (
     UdpEcho,
     UdpPeer,
@@ -35,16 +34,6 @@ from ut.httpproxy import parse_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 WSS = {"tcp": {"transport": "wss", "ws_path": "/ws"}}
-
-
-def _need(*tools: str) -> None:
-    found = {"nginx": nginx_binary, "tinyproxy": tinyproxy_binary}
-    missing = [t for t in tools if (found[t]() if t in found else shutil.which(t)) is None]
-    if missing:
-        msg = f"not installed: {', '.join(missing)} (Debian: nginx-light, tinyproxy)"
-        if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):
-            pytest.fail(msg + " (UT_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
-        pytest.skip(msg)
 
 
 async def _echo_through(client: ut.Client, n: int = 300) -> None:
@@ -112,7 +101,7 @@ def _guide_server_yaml() -> dict:
 def test_behind_nginx_with_the_guides_config(pki: TestPki, tmp_path: Path) -> None:
     """The server speaks plain WebSocket on loopback (transport: ws) behind the guide's
     nginx, which terminates TLS and serves the site on every other path."""
-    _need("nginx")
+    require_tools("nginx")
     guide = _guide_server_yaml()
     assert guide["tcp"]["transport"] == "ws" and guide["tcp"]["ws_path"] == "/ws"
 
@@ -152,7 +141,7 @@ def test_behind_nginx_with_the_guides_config(pki: TestPki, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("transport", ["tls", "wss"])
 def test_through_tinyproxy(pki: TestPki, tmp_path: Path, transport: str) -> None:
-    _need("tinyproxy")
+    require_tools("tinyproxy")
     proxy = Tinyproxy(tmp_path / "tp").start()
     try:
         async def main() -> None:

@@ -139,18 +139,10 @@ def test_64mib_both_ways_with_client_proof(tun, big_file, http_url):
     """Issue 17: no CertificateRequest; the client proves itself after the handshake.
     WireGuard runs through as with handshake mTLS; the server saw no visitor."""
     bed = tun
-    path, digest = big_file
     srv, (cli,) = _start_tunnel(bed, server=PROOF, client=PROOF)
     bed.wait_ping(bed.home, bed.cloud, within=FIRST_PING_WITHIN)
-    dest = bed.wd / "download-proof.bin"
-    secs = bed.download(bed.home, f"{http_url}/{path.name}", dest, max_time=180)
-    assert sha256_file(dest) == digest
-    reply, usecs = bed.upload(bed.home, dest, f"{http_url}/upload/up-proof.bin", max_time=180)
-    assert reply == {"sha256": digest, "bytes": path.stat().st_size}
-    size_mbit = path.stat().st_size * 8 / 1e6
-    print(f"\nproof mode: 64 MiB down {size_mbit / secs:.0f} Mbit/s, up {size_mbit / usecs:.0f} Mbit/s")
-    dest.unlink()
-    (bed.wd / "www" / "uploads" / "up-proof.bin").unlink()
+    down, up = bed.both_ways(bed.home, *big_file, http_url, "proof")
+    print(f"\nproof mode: 64 MiB down {down:.0f} Mbit/s, up {up:.0f} Mbit/s")
     s = bed.metrics(bed.cloud)
     assert metric_sum(s, "ut_lanes_active_total") == LANES
     assert metric_sum(s, "ut_web_face_connections_total") == 0

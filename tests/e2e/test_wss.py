@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from ut._testbase.netbed import NetBed, metric_sum, sha256_file
-from ut._testbase.nginx import guide_reverse_proxy, nginx_binary
-from ut._testbase.tinyproxy import Tinyproxy, tinyproxy_binary
+from ut._testbase.netbed import NetBed, deep_merge, metric_sum
+from ut._testbase.nginx import guide_reverse_proxy
+from ut._testbase.require import require_tools
+from ut._testbase.tinyproxy import Tinyproxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,40 +33,14 @@ NGINX_PORT = 443
 PROXY_PORT = 8888
 
 
-def _need(tool: str, found: object) -> None:
-    if found is None:
-        import os
-
-        msg = f"{tool} is not installed"
-        if os.environ.get("UT_REQUIRE_E2E", "") not in ("", "0"):
-            pytest.fail(msg + " (UT_REQUIRE_E2E=1 turns this skip into a failure)", pytrace=False)
-        pytest.skip(msg)
-
-
-def _merge(*parts: dict) -> dict:
-    out: dict = {}
-    for p in parts:
-        for k, v in p.items():
-            out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
-    return out
-
-
 def _both_ways(bed: NetBed, big_file, http_url: str, tag: str) -> None:
-    path, digest = big_file
-    dest = bed.wd / f"download-{tag}.bin"
-    secs = bed.download(bed.home, f"{http_url}/{path.name}", dest, max_time=180)
-    assert sha256_file(dest) == digest
-    reply, usecs = bed.upload(bed.home, dest, f"{http_url}/upload/up-{tag}.bin", max_time=180)
-    assert reply == {"sha256": digest, "bytes": path.stat().st_size}
-    mbit = path.stat().st_size * 8 / 1e6
-    print(f"\n{tag}: 64 MiB down {mbit / secs:.0f} Mbit/s, up {mbit / usecs:.0f} Mbit/s")
-    dest.unlink()
-    (bed.wd / "www" / "uploads" / f"up-{tag}.bin").unlink()
+    down, up = bed.both_ways(bed.home, *big_file, http_url, tag)
+    print(f"\n{tag}: 64 MiB down {down:.0f} Mbit/s, up {up:.0f} Mbit/s")
 
 
 def _start(bed: NetBed, server: dict, client: dict):
     srv = bed.start_server(server)
-    cli = bed.start_client(bed.home, _merge(FAST, client))
+    cli = bed.start_client(bed.home, deep_merge(FAST, client))
     bed.use_tunnel(bed.home)
     bed.reset_wireguard()
     bed.wait_ping(bed.home, bed.cloud, within=FIRST_PING_WITHIN)
@@ -89,7 +64,7 @@ def test_wss_64mib_both_ways(tun, big_file, http_url):
 def test_behind_nginx_64mib_both_ways(tun, big_file, http_url):
     """The guide's nginx in the cloud namespace on the link address; ut-tunnel on
     loopback with transport ws; the client dials nginx."""
-    _need("nginx", nginx_binary())
+    require_tools("nginx")
     bed = tun
     ng = guide_reverse_proxy(bed.wd / "nginx", bed.pki_dir / "server.pem",
                              bed.pki_dir / "server.key", ut_port=8443,
@@ -99,7 +74,7 @@ def test_behind_nginx_64mib_both_ways(tun, big_file, http_url):
     ng.start()
     try:
         server = {"tcp": {"listen_addr": "127.0.0.1:8443", "transport": "ws", "ws_path": "/ws"}}
-        client = _merge(WSS, {"tcp": {"server_addr": f"{bed.cloud.link_ip}:{NGINX_PORT}"}})
+        client = deep_merge(WSS, {"tcp": {"server_addr": f"{bed.cloud.link_ip}:{NGINX_PORT}"}})
         srv, cli = _start(bed, server, client)
         _both_ways(bed, big_file, http_url, "nginx")
         s = bed.metrics(bed.cloud)
@@ -118,7 +93,7 @@ def test_behind_nginx_64mib_both_ways(tun, big_file, http_url):
 def test_through_an_http_proxy_only(tun, big_file, http_url, transport):
     """tinyproxy in the cloud; nftables in the cloud drops TCP from the links to the
     server's port, so lanes can only come through the proxy (which dials it locally)."""
-    _need("tinyproxy", tinyproxy_binary())
+    require_tools("tinyproxy")
     bed = tun
     ns = bed._ns(bed.cloud)
     proxy = Tinyproxy(bed.wd / f"tinyproxy-{transport}", listen=bed.cloud.link_ip,
@@ -136,7 +111,7 @@ table inet utproxy {{
                                     f"http://{bed.cloud.link_ip}:{port}/"], check=False)
         assert direct.returncode != 0, "direct TCP to the server must be blocked"
         mode = {"tcp": {"transport": transport}}
-        client = _merge(mode, {"tcp": {"proxy": f"http://{bed.cloud.link_ip}:{PROXY_PORT}"}})
+        client = deep_merge(mode, {"tcp": {"proxy": f"http://{bed.cloud.link_ip}:{PROXY_PORT}"}})
         srv, cli = _start(bed, mode, client)
         _both_ways(bed, big_file, http_url, f"proxy-{transport}")
         assert metric_sum(bed.metrics(bed.cloud), "ut_lanes_active_total") == LANES

@@ -654,6 +654,26 @@ table inet utbed {{
                               "-T", str(src), url], timeout=max_time + 10)
         return json.loads(res.stdout), time.monotonic() - t0
 
+    def both_ways(self, home: Node, served: Path, digest: str, url: str, tag: str,
+                  max_time: float = 180) -> tuple[float, float]:
+        """Download ``served`` (from the HTTP server at ``url``) to ``home`` and upload it
+        back, checking both sha256s against ``digest``; (down, up) in Mbit/s. Leaves no
+        copy behind."""
+        dest = self.wd / f"download-{tag}.bin"
+        up_name = f"up-{tag}.bin"
+        secs = self.download(home, f"{url}/{served.name}", dest, max_time=max_time)
+        try:
+            if sha256_file(dest) != digest:
+                raise BedError(f"{tag}: the download's sha256 differs")
+            reply, usecs = self.upload(home, dest, f"{url}/upload/{up_name}", max_time=max_time)
+            if reply != {"sha256": digest, "bytes": served.stat().st_size}:
+                raise BedError(f"{tag}: the upload arrived as {reply}")
+        finally:
+            dest.unlink(missing_ok=True)
+            (self.wd / "www" / "uploads" / up_name).unlink(missing_ok=True)
+        mbit = served.stat().st_size * 8 / 1e6
+        return mbit / secs, mbit / usecs
+
     def metrics(self, node: Node, port: int = METRICS_PORT, path: str = "/metrics") -> list:
         """Scrape the Prometheus endpoint at 127.0.0.1:port inside ``node``."""
         res = self.run(node, ["curl", "-sS", "--fail", "--max-time", "3",

@@ -18,13 +18,14 @@ and the web face's with it). ``stop()`` ends the master by its pid.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from .require import find_tool
 
 __all__ = ["Nginx", "free_port", "guide_reverse_proxy", "nginx_binary"]
 
@@ -33,8 +34,7 @@ INDEX = b"<!DOCTYPE html>\n<html><head><title>A site</title></head><body>Hello.<
 
 def nginx_binary() -> str | None:
     """The nginx executable, or None (Debian installs it in /usr/sbin)."""
-    return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    return find_tool("nginx")
 
 
 def free_port() -> int:

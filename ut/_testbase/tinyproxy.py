@@ -8,7 +8,6 @@ namespace (``ip netns exec``).
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .nginx import free_port
+from .require import find_tool
 
 __all__ = ["Tinyproxy", "tinyproxy_binary"]
 
 
 def tinyproxy_binary() -> str | None:
-    return shutil.which("tinyproxy") or next(
-        (p for p in ("/usr/bin/tinyproxy", "/usr/sbin/tinyproxy") if Path(p).exists()), None)
+    return find_tool("tinyproxy")
 
 
 class Tinyproxy:
