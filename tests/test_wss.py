@@ -67,6 +67,24 @@ def test_wss_tunnel(pki: TestPki, loop_kind: str) -> None:
     run_on(loop_kind, main())
 
 
+def test_wss_idle_close_and_rebuild(pki: TestPki) -> None:
+    """As with tls: idle lanes close (GOODBYE idle, then a WebSocket close) and the next
+    datagram rebuilds them."""
+    idle = dict(WSS, tcp={**WSS["tcp"], "idle_seconds": 1})
+
+    async def main() -> None:
+        async with tunnel(pki, lanes=2, server_tcp={"_extra": idle},
+                          client_tcp={"_extra": idle}) as t:
+            await _echo_through(t.client, 20)
+            assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 2, 10)
+            assert await wait_for(lambda: t.client.stats()["lanes_ready"] == 0, 10)
+            assert await wait_for(lambda: t.server.stats()["lanes_active"] == 0, 5)
+            await _echo_through(t.client, 20)
+            assert t.server.stats()["protocol_errors"] == {}
+
+    run_on("uvloop", main())
+
+
 def test_wss_with_a_wrong_path_is_refused_clearly(pki: TestPki) -> None:
     async def main() -> None:
         echo = UdpEcho().start()
