@@ -223,6 +223,7 @@ def test_proxy_setting() -> None:
     ("server", {"tcp": {"transport": "wss"}, "tls": {"client_auth": "handshake"}}, "tcp.transport"),
     ("client", {"tcp": {"proxy": "socks5://x:1"}}, "tcp.proxy"),
     ("client", {"tcp": {"ws_path": "ws"}}, "tcp.ws_path"),
+    ("server", {"tcp": {"transport": "ws", "listen_addr": "0.0.0.0:8443"}}, "listen on loopback"),
 ])
 def test_config_errors(pki: TestPki, role: str, extra: dict, key: str) -> None:
     with pytest.raises(ut.ConfigError, match=re.escape(key)):

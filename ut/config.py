@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -256,6 +257,15 @@ def _choice_hint(value: str, choices: tuple[str, ...]) -> str:
         return f"; did you mean {lowered[value.lower()]!r}?"
     close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_wildcard(host: str) -> bool:
@@ -639,6 +649,11 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
     if kind == "ws" and role == "client":
         raise ConfigError(file, "tcp.transport", "ws is for a server behind a reverse proxy that "
                           "terminates TLS; a client always speaks TLS: use wss")
+    if kind == "ws" and not _is_loopback(parse_addr(tcp["listen_addr"])[0]):
+        raise ConfigError(file, "tcp.transport", "ws is plain HTTP (lanes, proofs and client "
+                          "certificates readable on the wire): listen on loopback "
+                          f"(tcp.listen_addr is {tcp['listen_addr']}) behind the reverse proxy "
+                          "that terminates TLS, or use wss")
     if kind != "tls" and sections["tls"]["client_auth"] != "proof":
         raise ConfigError(file, "tcp.transport", f"{kind} needs tls.client_auth: proof (a client "
                           "certificate does not cross a TLS-terminating proxy)")
