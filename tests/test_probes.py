@@ -33,7 +33,7 @@ from ut._testbase.tunnelkit import UdpEcho, run_on, server_config
 HEADER_TIMEOUT = 1.5
 HELLO_TIMEOUT = 0.5  # how long the gate waits for a proof after the handshake
 # Time to close, ours / nginx's: the gate's wait for a proof comes before the fallback's
-# own timer (with the defaults, (5 + 60) / 60 = 1.08).
+# own timer (with the defaults, (3 + 60) / 60 = 1.05).
 TIME_FACTOR = (HELLO_TIMEOUT + HEADER_TIMEOUT) / HEADER_TIMEOUT + 0.25
 GET = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 

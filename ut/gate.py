@@ -5,7 +5,8 @@
 1. wait for the first byte (``MSG_PEEK``, at most the face's ``header_timeout``, nginx's 60 s); a
    first byte that is not a TLS handshake goes to the web face's ``plain`` answer;
 2. the TLS handshake, with no CertificateRequest (the context verifies nothing);
-3. the first request head, at most ``tcp.hello_timeout_seconds`` after the handshake,
+3. the first request head, at most ``PROOF_WAIT_SECONDS`` (or ``tcp.hello_timeout_seconds``
+   if shorter) after the handshake,
    judged by ``ut.proof.ProofVerifier`` against this connection's channel binding;
 4. a proven client: the lane becomes the transport's protocol, its identity (the
    certificate's CN) is set, and the bytes after the head (its HELLO) are fed to it;
@@ -28,6 +29,11 @@ from .webface import WebFace
 __all__ = ["HeadReader", "NotAClient", "ProofGate"]
 
 _TLS_HANDSHAKE = 0x16  # the content type of a TLS handshake record
+# A client writes its proof right behind its last handshake message, so it arrives within
+# a round trip or one retransmission; longer silence is a visitor's, and the web face's
+# own timers (nginx's 60 s) take over. Kept short so a silent prober is closed when a web
+# server would close it (63 s against nginx's 60).
+PROOF_WAIT_SECONDS = 3.0
 
 
 class NotAClient(Exception):
@@ -126,7 +132,8 @@ class ProofGate:
             )
         t_tls = loop.time()
         try:
-            await asyncio.wait_for(asyncio.shield(reader.done), self.tcp.hello_timeout_seconds)
+            await asyncio.wait_for(asyncio.shield(reader.done),
+                                   min(PROOF_WAIT_SECONDS, self.tcp.hello_timeout_seconds))
         except (TimeoutError, asyncio.TimeoutError):
             pass
         except asyncio.CancelledError:
