@@ -16,8 +16,17 @@ Phases, each bounded in count and time:
    same instant. Reports the honest client's worst round trip in that window (the event
    loop's stall, as a user sees it) and how long the server took to release the
    sessions' sockets.
-3. **sigterm**: the sessions are opened again and the server gets SIGTERM: the time to
+3. **full** (``--full-sessions``, 0 = skip): that many more sessions each send
+   ``--full-datagrams`` datagrams up and never read their lane, so the echo's replies
+   fill the server's return queues: the server's RSS then (issue 19 target: under
+   512 MiB; ``--budget`` sets ``limits.queue_budget_bytes``, 1073741824 = no budget).
+4. **sigterm**: the sessions are opened again and the server gets SIGTERM: the time to
    exit (target < 5 s; the systemd unit kills at 15 s).
+
+``--per-cn`` sets ``limits.max_sessions_per_cn`` (default: high enough for the flood,
+to measure the mass events; ``--per-cn 64``, the default of the config, shows the flood
+refused and what the honest client sees meanwhile). ``--auth proof`` makes both ends
+and the flood use ``tls.client_auth: proof`` (the flood sends the proof as a client).
 
     python bench/abuse.py --sessions 5000 --json bench/results/issue19-abuse.json
     python bench/abuse.py --sessions 500 --linger 5      # a quick look
@@ -57,7 +66,8 @@ from tunnelprocs import (  # noqa: E402 - after the path line, as run as a scrip
 )
 
 from ut import fastpath  # noqa: E402
-from ut.control import Hello, control_frame, decode_control  # noqa: E402
+from ut.control import Err, Hello, control_frame, decode_control  # noqa: E402
+from ut.proof import ClientProver  # noqa: E402
 from ut.tls import client_context  # noqa: E402
 
 
@@ -126,13 +136,15 @@ class Flood:
     """Sessions opened by one authenticated client: TLS, HELLO with a new session id,
     wait for the server's HELLO, keep the connection."""
 
-    def __init__(self, pki: Any, port: int) -> None:
+    def __init__(self, pki: Any, port: int, proof: bool = False) -> None:
         cert, key = pki.client("flood")
         self.ctx = client_context(pki.ca, cert, key)
+        self.prover = ClientProver(pki.ca, cert, key) if proof else None
         self.server_name = pki.server_name
         self.port = port
         self.writers: list[asyncio.StreamWriter] = []
         self.failed = 0
+        self.refused = 0  # ERR from the server (limit)
 
     async def _one(self) -> bool:
         try:
@@ -140,6 +152,9 @@ class Flood:
                 "127.0.0.1", self.port, ssl=self.ctx, server_hostname=self.server_name), 20)
         except (OSError, asyncio.TimeoutError):
             return False
+        if self.prover is not None:  # tls.client_auth: proof, as ut.transport does
+            binding = w.get_extra_info("ssl_object").get_channel_binding("tls-unique") or b""
+            w.write(self.prover.request(self.server_name, binding))
         w.write(control_frame(Hello(random.getrandbits(64), 0, 1)))
         deframer = fastpath.Deframer()
         try:
@@ -148,6 +163,9 @@ class Flood:
                 if not data:
                     raise ConnectionError("closed before HELLO")
                 for ftype, _flags, payload in deframer.feed(data):
+                    if ftype == fastpath.TYPE_CTRL and isinstance(decode_control(payload), Err):
+                        self.refused += 1
+                        raise ConnectionError("refused")
                     if ftype == fastpath.TYPE_CTRL and isinstance(decode_control(payload), Hello):
                         if self.ctx.resume_session is None:  # tickets have arrived
                             self.ctx.resume_session = w.get_extra_info("ssl_object").session
@@ -172,6 +190,15 @@ class Flood:
         await self._one()  # a first session alone: its TLS session is resumed by the rest
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.monotonic() - t0
+
+    async def fill(self, datagrams: int, size: int = 1400) -> None:
+        """Each session sends ``datagrams`` datagrams up (the echo sends them back down)
+        and never reads: the server's return queues fill."""
+        burst = fastpath.encode_data([bytes(size)] * 64)
+        for _ in range(max(1, datagrams // 64)):
+            for w in self.writers:
+                w.write(burst)
+            await asyncio.gather(*(w.drain() for w in self.writers), return_exceptions=True)
 
     async def close_all(self) -> None:
         for w in self.writers:
@@ -202,11 +229,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         echo = UdpEchoThread()
         port, honest_udp = free_port(), free_port(socket.SOCK_DGRAM)
         server_tcp = {"session_linger_seconds": args.linger, "lanes": 5}
-        # The flood speaks the spec's mTLS (certificate in the handshake, then HELLO):
-        # both ends say so, whatever tls.client_auth defaults to.
-        auth = {"client_auth": "handshake"}
+        # The flood speaks the spec's mTLS (certificate in the handshake, then HELLO) or
+        # the proof (--auth proof): both ends say so, whatever tls.client_auth defaults to.
+        auth = {"client_auth": args.auth}
+        limits = {"max_sessions_per_cn": args.per_cn,
+                  "max_sessions": max(10000, 2 * args.sessions + args.full_sessions),
+                  "max_lanes": max(20000, 2 * args.sessions + args.full_sessions)}
+        if args.budget:
+            limits["queue_budget_bytes"] = args.budget
+        result["limits"] = limits
+        queue = {} if args.max_age is None else {"max_age_seconds": args.max_age}
         scfg = write_config(root / "server.yaml", pki, "server", server_port=port,
-                            wg_addr=echo.address, tcp=server_tcp, tls=auth)
+                            wg_addr=echo.address, tcp=server_tcp, tls=auth, limits=limits,
+                            queue=queue)
         ccfg = write_config(root / "client.yaml", pki, "client", server_port=port,
                             client_udp_port=honest_udp, cn="honest", tls=auth)
         server = client = None
@@ -223,14 +258,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print("idle:", result["idle"], flush=True)
 
             # 1. open
-            flood = Flood(pki, port)
+            proof = args.auth == "proof"
+            flood = Flood(pki, port, proof)
             t_open = time.monotonic()
             took = await flood.open(args.sessions, args.concurrency, args.max_seconds)
             t_opened = time.monotonic()
             await asyncio.sleep(1)
             opened = len(flood.writers)
             result["open"] = {
-                "opened": opened, "failed": flood.failed, "seconds": took,
+                "opened": opened, "failed": flood.failed, "refused": flood.refused,
+                "seconds": took,
                 "sessions_per_second": opened / took if took else 0.0,
                 "rss_mib": rss_mib(server.pid), "fds": fd_count(server.pid),
                 "honest": probe.window(t_open, t_opened),
@@ -260,8 +297,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             print("expiry:", result["expiry"], flush=True)
 
-            # 3. SIGTERM with the sessions open again
-            flood = Flood(pki, port)
+            # 3. full return queues
+            if args.full_sessions:
+                full = Flood(pki, port, proof)
+                await full.open(args.full_sessions, args.concurrency, args.max_seconds)
+                t_fill = time.monotonic()
+                await asyncio.wait_for(full.fill(args.full_datagrams), args.max_seconds)
+                peak = rss_mib(server.pid)
+                for _ in range(20):  # what is still in flight lands in the queues
+                    await asyncio.sleep(0.5)
+                    peak = max(peak, rss_mib(server.pid))
+                result["full"] = {"sessions": len(full.writers),
+                                  "datagrams_each": args.full_datagrams,
+                                  "fill_seconds": time.monotonic() - t_fill,
+                                  "rss_mib_peak": peak, "fds": fd_count(server.pid)}
+                print("full:", result["full"], flush=True)
+                await full.close_all()
+
+            # 4. SIGTERM with the sessions open again
+            flood = Flood(pki, port, proof)
             took = await flood.open(args.sessions, args.concurrency, args.max_seconds)
             await asyncio.sleep(1)
             n = len(flood.writers)
@@ -291,6 +345,15 @@ def main() -> None:
     ap.add_argument("--linger", type=float, default=10.0)
     ap.add_argument("--probe-ms", type=float, default=10.0)
     ap.add_argument("--max-seconds", type=float, default=240.0, help="bound on each open phase")
+    ap.add_argument("--per-cn", type=int, default=20000,
+                    help="limits.max_sessions_per_cn (64 is the config's default)")
+    ap.add_argument("--auth", choices=("handshake", "proof"), default="handshake")
+    ap.add_argument("--full-sessions", type=int, default=0)
+    ap.add_argument("--full-datagrams", type=int, default=6000)
+    ap.add_argument("--budget", type=int, default=0,
+                    help="limits.queue_budget_bytes (0: the config's default)")
+    ap.add_argument("--max-age", type=float, default=None,
+                    help="queue.max_age_seconds (0: off, so full queues stay full)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     try:
