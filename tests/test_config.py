@@ -244,7 +244,8 @@ def test_summary_is_json_and_role_specific(pki: TestPki) -> None:
     assert "listen_addr" not in s["tcp"] and "session_linger_seconds" not in s["tcp"]
     assert s["udp"] == {"listen_addr": "127.0.0.1:15000"}
     assert s["tls"]["server_name"] == "vpn.example.com"
-    assert set(s) == {"role", "source", "tcp", "udp", "queue", "metrics", "tls", "log", "shaping"}
+    assert set(s) == {"role", "source", "tcp", "udp", "queue", "metrics", "tls", "log", "shaping",
+                      "tun"}
 
     server = load_config({"role": "server", "tls": tls_section(pki), "metrics": {"enabled": False}}).summary()
     assert "server_addr" not in server["tcp"] and "dial_backoff_min_seconds" not in server["tcp"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import secrets
 import ssl
@@ -123,6 +124,7 @@ class ClientSession(Session):
         self.client = client
         self.cfg = client.config
         self.peer: Any = None  # last local UDP sender: replies go there
+        self.tun = False  # TUN mode: packets come from and go to a TUN device (ut.tun)
         self.udp: UdpPort | None = None
         self.target_lanes = self.n_lanes  # lowered if the server accepts fewer
         self.idle = True  # no lanes wanted until the first datagram
@@ -138,6 +140,8 @@ class ClientSession(Session):
         self.push_datagrams([d for d, _ in batch])
 
     def udp_target(self) -> tuple[Any, Any] | None:
+        if self.tun:
+            return self.udp, None
         return None if self.peer is None else (self.udp, self.peer)
 
     # -- dialling -----------------------------------------------------------
@@ -415,9 +419,12 @@ class Client:
             max_bytes=cfg.queue.max_bytes, **session_options(cfg),
         )
         self._stats.sessions[self.session.session_id] = self.session
-        sock = open_udp_socket(bind=parse_addr(cfg.udp.listen_addr))
-        self.session.udp = UdpPort(self.loop, sock, self.session.on_udp_batch, self._udp_error,
-                                   self.session.count_socket_drops)
+        if cfg.tun.enabled:
+            self.session.udp = self._open_tun()
+        else:
+            sock = open_udp_socket(bind=parse_addr(cfg.udp.listen_addr))
+            self.session.udp = UdpPort(self.loop, sock, self.session.on_udp_batch,
+                                       self._udp_error, self.session.count_socket_drops)
         self.session.udp.start()
         if cfg.metrics.enabled:
             from .metrics import start_metrics_server
@@ -473,6 +480,22 @@ class Client:
             snap["lanes_ready"] = self.session.lanes_ready
             snap["session_id"] = f"{self.session.session_id:016x}"
         return snap
+
+    def _open_tun(self) -> Any:
+        """TUN mode: this end's TUN device (addresses, MTU, routes from ``tun:``); its
+        packets go to the lanes as datagrams would (ut.tun)."""
+        from .tun import TunPort, configure_tun, open_tun
+
+        tun = self.config.tun
+        fd = open_tun(tun.name)
+        try:
+            configure_tun(tun.name, tun.address, tun.mtu, tun.routes)
+        except BaseException:
+            os.close(fd)
+            raise
+        assert self.session is not None
+        self.session.tun = True
+        return TunPort(self.loop, fd, self.session.on_udp_batch)
 
     async def close(self) -> None:
         """Say GOODBYE on every lane, close them and the UDP port. Idempotent."""

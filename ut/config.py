@@ -85,6 +85,7 @@ from ut.configschema import (
     ShapingConfig,
     TcpConfig,
     TlsConfig,
+    TunConfig,
     UdpConfig,
     clip_text,
     show_value,
@@ -103,6 +104,7 @@ __all__ = [
     "ShapingConfig",
     "TcpConfig",
     "TlsConfig",
+    "TunConfig",
     "UdpConfig",
     "load_config",
     "parse_addr",
@@ -157,6 +159,7 @@ class Config:
     source: str
     shaping: ShapingConfig = ShapingConfig()
     fallback: FallbackConfig = FallbackConfig()
+    tun: TunConfig = TunConfig()
     limits: LimitsConfig = LimitsConfig()
 
     @property
@@ -657,6 +660,14 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
     if kind != "tls" and sections["tls"]["client_auth"] != "proof":
         raise ConfigError(file, "tcp.transport", f"{kind} needs tls.client_auth: proof (a client "
                           "certificate does not cross a TLS-terminating proxy)")
+    tun = sections["tun"]
+    if tun["enabled"]:
+        if not tun["address"]:
+            raise ConfigError(file, "tun.address", "TUN mode needs this end's address(es), "
+                              "e.g. [10.77.0.1/24]")
+        if role == "server" and not tun["clients"]:
+            raise ConfigError(file, "tun.clients", 'TUN mode needs each client\'s addresses: '
+                              '["CN=10.77.0.2/32", ...]')
     fallback = sections["fallback"]
     if role == "server" and sections["tls"]["client_auth"] != "proof":
         for name in ("addr", "h2_addr"):
@@ -679,6 +690,7 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
         log=LogConfig(**sections["log"]),
         shaping=ShapingConfig(**sections["shaping"]),
         fallback=FallbackConfig(**sections["fallback"]),
+        tun=TunConfig(**sections["tun"]),
         limits=LimitsConfig(**sections["limits"]),
         source=file,
     )

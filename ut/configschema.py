@@ -472,6 +472,47 @@ class LimitsConfig:
                                       check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES))
 
 
+def _tun_name(value: str) -> str | None:
+    if not 1 <= len(value) <= 15 or not all(ch.isalnum() or ch in "-_." for ch in value):
+        return f"must be an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {show_value(value)}"
+    return None
+
+
+def _networks(value: tuple[str, ...]) -> str | None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_interface(item)
+        except ValueError:
+            return f"must list addresses with a prefix (10.77.0.2/24, fd77::2/64), got {show_value(item)}"
+    return None
+
+
+def _tun_clients(value: tuple[str, ...]) -> str | None:
+    from .tunroute import AddressBook
+
+    try:
+        AddressBook.from_entries(value)
+    except ValueError as exc:
+        return f'must list "CN=address/prefix,...": {clip_text(str(exc))}'
+    return None
+
+
+@dataclass(frozen=True)
+class TunConfig:
+    """``tun:`` — TUN mode (ut.tun, ut.tunroute): lanes carry IP packets between TUN
+    devices instead of WireGuard's datagrams."""
+
+    enabled: bool = setting(False)
+    name: str = setting("ut0", check=_tun_name)
+    address: tuple[str, ...] = setting((), kind="strlist", check=_networks)
+    # A packet is one DATA frame: 65535 bytes of payload less the 4-byte sequence number.
+    mtu: int = setting(1500, check=_range(576, 65000))
+    routes: tuple[str, ...] = setting((), kind="strlist", roles=_C, check=_networks)
+    clients: tuple[str, ...] = setting((), kind="strlist", roles=_S, check=_tun_clients)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """``log:``."""
@@ -491,6 +532,7 @@ SECTION_CLASSES: dict[str, type[Any]] = {
     "shaping": ShapingConfig,
     "fallback": FallbackConfig,
     "limits": LimitsConfig,
+    "tun": TunConfig,
     "log": LogConfig,
 }
 #: Every key: ``SCHEMA[section][name] -> KeySpec``, read off the section dataclasses

@@ -130,14 +130,18 @@ class LimitReached(Exception):
 class ServerSession(Session):
     role = "server"
 
-    def __init__(self, server: Server, sock: socket.socket, **kw: Any) -> None:
+    def __init__(self, server: Server, sock: socket.socket | None, **kw: Any) -> None:
         super().__init__(server.loop, server._stats, budget=server.budget, **kw)
         self.server = server
         self.key = (self.client_cn, self.session_id)
         self.active_lanes = 0
         self._udp_err_log = Debounced(5.0)
-        self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error,
-                           self.count_socket_drops)
+        self.udp: Any
+        if sock is None:  # TUN mode: the shared device, by address (ut.tunserver)
+            self.udp = server.tun_hub.port_for(self)
+        else:
+            self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error,
+                               self.count_socket_drops)
         self.udp.start()
         self.counters.sessions_active += 1
         self.log("session_open", udp_local=format_addr(self.udp.address))
@@ -214,6 +218,7 @@ class Server:
         self.ssl_context: ssl.SSLContext | None = None
         self.transport: TlsTransport | None = None
         self.metrics: Any = None
+        self.tun_hub: Any = None  # TUN mode (tun.enabled): the shared device (ut.tunserver)
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._idle_task: asyncio.Task | None = None
@@ -245,6 +250,10 @@ class Server:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         self._fd_ceiling = fd_ceiling()
+        if cfg.tun.enabled:
+            from .tunserver import TunHub
+
+            self.tun_hub = TunHub(self.loop, cfg)
         self.transport = server_transport(cfg, self._stats.web_answer)
         self.ssl_context = self.transport.ssl_context
         host, port = parse_addr(cfg.tcp.listen_addr)
@@ -562,6 +571,11 @@ class Server:
 
     def _new_session(self, client_cn: str, session_id: int) -> ServerSession:
         cfg = self.config
+        if self.tun_hub is not None:  # TUN mode: no UDP socket of its own
+            return self._add_session(ServerSession(
+                self, None, client_cn=client_cn, session_id=session_id, n_lanes=cfg.tcp.lanes,
+                max_packets=cfg.queue.max_packets, max_bytes=cfg.queue.max_bytes,
+                **session_options(cfg)))
         try:
             sock = open_udp_socket(connect=self.wg_addr)
         except OSError as exc:
@@ -581,6 +595,10 @@ class Server:
         except BaseException:
             sock.close()
             raise
+        return self._add_session(session)
+
+    def _add_session(self, session: ServerSession) -> ServerSession:
+        client_cn = session.client_cn
         self.sessions[session.key] = session
         self._stats.sessions[session.key] = session
         self.sessions_per_cn[client_cn] = self.sessions_per_cn.get(client_cn, 0) + 1
@@ -643,6 +661,8 @@ class Server:
             if late:
                 await asyncio.wait([lane.lost for lane in late], timeout=0.2)
         self.log_budget.close()
+        if self.tun_hub is not None:
+            self.tun_hub.close()
         if self.metrics is not None:
             await self.metrics.close()
         event("stop", role="server")

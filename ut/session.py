@@ -564,7 +564,7 @@ class Session:
             c.drop("no_peer", len(datagrams))
             return
         port, addr = target
-        if port.sock.fileno() < 0:
+        if port.closed:
             # Frames still arriving on a lane after the session closed its UDP
             # port: the vocabulary's "no_session" (not a UDP write error).
             c.drop("no_session", len(datagrams))

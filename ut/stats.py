@@ -46,6 +46,7 @@ DROP_PATH: dict[str, str] = {
     "no_session": "out",  # DATA frame read from a lane with no session to deliver it to
     "no_peer": "out",  # client: no local WireGuard peer has sent yet, so no address to reply to
     "udp_write_error": "out",  # the UDP send failed (ECONNREFUSED, ENOBUFS, EMSGSIZE, ...)
+    "spoofed": "out",  # TUN mode, server: a packet whose source the client's CN does not own
 }
 DROP_REASONS: tuple[str, ...] = tuple(DROP_PATH)
 

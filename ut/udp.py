@@ -139,6 +139,10 @@ class UdpPort:
     def address(self) -> Address:
         return self.sock.getsockname()
 
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
     def start(self) -> None:
         if not self._reading:
             self.loop.add_reader(self._fd, self._reader)

@@ -617,16 +617,19 @@ table inet utbed {{
             raise BedError(f"no ping reply {src}->{dst_ip} within {within}s ({out})")
         return out["first_reply_s"]
 
-    def start_http_server(self, root: str | os.PathLike, node: Node | None = None, port: int = HTTP_PORT) -> str:
-        """HTTP server in ``node`` (cloud) on its WireGuard address: GET files, PUT uploads.
+    def start_http_server(self, root: str | os.PathLike, node: Node | None = None,
+                          port: int = HTTP_PORT, bind: str | None = None) -> str:
+        """HTTP server in ``node`` (cloud) on its WireGuard address (or ``bind``): GET
+        files, PUT uploads.
 
         Returns its base URL. Uploads land in ``root/uploads/`` and the reply is
         ``{"sha256": ..., "bytes": ...}``.
         """
         node = node or self.cloud
+        bind = bind or node.wg_ip
         proc = self.spawn(node, [sys.executable, HERE, "http", "--root", root,
-                                 "--bind", node.wg_ip, "--port", port], name=f"http-{node.name}")
-        url = f"http://{node.wg_ip}:{port}"
+                                 "--bind", bind, "--port", port], name=f"http-{node.name}")
+        url = f"http://{bind}:{port}"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             res = self.run(node, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",

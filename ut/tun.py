@@ -1,0 +1,143 @@
+"""TUN devices: where TUN mode's IP packets come from and go to (Linux ``/dev/net/tun``).
+
+``open_tun(name)`` creates (or attaches to) a layer-3 TUN interface without packet
+information headers (``IFF_TUN | IFF_NO_PI``): each read is one IP packet, each write
+one IP packet. ``configure_tun`` gives it addresses, an MTU and routes with ``ip``
+(iproute2) and brings it up. ``TunPort`` has ``ut.udp.UdpPort``'s interface (batched
+reads into ``on_batch``, ``send_many`` returning ``(sent, failed)``), so sessions move
+packets between lanes and a TUN device as they move datagrams to and from WireGuard.
+
+Elsewhere than Linux, ``open_tun`` raises ``TunUnavailable`` with what to do (macOS
+``utun`` is not supported yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+from .tunroute import link_local
+
+__all__ = ["READ_BATCH", "TunPort", "TunUnavailable", "configure_tun", "open_tun"]
+
+_TUNSETIFF = 0x400454CA
+_IFF_TUN = 0x0001
+_IFF_NO_PI = 0x1000
+#: Packets read per readiness callback at most (as UDP's batched receive).
+READ_BATCH = 64
+_READ_SIZE = 65536  # an IP packet's largest size
+
+
+class TunUnavailable(OSError):
+    """No TUN device could be opened here (platform, permission, kernel module)."""
+
+
+def open_tun(name: str) -> int:
+    """The non-blocking file descriptor of TUN interface ``name`` (created if needed;
+    needs CAP_NET_ADMIN)."""
+    if not sys.platform.startswith("linux"):
+        raise TunUnavailable(f"TUN mode needs Linux (/dev/net/tun); {sys.platform} is not "
+                             "supported yet: use WireGuard over ut-tunnel there")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TunUnavailable(f"cannot open /dev/net/tun ({exc.strerror}): load the tun "
+                             "module, and in a container pass --device /dev/net/tun") from None
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode()[:15], _IFF_TUN | _IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        hint = " (run as root or grant CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
+        raise TunUnavailable(f"cannot create TUN interface {name!r}: {exc.strerror}{hint}") from None
+    return fd
+
+
+def configure_tun(name: str, addresses: Iterable[str], mtu: int,
+                  routes: Iterable[str] = (), netns: str | None = None) -> None:
+    """Addresses (``10.77.0.2/24``, ``fd77::2/64``), MTU and routes of ``name``, then up
+    (``ip`` from iproute2; ``CalledProcessError`` names the failing command)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    cmds: list[Sequence[str]] = [["ip", "link", "set", "dev", name, "mtu", str(mtu)]]
+    for addr in addresses:
+        cmds.append(["ip", "addr", "replace", addr, "dev", name])
+    cmds.append(["ip", "link", "set", "dev", name, "up"])
+    for route in routes:
+        cmds.append(["ip", "route", "replace", route, "dev", name])
+    for cmd in cmds:
+        subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=30)
+
+
+class TunPort:
+    """A TUN device's packets, with ``UdpPort``'s interface (``addr`` is ignored)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
+                 on_batch: Callable[[list], None]) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.on_batch = on_batch
+        self._reading = False
+
+    @property
+    def address(self) -> None:
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def start(self) -> None:
+        if not self._reading:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+
+    def pause(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        batch = []
+        fd = self.fd
+        for _ in range(READ_BATCH):
+            try:
+                packet = os.read(fd, _READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # the device went away: close() follows
+            if not packet:
+                break
+            if link_local(packet):
+                continue  # the kernel talking to the link (ND, MLD): nothing to carry
+            batch.append((packet, None))
+        if batch:
+            self.on_batch(batch)
+
+    def send_many(self, packets: list, addr: object = None) -> tuple[int, int]:
+        """Write each packet; ``(sent, failed)``. A full device queue loses the rest of
+        the batch (as a full UDP socket would; the caller counts them)."""
+        sent = 0
+        fd = self.fd
+        for packet in packets:
+            try:
+                os.write(fd, packet)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
+                    continue  # not an IP packet the kernel takes: skip it, count it
+                break
+            sent += 1
+        return sent, len(packets) - sent
+
+    def close(self) -> None:
+        self.pause()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

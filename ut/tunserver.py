@@ -1,0 +1,120 @@
+"""TUN mode on the server: one TUN device shared by every client session.
+
+``TunHub`` owns the server's TUN device (``tun:`` config): packets read from it go to
+the session of the client CN that owns their destination (``ut.tunroute.AddressBook``,
+longest prefix; the newest session of that CN if it has several); each session gets a
+``SessionTunPort`` in place of its UDP port, which writes the packets its lanes bring to
+the device after checking that their *source* belongs to the session's CN. Drops are
+counted on the session (``spoofed``) or on the hub (``no_route``: no client owns the
+destination, or its session is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from .logs import Debounced, event
+from .tun import TunPort, configure_tun, open_tun
+from .tunroute import AddressBook, packet_addresses
+
+__all__ = ["SessionTunPort", "TunHub"]
+
+
+class SessionTunPort:
+    """A session's view of the hub: ``UdpPort``'s interface, writes checked by source."""
+
+    def __init__(self, hub: TunHub, session: Any) -> None:
+        self.hub = hub
+        self.session = session
+        self.address = None
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed or self.hub.port.closed
+
+    def start(self) -> None:
+        self.hub.attach(self.session)
+
+    def send_many(self, packets: list, addr: object = None) -> tuple[int, int]:
+        ok = []
+        book, cn = self.hub.book, self.session.client_cn
+        for packet in packets:  # the client may only send from its own addresses
+            parsed = packet_addresses(packet)
+            if parsed is not None and book.may_send_from(cn, parsed[0], parsed[1]):
+                ok.append(packet)
+        spoofed = len(packets) - len(ok)
+        if spoofed:
+            self.hub.spoofed(self.session, spoofed)
+        sent, failed = self.hub.port.send_many(ok) if ok else (0, 0)
+        # The caller counts ``failed`` as lost; spoofed packets were counted already.
+        return sent, failed
+
+    def close(self) -> None:
+        self.hub.detach(self.session)
+
+
+class TunHub:
+    """The server's TUN device and the routing between it and client sessions."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Any) -> None:
+        tun = config.tun
+        self.book = AddressBook.from_entries(tun.clients)
+        self.loop = loop
+        fd = open_tun(tun.name)
+        try:
+            configure_tun(tun.name, tun.address, tun.mtu)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.port = TunPort(loop, fd, self._from_device)
+        self.by_cn: dict[str, Any] = {}  # CN -> its newest session
+        self.no_route = 0
+        self._log = Debounced(5.0)
+        self.port.start()
+
+    def port_for(self, session: Any) -> SessionTunPort:
+        return SessionTunPort(self, session)
+
+    def attach(self, session: Any) -> None:
+        self.by_cn[session.client_cn] = session
+
+    def detach(self, session: Any) -> None:
+        cn = session.client_cn
+        if self.by_cn.get(cn) is session:  # a newer session of the CN keeps its place
+            del self.by_cn[cn]
+
+    def _from_device(self, batch: list) -> None:
+        """Packets the kernel routed into the device: to their destination's session."""
+        out: dict[Any, list] = {}
+        book, by_cn = self.book, self.by_cn
+        lost = 0
+        for packet, _ in batch:
+            parsed = packet_addresses(packet)
+            owner = book.owner_of(parsed[0], parsed[2]) if parsed is not None else None
+            session = by_cn.get(owner) if owner is not None else None
+            if session is None:
+                lost += 1
+                continue
+            out.setdefault(session, []).append(packet)
+        for session, packets in out.items():
+            session.push_datagrams(packets)
+        if lost:
+            self.no_route += lost
+            due = self._log.hit()
+            if due:
+                event("tun_no_route", logging.WARNING, role="server", count=due,
+                      dropped_total=self.no_route,
+                      err="packets for an address no connected client owns (tun.clients)")
+
+    def spoofed(self, session: Any, n: int) -> None:
+        session.counters.drop("spoofed", n)
+        due = self._log.hit()
+        if due:
+            session.log("tun_spoofed", logging.WARNING, count=due,
+                        err="packets from an address this client does not own (tun.clients)")
+
+    def close(self) -> None:
+        self.port.close()
