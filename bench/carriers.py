@@ -34,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ut._testbase import netbed
 from ut._testbase.netbed import BedError, NetBed
@@ -44,6 +45,7 @@ SINGBOX_PORT = 5447  # cloud, TLS (VLESS)
 SINGBOX_UDP_PORT = 15002  # home loopback, direct inbound
 OPENVPN_PORT = 5446  # cloud, TCP (OpenVPN's TLS inside its own framing)
 OPENVPN_NET = "10.99.0"  # OpenVPN's tunnel subnet (/24): server .1, client .2
+UT_TUN_NET = "10.78.0"  # ut-tunnel TUN mode (UtTun): server .1, client .2
 UDPTUNNEL_TCP_PORT = 5445
 UDPTUNNEL_UDP_PORT = 40000
 UDPMON_PROBE_PORT = 51901  # udptunnel in the small profile: the probe's fixed source port
@@ -405,6 +407,49 @@ class UtTunnel(Carrier):
             if n == "ut_build_info":
                 return lab.get("implementation")
         return None
+
+
+class UtTun(UtTunnel):
+    """ut-tunnel in TUN mode (issue 21): IP packets between TUN devices over the lanes,
+    no WireGuard. As for ``openvpn``, the harness sends iperf3 and the pings to the
+    server's tunnel address (``inner_target``) and home's WireGuard is pointed at a dead
+    port. Server TUN 10.78.0.1/24 in cloud, client 10.78.0.2/24 in home (CN home), tun MTU
+    = the bed's WireGuard MTU (1380, as OpenVPN's ``--tun-mtu``) unless ``mtu`` is given.
+    """
+
+    carries_wireguard = False
+    has_metrics = True
+
+    def __init__(self, name: str = "ut-tun", mtu: int | None = None, **kw: Any) -> None:
+        self.tun_mtu = mtu
+        super().__init__(False, name=name, **kw)
+        self.label = self.label.replace("ut-tunnel compiled", "ut-tunnel TUN mode") + (
+            f", tun MTU {mtu}" if mtu else "")
+
+    def inner_target(self, bed: NetBed) -> str:
+        return UT_TUN_NET + ".1"
+
+    def start(self, bed, limits=NO_LIMITS, echo_port=None):
+        if echo_port:
+            raise BedError("TUN mode carries IP, not a UDP port: no udpmon probe through it")
+        mtu = self.tun_mtu or bed.mtu
+        tun = {"enabled": True, "name": "uttun", "mtu": mtu}
+        saved = self.extra_config
+        self.extra_config = netbed.deep_merge(saved, {"tun": tun})
+        try:
+            procs = super().start(bed, limits)
+        finally:
+            self.extra_config = saved
+        bed.set_endpoint(bed.home, "127.0.0.1:9")  # nothing may go over WireGuard
+        return procs
+
+    def _start_one(self, bed: NetBed, node, config: dict, limits: Limits) -> subprocess.Popen:
+        if config["role"] == "server":
+            config["tun"]["address"] = [f"{UT_TUN_NET}.1/24"]
+            config["tun"]["clients"] = [f"{bed.home.name}={UT_TUN_NET}.2/32"]
+        else:
+            config["tun"]["address"] = [f"{UT_TUN_NET}.2/24"]
+        return super()._start_one(bed, node, config, limits)
 
 
 class V2Ray(Carrier):
@@ -855,6 +900,8 @@ def all_carriers() -> dict[str, Carrier]:
             V2Ray("vmess"),
             SingBox(),
             OpenVpn(),
+            UtTun(),
+            UtTun(name="ut-tun9k", mtu=9000),
             *_variants(),
         )
     }
