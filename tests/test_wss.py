@@ -2,7 +2,7 @@
 
 Real parts: TLS with the test PKI, a real nginx in front of the server with the guide's
 configuration (docs/guide.md section 14, "Behind nginx"), a real tinyproxy for CONNECT.
-The real-WireGuard versions of these are in tests/e2e/test_wss.py.
+The real-WireGuard versions of these are in tests/e2e/test_wss_wireguard.py.
 """
 
 from __future__ import annotations
