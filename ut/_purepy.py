@@ -523,9 +523,11 @@ class RingQueue:
         self._budget = budget
 
     def __del__(self) -> None:
-        # As the compiled ring's dealloc: what a queue held no longer counts.
-        if self._budget is not None:
-            self._budget._nbytes -= self._nbytes
+        # As the compiled ring's dealloc: what a queue held no longer counts. (A queue
+        # whose __init__ refused its arguments never got a budget.)
+        budget = getattr(self, "_budget", None)
+        if budget is not None:
+            budget._nbytes -= self._nbytes
 
     def _taken(self, n: int) -> None:
         """``n`` payload bytes left the queue (popped, dropped or cleared)."""

@@ -69,6 +69,8 @@ class FakePort:
         self.sent = 0
         self.sock = type("S", (), {"fileno": lambda self: 3})()
 
+    closed = False  # as UdpPort.closed
+
     def send_many(self, datagrams, addr=None):
         self.sent += len(datagrams)
         return len(datagrams), 0
