@@ -495,7 +495,7 @@ class Client:
             raise
         assert self.session is not None
         self.session.tun = True
-        return TunPort(self.loop, fd, self.session.on_udp_batch)
+        return TunPort(self.loop, fd, self.session.push_datagrams)
 
     async def close(self) -> None:
         """Say GOODBYE on every lane, close them and the UDP port. Idempotent."""

@@ -107,6 +107,9 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "max_queue_age": cfg.queue.max_age_seconds,
         "padding": cfg.shaping.padding,
         "coalesce": cfg.shaping.coalesce_ms / 1000.0,
+        # A TUN device takes a release at once (the kernel queues it); pacing is for a
+        # userspace WireGuard's small UDP socket buffer, and would cap TUN mode's rate.
+        "pace_releases": not cfg.tun.enabled,
     }
 
 
@@ -141,6 +144,7 @@ class Session:
         padding: bool = False,
         coalesce: float = 0.0,
         budget: Any = None,
+        pace_releases: bool = True,
     ) -> None:
         self.loop = loop
         self.stats = stats
@@ -149,6 +153,7 @@ class Session:
         self.counters: Counters = stats.counters(client_cn)
         # budget: the server's process-wide fastpath.QueueBudget, or None (ut.budget).
         self.queue = fastpath.RingQueue(max_packets, max_bytes, budget)
+        self._release_burst = RELEASE_BURST_PACKETS if pace_releases else 1 << 30
         self._budget = budget
         self._budget_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         self.n_lanes = n_lanes
@@ -491,7 +496,7 @@ class Session:
         reseq = self.reseq
         datagrams, nbytes, stamp = reseq.take()
         if datagrams:
-            if self._paced or len(datagrams) > RELEASE_BURST_PACKETS:
+            if self._paced or len(datagrams) > self._release_burst:
                 if not self._paced:
                     self._paced_stamp = stamp
                 self._paced.extend(datagrams)

@@ -5,7 +5,8 @@ information headers (``IFF_TUN | IFF_NO_PI``): each read is one IP packet, each 
 one IP packet. ``configure_tun`` gives it addresses, an MTU and routes with ``ip``
 (iproute2) and brings it up. ``TunPort`` has ``ut.udp.UdpPort``'s interface (batched
 reads into ``on_batch``, ``send_many`` returning ``(sent, failed)``), so sessions move
-packets between lanes and a TUN device as they move datagrams to and from WireGuard.
+packets between lanes and a TUN device as they move datagrams to and from WireGuard;
+``on_batch`` gets a list of packets (there is no sender address to pair them with).
 
 Elsewhere than Linux, ``open_tun`` raises ``TunUnavailable`` with what to do (macOS
 ``utun`` is not supported yet).
@@ -74,7 +75,8 @@ def configure_tun(name: str, addresses: Iterable[str], mtu: int,
 
 
 class TunPort:
-    """A TUN device's packets, with ``UdpPort``'s interface (``addr`` is ignored)."""
+    """A TUN device's packets, with ``UdpPort``'s interface (``addr`` is ignored;
+    ``on_batch`` gets the packets themselves)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
                  on_batch: Callable[[list], None]) -> None:
@@ -115,7 +117,7 @@ class TunPort:
                 break
             if link_local(packet):
                 continue  # the kernel talking to the link (ND, MLD): nothing to carry
-            batch.append((packet, None))
+            batch.append(packet)
         if batch:
             self.on_batch(batch)
 
