@@ -74,6 +74,13 @@ def configure_tun(name: str, addresses: Iterable[str], mtu: int,
         subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=30)
 
 
+def _refused_last(packets: list, refused: list[int], tried: int) -> None:
+    """Reorder ``packets[:tried]`` in place: the written ones first, then the refused."""
+    skip = set(refused)
+    written = [p for i, p in enumerate(packets[:tried]) if i not in skip]
+    packets[:tried] = written + [packets[i] for i in refused]
+
+
 class TunPort:
     """A TUN device's packets, with ``UdpPort``'s interface (``addr`` is ignored;
     ``on_batch`` gets the packets themselves)."""
@@ -123,19 +130,27 @@ class TunPort:
 
     def send_many(self, packets: list, addr: object = None) -> tuple[int, int]:
         """Write each packet; ``(sent, failed)``. A full device queue loses the rest of
-        the batch (as a full UDP socket would; the caller counts them)."""
+        the batch (as a full UDP socket would; the caller counts them).
+
+        The first ``sent`` packets of ``packets`` are the ones written: a packet the
+        kernel refuses is skipped and moved behind them (the caller counts the bytes of
+        ``packets[:sent]``)."""
         sent = 0
         fd = self.fd
-        for packet in packets:
+        refused: list[int] = []
+        for i, packet in enumerate(packets):
             try:
                 os.write(fd, packet)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
-                    continue  # not an IP packet the kernel takes: skip it, count it
+                    refused.append(i)  # not an IP packet the kernel takes: skip it, count it
+                    continue
                 break
             sent += 1
+        if refused:
+            _refused_last(packets, refused, sent + len(refused))
         return sent, len(packets) - sent
 
     def close(self) -> None:

@@ -99,20 +99,28 @@ for _ in range(int(sys.argv[3])):
 
 def test_a_client_cannot_send_from_another_clients_address(tun_bed):
     """home2 sends packets with home's source address: the server drops and counts them
-    (reason spoofed, CN home2); home2's own traffic still flows."""
+    (reason spoofed, CN home2), and not as sent (packets or bytes); home2's own traffic
+    still flows."""
     bed, srv, _ = tun_bed
     h2 = bed.home_nodes[1]
 
-    def spoofed() -> float:
-        return metric_sum(bed.metrics(bed.cloud), "ut_udp_drop_total", reason="spoofed",
-                          client_cn="home2") or 0.0
+    def counts() -> tuple[float, float, float]:
+        """home2's spoofed drops, and packets and bytes the server wrote to its device."""
+        m = bed.metrics(bed.cloud)
+        return (metric_sum(m, "ut_udp_drop_total", reason="spoofed", client_cn="home2") or 0.0,
+                metric_sum(m, "ut_udp_out_packets_total", client_cn="home2") or 0.0,
+                metric_sum(m, "ut_udp_out_bytes_total", client_cn="home2") or 0.0)
 
-    before = spoofed()
+    before = counts()
     bed.run(h2, [sys.executable, "-c", _SPOOF, CLIENTS["home"][0], SERVER_V4, "20"])
     deadline = time.monotonic() + 10
-    while spoofed() - before < 20 and time.monotonic() < deadline:
+    while counts()[0] - before[0] < 20 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert spoofed() - before == 20
+    after = counts()
+    assert after[0] - before[0] == 20
+    # Whatever else home2 sent meanwhile, its bytes come with packets (20 spoofed
+    # packets of 35 bytes, counted as sent, would add 700 bytes and no packet).
+    assert after[2] - before[2] <= (after[1] - before[1]) * 1500
     assert bed.ping(h2, SERVER_V4, count=3, interval=0.1)["received"] == 3
     assert metric_sum(bed.metrics(bed.cloud), "ut_udp_drop_total", reason="spoofed",
                       client_cn="home") in (None, 0.0)
