@@ -65,7 +65,7 @@ async def _case(case: str) -> dict:
     from ut.configschema import TunConfig
     from ut.session import Session
     from ut.stats import TunnelStats
-    from ut.tun import TunPort, configure_tun, open_tun
+    from ut.tun import open_port
     from ut.tunserver import TunHub
 
     loop = asyncio.get_running_loop()
@@ -88,9 +88,7 @@ async def _case(case: str) -> dict:
         batch = [good[0], _udp4(OTHER, SERVER, b"x" * 700), good[1],
                  _udp4(OTHER, SERVER, b"y" * 900)]
     else:
-        fd = open_tun("utrefuse0")
-        configure_tun("utrefuse0", [f"{CLIENT}/24"], 1500)
-        s.udp = TunPort(loop, fd, s.push_datagrams)
+        s.udp = open_port(loop, "utrefuse0", [f"{CLIENT}/24"], 1500, (), s.push_datagrams)
         batch = [good[0], b"\x00" * 500, good[1]]  # version 0: not an IP packet
     s.send_udp(batch, sum(map(len, batch)))
     c = s.counters

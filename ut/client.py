@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import secrets
 import ssl
@@ -484,18 +483,14 @@ class Client:
     def _open_tun(self) -> Any:
         """TUN mode: this end's TUN device (addresses, MTU, routes from ``tun:``); its
         packets go to the lanes as datagrams would (ut.tun)."""
-        from .tun import TunPort, configure_tun, open_tun
+        from .tun import open_port
 
         tun = self.config.tun
-        fd = open_tun(tun.name)
-        try:
-            configure_tun(tun.name, tun.address, tun.mtu, tun.routes)
-        except BaseException:
-            os.close(fd)
-            raise
         assert self.session is not None
+        port = open_port(self.loop, tun.name, tun.address, tun.mtu, tun.routes,
+                         self.session.push_datagrams)
         self.session.tun = True
-        return TunPort(self.loop, fd, self.session.push_datagrams)
+        return port
 
     async def close(self) -> None:
         """Say GOODBYE on every lane, close them and the UDP port. Idempotent."""

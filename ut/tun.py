@@ -1,4 +1,8 @@
-"""TUN devices: where TUN mode's IP packets come from and go to (Linux ``/dev/net/tun``).
+"""TUN devices: where TUN mode's IP packets come from and go to (Linux ``/dev/net/tun``,
+macOS ``utun``).
+
+``open_port(loop, name, addresses, mtu, routes, on_batch)`` is what the client and the
+server call: it opens the platform's device, configures it and returns its ``TunPort``.
 
 ``open_tun(name)`` creates (or attaches to) a layer-3 TUN interface without packet
 information headers (``IFF_TUN | IFF_NO_PI``): each read is one IP packet, each write
@@ -8,8 +12,10 @@ reads into ``on_batch``, ``send_many`` returning ``(sent, failed)``), so session
 packets between lanes and a TUN device as they move datagrams to and from WireGuard;
 ``on_batch`` gets a list of packets (there is no sender address to pair them with).
 
-Elsewhere than Linux, ``open_tun`` raises ``TunUnavailable`` with what to do (macOS
-``utun`` is not supported yet).
+On macOS, ``ut.tun_darwin`` opens a ``utun`` interface instead (a kernel control socket
+whose packets carry a 4-byte address family header: ``UtunPort``), configured with
+``ifconfig`` and ``route``; it is not tested in CI. Elsewhere, ``open_port`` raises
+``TunUnavailable`` with what to do.
 """
 
 from __future__ import annotations
@@ -23,16 +29,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
+from .logs import event
 from .tunroute import link_local
 
-__all__ = ["READ_BATCH", "TunPort", "TunUnavailable", "configure_tun", "open_tun"]
+__all__ = ["READ_BATCH", "TunPort", "TunUnavailable", "configure_tun", "open_port", "open_tun"]
 
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 #: Packets read per readiness callback at most (as UDP's batched receive).
 READ_BATCH = 64
-_READ_SIZE = 65536  # an IP packet's largest size
 
 
 class TunUnavailable(OSError):
@@ -43,8 +49,8 @@ def open_tun(name: str) -> int:
     """The non-blocking file descriptor of TUN interface ``name`` (created if needed;
     needs CAP_NET_ADMIN)."""
     if not sys.platform.startswith("linux"):
-        raise TunUnavailable(f"TUN mode needs Linux (/dev/net/tun); {sys.platform} is not "
-                             "supported yet: use WireGuard over ut-tunnel there")
+        raise TunUnavailable(f"/dev/net/tun is Linux only, not {sys.platform} (ut.tun.open_port "
+                             "opens the platform's device)")
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -81,9 +87,47 @@ def _refused_last(packets: list, refused: list[int], tried: int) -> None:
     packets[:tried] = written + [packets[i] for i in refused]
 
 
+def open_port(loop: asyncio.AbstractEventLoop, name: str, addresses: Iterable[str], mtu: int,
+              routes: Iterable[str], on_batch: Callable[[list], None]) -> TunPort:
+    """This platform's TUN device ``name``, configured, as a ``TunPort`` (not started).
+
+    ``port.name`` is the interface's name (logged: ``tun_open``): on macOS the kernel
+    names utun interfaces, so it is ``name`` only if that is a free ``utunN``.
+    ``TunUnavailable`` elsewhere than Linux and macOS, or without the rights."""
+    port_class: type[TunPort]
+    addresses, routes = list(addresses), list(routes)
+    if sys.platform.startswith("linux"):
+        fd, configure, port_class = open_tun(name), configure_tun, TunPort
+    elif sys.platform == "darwin":
+        from .tun_darwin import UtunPort, configure_utun, open_utun
+
+        (fd, name), configure, port_class = open_utun(name), configure_utun, UtunPort
+    else:
+        raise TunUnavailable(f"TUN mode needs Linux (/dev/net/tun) or macOS (utun), not "
+                             f"{sys.platform}: use WireGuard over ut-tunnel there")
+    try:
+        configure(name, addresses, mtu, routes)
+    except BaseException:
+        os.close(fd)
+        raise
+    port = port_class(loop, fd, on_batch)
+    port.name = name
+    event("tun_open", interface=name, address=addresses, mtu=mtu, routes=routes)
+    return port
+
+
 class TunPort:
     """A TUN device's packets, with ``UdpPort``'s interface (``addr`` is ignored;
-    ``on_batch`` gets the packets themselves)."""
+    ``on_batch`` gets the packets themselves).
+
+    A subclass for a device whose packets carry a header (macOS utun) sets
+    ``add_header`` (returns the datagram to write, or None for a packet the device
+    cannot take) and ``strip_header``; on Linux both are None and cost one test."""
+
+    read_size = 65536  # an IP packet's largest size
+    add_header: Callable[[bytes], bytes | None] | None = None
+    strip_header: Callable[[bytes], bytes] | None = None
+    name = ""  # the interface (open_port)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
                  on_batch: Callable[[list], None]) -> None:
@@ -112,16 +156,20 @@ class TunPort:
 
     def _on_readable(self) -> None:
         batch = []
-        fd = self.fd
+        fd, size, strip = self.fd, self.read_size, self.strip_header
         for _ in range(READ_BATCH):
             try:
-                packet = os.read(fd, _READ_SIZE)
+                packet = os.read(fd, size)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break  # the device went away: close() follows
             if not packet:
                 break
+            if strip is not None:
+                packet = strip(packet)
+                if not packet:
+                    continue  # a header and nothing behind it
             if link_local(packet):
                 continue  # the kernel talking to the link (ND, MLD): nothing to carry
             batch.append(packet)
@@ -136,9 +184,15 @@ class TunPort:
         kernel refuses is skipped and moved behind them (the caller counts the bytes of
         ``packets[:sent]``)."""
         sent = 0
-        fd = self.fd
+        fd, add = self.fd, self.add_header
         refused: list[int] = []
         for i, packet in enumerate(packets):
+            if add is not None:
+                framed = add(packet)
+                if framed is None:
+                    refused.append(i)
+                    continue
+                packet = framed
             try:
                 os.write(fd, packet)
             except (BlockingIOError, InterruptedError):

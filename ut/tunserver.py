@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 from .logs import Debounced, event
-from .tun import TunPort, configure_tun, open_tun
+from .tun import open_port
 from .tunroute import AddressBook, packet_addresses
 
 __all__ = ["SessionTunPort", "TunHub"]
@@ -99,13 +98,7 @@ class TunHub:
         tun = config.tun
         self.book = AddressBook.from_entries(tun.clients)
         self.loop = loop
-        fd = open_tun(tun.name)
-        try:
-            configure_tun(tun.name, tun.address, tun.mtu)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.port = TunPort(loop, fd, self._from_device)
+        self.port = open_port(loop, tun.name, tun.address, tun.mtu, (), self._from_device)
         self.by_cn: dict[str, Any] = {}  # CN -> its newest session
         self._routes: dict[bytes, Any] = {}  # destination seen -> its session (a cache)
         self.no_route = 0
