@@ -910,14 +910,18 @@ def all_carriers() -> dict[str, Carrier]:
 def _variants() -> list[Carrier]:
     """Ad-hoc ut variants for experiments: BENCH_UT_VARIANTS='{"name": {"lanes": 5,
     "tcp": {...}, "env": {...}, "shaping": {...}, ...}}' (env reaches the ut-tunnel
-    processes; every other key is a config section merged into both nodes' configs)."""
-    out = []
+    processes; every other key is a config section merged into both nodes' configs).
+    A variant with a ``tun`` section (``"tun": {}`` will do) is a TUN-mode carrier like
+    ``ut-tun`` (``"tun": {"mtu": 9000}`` like ``ut-tun9k``)."""
+    out: list[Carrier] = []
     for name, spec in json.loads(os.environ.get("BENCH_UT_VARIANTS") or "{}").items():
         config = {k: v for k, v in spec.items() if k not in ("lanes", "tcp", "env")}
-        out.append(
-            UtTunnel(False, lanes=spec.get("lanes", 5), name=name, tcp=spec.get("tcp"),
-                     env=spec.get("env"), config=config)
-        )
+        kw = dict(lanes=spec.get("lanes", 5), name=name, tcp=spec.get("tcp"),
+                  env=spec.get("env"), config=config)
+        if "tun" in spec:
+            out.append(UtTun(mtu=spec["tun"].get("mtu"), **kw))
+        else:
+            out.append(UtTunnel(False, **kw))
     return out
 
 
