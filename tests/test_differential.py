@@ -326,6 +326,33 @@ def test_flow_key_agrees(fp_compiled, fp_pure, data):
     assert fp_compiled.flow_key(bytearray(data)) == fp_pure.flow_key(memoryview(data))
 
 
+def _ip_like(version_ihl: int, proto: int, frag: int, body: bytes) -> bytes:
+    # An IP packet's first bytes, valid or not: any IHL, any length from 0 on, the
+    # protocol (IPv4 byte 9, IPv6 byte 6) from the ported ones or not, fragments or not.
+    head = bytearray(body)
+    head[:1] = bytes([version_ihl])
+    if len(head) > 9:
+        head[9] = proto
+    if len(head) > 7 and version_ihl >> 4 == 4:
+        head[6:8] = frag.to_bytes(2, "big")
+    if len(head) > 6 and version_ihl >> 4 == 6:
+        head[6] = proto
+    return bytes(head)
+
+
+@SETTINGS
+@given(
+    version_ihl=st.integers(0x40, 0x4F) | st.integers(0x60, 0x6F),
+    proto=st.sampled_from([6, 17, 132, 136]) | st.integers(0, 255),
+    frag=st.sampled_from([0, 0x4000, 0x2000, 0x0001, 0x1FFF]) | st.integers(0, 0xFFFF),
+    body=st.binary(min_size=1, max_size=100),
+)
+def test_flow_key_agrees_on_ip_packets(fp_compiled, fp_pure, version_ihl, proto, frag, body):
+    data = _ip_like(version_ihl, proto, frag, body)
+    assert fp_compiled.flow_key(data) == fp_pure.flow_key(data)
+    assert fp_compiled.flow_key(bytearray(data)) == fp_pure.flow_key(memoryview(data))
+
+
 @pytest.mark.parametrize("args", [(0,), (65537,), (3, "random"), (3, "RR")])
 def test_constructor_errors_agree(fp_compiled, fp_pure, args):
     assert outcome(fp_compiled.LanePicker, *args)[:2] == outcome(fp_pure.LanePicker, *args)[:2]

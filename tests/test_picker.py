@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import struct
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def all_ready(fp, n, strategy="rr"):
@@ -163,3 +166,216 @@ def test_flow_key_is_deterministic_and_accepts_bytes_like(fp):
     assert fp.flow_key(data) == fp.flow_key(bytearray(data)) == fp.flow_key(memoryview(data))
     assert fp.flow_key(data) == 0x73B52077  # pinned: the key must not change between releases
     assert 0 <= fp.flow_key(data) < 2**32
+
+
+# -- flow_key of IP packets (TUN mode) -------------------------------------------------
+
+PORTED = (6, 17, 132, 136)  # TCP, UDP, SCTP, UDP-Lite: the header starts with the ports
+
+
+def ipv4(proto: int, src: bytes, dst: bytes, l4: bytes, *, ident: int = 0, frag: int = 0,
+         ttl: int = 64, checksum: int = 0, options: bytes = b"") -> bytes:
+    """An IPv4 packet: ``frag`` is the flags + fragment offset field (0x2000 = MF)."""
+    ihl = 5 + len(options) // 4
+    return struct.pack(
+        ">BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(l4), ident, frag, ttl, proto, checksum,
+        src, dst,
+    ) + options + l4
+
+
+def ipv6(next_header: int, src: bytes, dst: bytes, l4: bytes, *, flow_label: int = 0,
+         hop_limit: int = 64) -> bytes:
+    return struct.pack(
+        ">IHBB16s16s", (6 << 28) | flow_label, len(l4), next_header, hop_limit, src, dst
+    ) + l4
+
+
+def ports(sport: int, dport: int, rest: bytes = b"") -> bytes:
+    return struct.pack(">HH", sport, dport) + rest
+
+
+A4, B4 = bytes([10, 78, 0, 2]), bytes([192, 0, 2, 7])
+A6 = bytes.fromhex("fd00007800000000000000000000000a")
+B6 = bytes.fromhex("20010db8000000000000000000000007")
+
+
+def spec_ip_key(proto: int, fields: bytes) -> int:
+    """The IP key as flow_key's docstring defines it: FNV-1a over 32-bit big-endian words
+    (the protocol, then ``fields``: addresses and ports), then MurmurHash3's finaliser."""
+    h = 0x811C9DC5
+    for w in (proto, *struct.unpack(f">{len(fields) // 4}I", fields)):
+        h = ((h ^ w) * 0x01000193) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_flow_key_ip_pinned(fp):
+    # Pinned: a flow's key must not change between releases.
+    cases = [
+        (ipv4(6, A4, B4, ports(40000, 443, bytes(20))), 0x13E30BDA,
+         spec_ip_key(6, A4 + B4 + ports(40000, 443))),
+        (ipv4(1, A4, B4, bytes([8, 0]) + bytes(62)), 0x0CF0E875, spec_ip_key(1, A4 + B4)),
+        (ipv6(17, A6, B6, ports(5353, 53, bytes(30))), 0xC56CDC29,
+         spec_ip_key(17, A6 + B6 + ports(5353, 53))),
+        (ipv6(58, A6, B6, bytes([128, 0]) + bytes(30)), 0xA3FA0FB3, spec_ip_key(58, A6 + B6)),
+    ]
+    for packet, pinned, spec in cases:
+        assert fp.flow_key(packet) == pinned == spec
+
+
+def test_flow_key_ipv4_ignores_what_changes_per_packet(fp):
+    first = ipv4(6, A4, B4, ports(40000, 443, bytes(20)), ident=1, checksum=0x1234)
+    later = ipv4(6, A4, B4, ports(40000, 443, b"x" * 1400), ident=999, checksum=0xBEEF, ttl=3)
+    assert fp.flow_key(first) == fp.flow_key(later)
+    # Options move the ports; the key follows them.
+    with_options = ipv4(6, A4, B4, ports(40000, 443), options=bytes([1, 1, 1, 0]))
+    assert fp.flow_key(with_options) == fp.flow_key(first)
+
+
+def test_flow_key_ipv4_ports_only_where_the_protocol_has_them(fp):
+    for proto in PORTED:
+        assert fp.flow_key(ipv4(proto, A4, B4, ports(1, 2))) != fp.flow_key(
+            ipv4(proto, A4, B4, ports(1, 3))
+        ), proto
+    # ICMP: the "ports" are type, code and checksum, which must not split a flow.
+    assert fp.flow_key(ipv4(1, A4, B4, ports(0x0800, 1))) == fp.flow_key(
+        ipv4(1, A4, B4, ports(0x0800, 2))
+    )
+    # A header too short for the ports, or an IHL below 5, gives the addresses' key.
+    no_ports = fp.flow_key(ipv4(6, A4, B4, b""))
+    assert fp.flow_key(ipv4(6, A4, B4, b"\x01\x02\x03")) == no_ports
+    bad_ihl = bytearray(ipv4(6, A4, B4, ports(1, 2)))
+    bad_ihl[0] = 0x44
+    assert fp.flow_key(bytes(bad_ihl)) == no_ports
+
+
+def test_flow_key_ipv4_fragments_share_the_packets_key(fp):
+    whole = ipv4(17, A4, B4, ports(5000, 6000, bytes(100)), ident=7)
+    first = ipv4(17, A4, B4, ports(5000, 6000, bytes(100)), ident=7, frag=0x2000)  # MF
+    middle = ipv4(17, A4, B4, bytes(104), ident=7, frag=0x2000 | 13)
+    last = ipv4(17, A4, B4, bytes(50), ident=7, frag=26)
+    keys = {fp.flow_key(p) for p in (first, middle, last)}
+    assert len(keys) == 1
+    assert keys == {fp.flow_key(ipv4(17, A4, B4, b""))}  # the addresses' and protocol's
+    assert fp.flow_key(whole) not in keys
+    # DF is not a fragment.
+    assert fp.flow_key(ipv4(17, A4, B4, ports(5000, 6000), frag=0x4000)) == fp.flow_key(whole)
+
+
+def test_flow_key_ipv6(fp):
+    key = fp.flow_key(ipv6(6, A6, B6, ports(40000, 443, bytes(20))))
+    assert key == fp.flow_key(ipv6(6, A6, B6, ports(40000, 443, b"y" * 1300), hop_limit=1,
+                                   flow_label=0xABCDE))
+    assert key != fp.flow_key(ipv6(6, A6, B6, ports(40001, 443)))
+    assert key != fp.flow_key(ipv6(6, B6, A6, ports(40000, 443)))
+    # Extension headers (here a fragment header, 44): no ports, one key for the packet.
+    frag = {fp.flow_key(ipv6(44, A6, B6, bytes([6, 0, 0, 1]) + bytes(n))) for n in (4, 80)}
+    assert frag == {fp.flow_key(ipv6(44, A6, B6, b""))}
+
+
+def test_flow_key_ip_too_short_falls_back(fp):
+    assert fp.flow_key(ipv4(6, A4, B4, b"")[:19]) == fnv1a32(ipv4(6, A4, B4, b"")[:19])
+    short6 = ipv6(6, A6, B6, b"")[:39]
+    assert fp.flow_key(short6) == fnv1a32(short6)
+
+
+@pytest.mark.parametrize("n_lanes", [2, 3, 4, 8])
+def test_flow_key_spreads_flows_over_lanes(fp, n_lanes):
+    # Linux gives connect() even source ports: the low bits of the key must still vary.
+    keys = [fp.flow_key(ipv4(6, A4, B4, ports(sport, 443))) for sport in range(32768, 34768, 2)]
+    assert len(set(keys)) == len(keys)
+    counts = Counter(k % n_lanes for k in keys)
+    assert len(counts) == n_lanes
+    assert min(counts.values()) > 0.7 * len(keys) / n_lanes, counts
+
+
+addr4 = st.binary(min_size=4, max_size=4)
+addr6 = st.binary(min_size=16, max_size=16)
+port = st.integers(0, 65535)
+IP_SETTINGS = settings(max_examples=200, deadline=None)
+
+
+@IP_SETTINGS
+@given(
+    proto=st.sampled_from(PORTED) | st.integers(0, 255), src=addr4, dst=addr4, sport=port,
+    dport=port, a=st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.integers(1, 255),
+                            st.binary(max_size=64)),
+    b=st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.integers(1, 255),
+                st.binary(max_size=64)),
+    options=st.integers(0, 10).map(lambda n: bytes(4 * n)),
+)
+def test_flow_key_ipv4_same_flow_same_key(fp, proto, src, dst, sport, dport, a, b, options):
+    one = ipv4(proto, src, dst, ports(sport, dport, a[3]), ident=a[0], checksum=a[1], ttl=a[2],
+               options=options)
+    two = ipv4(proto, src, dst, ports(sport, dport, b[3]), ident=b[0], checksum=b[1], ttl=b[2])
+    assert fp.flow_key(one) == fp.flow_key(two)
+
+
+@IP_SETTINGS
+@given(
+    next_header=st.sampled_from(PORTED) | st.integers(0, 255), src=addr6, dst=addr6,
+    sport=port, dport=port, payloads=st.tuples(st.binary(max_size=64), st.binary(max_size=64)),
+    labels=st.tuples(st.integers(0, 0xFFFFF), st.integers(0, 0xFFFFF)),
+)
+def test_flow_key_ipv6_same_flow_same_key(fp, next_header, src, dst, sport, dport, payloads,
+                                          labels):
+    one = ipv6(next_header, src, dst, ports(sport, dport, payloads[0]), flow_label=labels[0])
+    two = ipv6(next_header, src, dst, ports(sport, dport, payloads[1]), flow_label=labels[1],
+               hop_limit=1)
+    assert fp.flow_key(one) == fp.flow_key(two)
+
+
+@IP_SETTINGS
+@given(
+    version=st.sampled_from([4, 6]), proto=st.sampled_from(PORTED), src=addr6, dst=addr6,
+    flows=st.lists(st.tuples(port, port), min_size=20, max_size=60, unique=True),
+)
+def test_flow_key_different_ports_usually_differ(fp, version, proto, src, dst, flows):
+    if version == 4:
+        keys = {fp.flow_key(ipv4(proto, src[:4], dst[:4], ports(s, d))) for s, d in flows}
+    else:
+        keys = {fp.flow_key(ipv6(proto, src, dst, ports(s, d))) for s, d in flows}
+    assert len(keys) >= len(flows) - 1  # a 32-bit collision among 60 flows: ~4e-7
+
+
+@IP_SETTINGS
+@given(
+    proto=st.integers(0, 255), src=addr4, dst=addr4, ident=st.integers(0, 65535),
+    pieces=st.lists(st.tuples(st.integers(0, 0x1FFF), st.booleans(), st.binary(max_size=64)),
+                    min_size=1, max_size=6),
+)
+def test_flow_key_ipv4_fragments_one_key(fp, proto, src, dst, ident, pieces):
+    frags = [
+        ipv4(proto, src, dst, body, ident=ident, frag=(0x2000 if more else 0) | offset)
+        for offset, more, body in pieces
+        if offset or more
+    ]
+    assert {fp.flow_key(f) for f in frags} <= {fp.flow_key(ipv4(proto, src, dst, b""))}
+
+
+def old_flow_key(data: bytes) -> int:
+    """flow_key as it was before IP packets had their own branch (WireGuard + FNV-1a)."""
+    if data:
+        kind = data[0]
+        if (kind == 4 and len(data) >= 16) or (kind in (1, 3) and len(data) >= 8):
+            return int.from_bytes(data[4:8], "little")
+        if kind == 2 and len(data) >= 12:
+            return int.from_bytes(data[8:12], "little")
+    return fnv1a32(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.tuples(st.sampled_from([1, 2, 3, 4]), st.binary(max_size=200)).map(
+        lambda t: bytes([t[0]]) + t[1]
+    )
+    | st.binary(max_size=200)
+)
+def test_flow_key_unchanged_for_non_ip(fp, data):
+    is_ip = data and ((data[0] >> 4 == 4 and len(data) >= 20)
+                      or (data[0] >> 4 == 6 and len(data) >= 40))
+    if not is_ip:
+        assert fp.flow_key(data) == old_flow_key(data)

@@ -103,14 +103,68 @@ cdef enum:
     _FNV_PRIME = 0x01000193
 
 
+cdef inline bint _has_ports(uint8_t protocol) noexcept nogil:
+    # TCP, UDP, SCTP and UDP-Lite: the first 4 bytes of the header are the two ports.
+    return protocol == 6 or protocol == 17 or protocol == 132 or protocol == 136
+
+
+cdef inline uint32_t _mix_word(uint32_t h, uint32_t w) noexcept nogil:
+    return (h ^ w) * <uint32_t>_FNV_PRIME
+
+
+cdef inline uint32_t _fmix32(uint32_t h) noexcept nogil:
+    # MurmurHash3's finaliser: every bit of h reaches the low bits, which pick() reduces
+    # modulo the ready-lane count (a product alone leaves the low bits to the low bits, so
+    # flows differing only in an even source port would share a lane).
+    h ^= h >> 16
+    h *= <uint32_t>0x85EBCA6B
+    h ^= h >> 13
+    h *= <uint32_t>0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+cdef uint32_t _ip_flow_key(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    # The caller checked the version nibble and the fixed header's length (20 or 40 bytes).
+    cdef uint32_t h = _FNV_OFFSET
+    cdef Py_ssize_t ihl, i
+    if p[0] >> 4 == 4:
+        ihl = (p[0] & 15) * 4
+        h = _mix_word(h, p[9])
+        h = _mix_word(h, ut_load_be32(p + 12))
+        h = _mix_word(h, ut_load_be32(p + 16))
+        if (_has_ports(p[9]) and ihl >= 20 and n >= ihl + 4
+                and ((<uint32_t>p[6] << 8) | p[7]) & 0x3FFF == 0):
+            h = _mix_word(h, ut_load_be32(p + ihl))
+    else:
+        h = _mix_word(h, p[6])
+        for i in range(8, 40, 4):
+            h = _mix_word(h, ut_load_be32(p + i))
+        if _has_ports(p[6]) and n >= 44:
+            h = _mix_word(h, ut_load_be32(p + 40))
+    return _fmix32(h)
+
+
 def flow_key(datagram):
     """Return a deterministic unsigned 32-bit key naming the flow of ``datagram``.
 
     WireGuard messages (type in the first byte) give their session index, read
     little-endian: transport data (4, at least 16 bytes) and cookie reply (3) the receiver
     index at bytes 4..8; handshake initiation (1) the sender index at 4..8; handshake
-    response (2) the receiver index at 8..12. Anything else (or too short for its field)
-    gives the 32-bit FNV-1a hash of its first 16 bytes at most.
+    response (2) the receiver index at 8..12.
+
+    IP packets (TUN mode: version 4 and at least 20 bytes, or version 6 and at least 40)
+    give a hash of their inner flow: the protocol (IPv6: the next header) and both
+    addresses, plus both ports for TCP, UDP, SCTP and UDP-Lite (6, 17, 132, 136) when the
+    packet holds them (and an IPv4 header length of at least 20). An IPv4 fragment (MF set
+    or a non-zero offset) gives no ports, so all fragments of one packet share a key; an
+    IPv6 packet with extension headers gives none either. Identification, checksum, TTL,
+    flow label, length and payload do not change the key. The hash: FNV-1a over 32-bit
+    big-endian words (the protocol, the addresses, the ports), then MurmurHash3's 32-bit
+    finaliser.
+
+    Anything else (or too short for its field) gives the 32-bit FNV-1a hash of its first
+    16 bytes at most.
     """
     cdef Py_buffer view
     cdef const uint8_t* p
@@ -127,6 +181,8 @@ def flow_key(datagram):
                 return ut_load_le32(p + 4)
             if kind == 2 and n >= 12:
                 return ut_load_le32(p + 8)
+            if (kind >> 4 == 4 and n >= 20) or (kind >> 4 == 6 and n >= 40):
+                return _ip_flow_key(p, n)
         if n > 16:
             n = 16
         for i in range(n):

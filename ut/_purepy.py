@@ -132,6 +132,12 @@ _HEADER_PACK = _HEADER.pack
 _HEADER_UNPACK_FROM = _HEADER.unpack_from
 _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193
+# flow_key of IP packets: protocols whose header starts with the two ports (TCP, UDP,
+# SCTP, UDP-Lite), and big-endian 32-bit words of the addresses and the ports
+_PORTED_PROTOCOLS = frozenset((6, 17, 132, 136))
+_IPV4_ADDRS = struct.Struct(">2I").unpack_from
+_IPV6_ADDRS = struct.Struct(">8I").unpack_from
+_U32_BE = struct.Struct(">I").unpack_from
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -1007,14 +1013,59 @@ class LanePicker:
                 return lane
 
 
+def _ip_flow_key(view: memoryview, n: int) -> int:
+    """``flow_key`` of an IP packet (the caller checked the version and the fixed header's
+    length)."""
+    h = _FNV_OFFSET
+    if view[0] >> 4 == 4:
+        protocol = view[9]
+        words: tuple[int, ...] = _IPV4_ADDRS(view, 12)
+        ihl = (view[0] & 15) * 4
+        if (
+            protocol in _PORTED_PROTOCOLS
+            and ihl >= 20
+            and n >= ihl + 4
+            and ((view[6] << 8) | view[7]) & 0x3FFF == 0
+        ):
+            words += _U32_BE(view, ihl)
+    else:
+        protocol = view[6]
+        words = _IPV6_ADDRS(view, 8)
+        if protocol in _PORTED_PROTOCOLS and n >= 44:
+            words += _U32_BE(view, 40)
+    h = ((h ^ protocol) * _FNV_PRIME) & 0xFFFFFFFF
+    for w in words:
+        h = ((h ^ w) * _FNV_PRIME) & 0xFFFFFFFF
+    # MurmurHash3's finaliser: every bit of h reaches the low bits, which pick() reduces
+    # modulo the ready-lane count (a product alone leaves the low bits to the low bits, so
+    # flows differing only in an even source port would share a lane).
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def flow_key(datagram: Any) -> int:
     """Return a deterministic unsigned 32-bit key naming the flow of ``datagram``.
 
     WireGuard messages (type in the first byte) give their session index, read
     little-endian: transport data (4, at least 16 bytes) and cookie reply (3) the receiver
     index at bytes 4..8; handshake initiation (1) the sender index at 4..8; handshake
-    response (2) the receiver index at 8..12. Anything else (or too short for its field)
-    gives the 32-bit FNV-1a hash of its first 16 bytes at most.
+    response (2) the receiver index at 8..12.
+
+    IP packets (TUN mode: version 4 and at least 20 bytes, or version 6 and at least 40)
+    give a hash of their inner flow: the protocol (IPv6: the next header) and both
+    addresses, plus both ports for TCP, UDP, SCTP and UDP-Lite (6, 17, 132, 136) when the
+    packet holds them (and an IPv4 header length of at least 20). An IPv4 fragment (MF set
+    or a non-zero offset) gives no ports, so all fragments of one packet share a key; an
+    IPv6 packet with extension headers gives none either. Identification, checksum, TTL,
+    flow label, length and payload do not change the key. The hash: FNV-1a over 32-bit
+    big-endian words (the protocol, the addresses, the ports), then MurmurHash3's 32-bit
+    finaliser.
+
+    Anything else (or too short for its field) gives the 32-bit FNV-1a hash of its first
+    16 bytes at most.
     """
     view = memoryview(datagram)
     if view.ndim != 1 or view.itemsize != 1:
@@ -1026,6 +1077,8 @@ def flow_key(datagram: Any) -> int:
             return int.from_bytes(view[4:8], "little")
         if kind == 2 and n >= 12:
             return int.from_bytes(view[8:12], "little")
+        if (kind >> 4 == 4 and n >= 20) or (kind >> 4 == 6 and n >= 40):
+            return _ip_flow_key(view, n)
     h = _FNV_OFFSET
     for b in view[:16].tobytes():
         h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFF
