@@ -135,6 +135,28 @@ def wg_receive_buffer(nbytes: int):
         RMEM_DEFAULT_SYSCTL.write_text(old)
 
 
+# Kernel TCP counters (nstat names) that say how TCP repaired losses in a namespace: a
+# repair by fast retransmit costs about a round trip; a tail loss waits for a loss probe
+# (two round trips) and a timeout for the RTO (200 ms or more). Summed over both nodes,
+# outer lanes and inner TCP alike (through a TCP carrier the inner TCP sees few losses).
+TCP_EVENTS = ("RetransSegs", "TCPLossProbes", "TCPLossProbeRecovery", "TCPTimeouts",
+              "TCPSackRecovery", "TCPLostRetransmit")
+
+
+def tcp_events(bed) -> dict[str, int]:
+    """The TCP_EVENTS counters of both nodes' namespaces, added together."""
+    out = dict.fromkeys(TCP_EVENTS, 0)
+    for n in bed.nodes:
+        res = bed.run(n, "cat /proc/net/netstat /proc/net/snmp", check=False)
+        lines = res.stdout.splitlines()
+        for head, vals in zip(lines[::2], lines[1::2], strict=False):
+            names, values = head.split()[1:], vals.split()[1:]
+            for k, v in zip(names, values, strict=False):
+                if k in out and v.lstrip("-").isdigit():
+                    out[k] += int(v)
+    return out
+
+
 def wg_socket_drops(bed) -> dict[str, int]:
     """Datagrams the kernel dropped at each wireguard-go's full UDP socket (``/proc/net/udp``
     drops of the WireGuard port), by node: losses of inner packets no carrier can see."""
@@ -828,12 +850,15 @@ def profile_lossy(args, carriers: dict, kind: str = "lossy") -> dict:
                                 rev, streams = TESTS[t]
                                 s0 = link.stats()
                                 w0 = wg_socket_drops(bed)
+                                e0 = tcp_events(bed)
                                 rec["tests"][t] = bench.iperf(
                                     rev, streams, duration, carrier=carrier, procs=procs
                                 )
                                 s1 = link.stats()
                                 w1 = wg_socket_drops(bed)
+                                e1 = tcp_events(bed)
                                 rec["tests"][t]["wg_socket_drops"] = sum(w1.values()) - sum(w0.values())
+                                rec["tests"][t]["tcp_events"] = {k: e1[k] - e0[k] for k in e1}
                                 rec["tests"][t]["link"] = {
                                     d: {
                                         k: s1[d][k] - s0[d][k] for k in ("seen", "lost", "overflow")

@@ -637,6 +637,13 @@ def _build(raw: Any, file: str, directory: Path, check_files: bool) -> Config:
             f"must not exceed tcp.dial_backoff_max_seconds "
             f"({tcp['dial_backoff_min_seconds']:g} > {tcp['dial_backoff_max_seconds']:g})",
         )
+    queue = sections["queue"]
+    if queue["aqm_target_ms"] >= queue["aqm_interval_ms"]:
+        raise ConfigError(
+            file, "queue.aqm_target_ms",
+            f"must be below queue.aqm_interval_ms ({queue['aqm_target_ms']:g} >= "
+            f"{queue['aqm_interval_ms']:g}): the delay allowed to stand, against the time "
+            "it may stand before drops begin")
     if role == "server" and metrics["enabled"]:
         m_host, m_port = parse_addr(metrics["listen_addr"])
         t_host, t_port = parse_addr(tcp["listen_addr"])

@@ -18,6 +18,7 @@ Example (a key of ``tcp:``, used by both roles, 1 to 64)::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, TypeVar, overload
@@ -64,6 +65,7 @@ ROLES = ("client", "server")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LANE_PICKS = ("rr", "hash")
 DROP_POLICIES = ("oldest",)
+AQMS = ("codel", "off")
 
 MAX_LANES = 64
 TCP_BUF_MIN = 4096  # lane I/O chunk: one TLS record is at most 16 KiB, a burst more
@@ -273,6 +275,13 @@ def _tcp_buf(value: int) -> str | None:
             f"bytes), got {_num(value)}{hint}")
 
 
+def _congestion(value: str) -> str | None:
+    if value in ("auto", "system") or re.fullmatch(r"[a-z][a-z0-9_]{0,14}", value):
+        return None
+    return (f"must be auto, system or a congestion control's name (e.g. cubic, bbr, reno), "
+            f"got {show_value(value)}")
+
+
 def _sock_buf(value: int) -> str | None:
     if value == 0 or SOCK_BUF_MIN <= value <= SOCK_BUF_MAX:
         return None
@@ -343,6 +352,9 @@ class TcpConfig:
     tcp_nodelay: bool = setting(True)
     tcp_buf: int = setting(16384, check=_tcp_buf)
     sock_buf: int = setting(0, check=_sock_buf)
+    # Issue 14: the lanes' congestion control; auto = the host's, loss-based while the
+    # path shows a standing queue (ut/lanecc.py).
+    congestion: str = setting("auto", check=_congestion)
     # Timers have a floor (a tiny one only makes the process spin or flood the log)
     # and a ceiling of one day.
     idle_seconds: float = setting(120.0, check=_range(1, DURATION_MAX))
@@ -400,6 +412,11 @@ class QueueConfig:
     max_bytes: int = setting(8388608, check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES))
     drop_policy: str = setting("oldest", choices=DROP_POLICIES)
     max_delay_ms: float = setting(0.0, check=_range(0, 10000))
+    # Issue 14: queue management of the session queue (ut/aqm.py); with it, a lane takes
+    # no more while a few KiB wait in it, so a backlog waits where its delay is known.
+    aqm: str = setting("codel", choices=AQMS)
+    aqm_target_ms: float = setting(5.0, check=_range(1, 1000))
+    aqm_interval_ms: float = setting(100.0, check=_range(10, 10000))
     # Issue 19: drop, as ``stale``, what waited this long (an outage's backlog); 0 = off.
     # Below 0.1 s it would be the AQM's job (max_delay_ms), which also caps the lanes.
     max_age_seconds: float = setting(QUEUE_MAX_AGE_SECONDS, check=_max_age)

@@ -50,13 +50,15 @@ from typing import Any
 
 from . import fastpath
 from .addr import format_addr
+from .aqm import CoDel
 from .control import GOODBYE_REPLACED
 from .errors import FrameError
 from .lane import Lane
+from .lanecc import LOSS_BASED, CongestionChooser
 from .logs import Debounced, event
 from .shaping import PAD_FRAME_OVERHEAD, pad_length
 from .stats import Counters, TunnelStats
-from .tcpsock import tcp_state
+from .tcpsock import congestion_control, set_congestion_control, tcp_state
 
 FLUSH_BATCH_PACKETS = 512  # hash strategy: datagrams per picker pass
 FLUSH_BATCH_BYTES = 1 << 20  # bounds one pass's work and the transport overshoot
@@ -76,13 +78,19 @@ REORDER_PASS_BYTES = 256
 RELEASE_BURST_PACKETS = 64
 RELEASE_INTERVAL_SECONDS = 0.001
 LANE_POLL_SECONDS = 0.02  # how often lanes' TCP_INFO is read while datagrams flow
-# queue.max_delay_ms with skip_slow_lanes: a lane with this many bytes waiting to be sent
-# (TLS buffer + kernel unsent queue) takes no more; if every lane has, datagrams wait in
-# the session queue (looked at again every LANE_RETRY_SECONDS), where max_delay_ms drops
-# those that waited too long. Without the cap a saturated slow uplink queues in the
+# queue.aqm (or max_delay_ms) with skip_slow_lanes: a lane with its cap of bytes waiting
+# to be sent (TLS buffer + kernel unsent queue) takes no more; if every lane has,
+# datagrams wait in the session queue (looked at again every LANE_RETRY_SECONDS), where
+# the AQM sees how long they wait. Without the cap a saturated slow uplink queues in the
 # lanes' buffers, unseen: loaded ping p50 154 ms on the slow profile against 79 ms with
-# it (bare link 35), the same goodput (bench/README.md, issue 14).
+# a 16 KiB cap (bare link 35), the same goodput (bench/README.md, issue 14). The cap is
+# a time: LANE_UNSENT_SECONDS of what the lane delivered lately (TCP_INFO's
+# delivery_rate, read every LANE_POLL_SECONDS), at least LANE_MIN_UNSENT; LANE_MAX_UNSENT
+# until the first reading. Five lanes with 16 KiB each would hold 33 ms of a 20 Mbit/s
+# uplink; a fast lane's few milliseconds are far more bytes than 16 KiB.
 LANE_MAX_UNSENT = 16 * 1024
+LANE_MIN_UNSENT = 4 * 1024
+LANE_UNSENT_SECONDS = 0.004
 LANE_RETRY_SECONDS = 0.001
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
@@ -105,6 +113,10 @@ def session_options(cfg: Any) -> dict[str, Any]:
         "skip_slow_lanes": tcp.skip_slow_lanes,
         "max_queue_delay": cfg.queue.max_delay_ms / 1000.0,
         "max_queue_age": cfg.queue.max_age_seconds,
+        "aqm": cfg.queue.aqm == "codel",
+        "aqm_target": cfg.queue.aqm_target_ms / 1000.0,
+        "aqm_interval": cfg.queue.aqm_interval_ms / 1000.0,
+        "congestion": cfg.tcp.congestion,
         "padding": cfg.shaping.padding,
         "coalesce": cfg.shaping.coalesce_ms / 1000.0,
         # A TUN device takes a release at once (the kernel queues it); pacing is for a
@@ -141,6 +153,10 @@ class Session:
         skip_slow_lanes: bool = False,
         max_queue_delay: float = 0.0,
         max_queue_age: float = 0.0,
+        aqm: bool = False,
+        aqm_target: float = 0.005,
+        aqm_interval: float = 0.1,
+        congestion: str = "system",
         padding: bool = False,
         coalesce: float = 0.0,
         budget: Any = None,
@@ -191,16 +207,32 @@ class Session:
         self.skip_slow_lanes = skip_slow_lanes
         self._lanes_polled_at = 0.0
         self._lanes_skipped: set[int] = set()  # lane ids left out while in RTO recovery
+        # queue.aqm (ut/aqm.py): CoDel decides, as the queue's head leaves, whether to
+        # drop it, so that a saturated path's inner TCP slows down instead of queueing.
+        self.aqm = CoDel(aqm_target, aqm_interval) if aqm else None
+        self._aqm_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         # With skip_slow_lanes, a lane takes no more while LANE_MAX_UNSENT bytes wait in
-        # it: the rest waits in the session queue, where its age is known and
-        # max_queue_delay applies (a lane's kernel and TLS buffers would hide it).
-        self.lane_max_unsent = LANE_MAX_UNSENT if skip_slow_lanes and max_queue_delay else 0
+        # it: the rest waits in the session queue, where its age is known and the AQM
+        # (or max_queue_delay) applies (a lane's kernel and TLS buffers would hide it).
+        self.lane_max_unsent = (
+            LANE_MAX_UNSENT if skip_slow_lanes and (max_queue_delay or aqm) else 0)
         self.max_queue_delay = max_queue_delay
         # The age past which a queued datagram is dropped as stale: the stricter of the
         # AQM bound (max_queue_delay) and the staleness bound (max_queue_age); 0 = never.
         self.stale_after = min((t for t in (max_queue_delay, max_queue_age) if t > 0), default=0.0)
         self._stale_log = Debounced(DROP_LOG_WINDOW_SECONDS)
-        self._best_backlog = 0
+        self._lane_caps = [LANE_MAX_UNSENT] * n_lanes  # bytes each lane may hold unsent
+        # The queue on the path beyond the lanes (a saturated router's), as the lanes' TCP
+        # sees it: round trip above its minimum, and the bytes that is at their rate. The
+        # AQM adds it to the session queue's own wait (see _poll_lanes).
+        self._path_delay = 0.0
+        self._path_bytes = 0
+        # tcp.congestion: auto switches the lanes to a loss-based control while the
+        # path shows a standing queue (ut/lanecc.py); the host's is remembered to go back.
+        self.congestion = CongestionChooser() if congestion == "auto" else None
+        self._host_cc: str | None = None
+        self._lane_segs: dict[int, tuple[int, int]] = {}  # lane id: (retransmitted, sent)
+        self._best_room = 0  # what the lane _least_backlog_lane named may still take
         self._retry: asyncio.TimerHandle | None = None
 
     # -- HELLO flags (docs/protocol.md, "Sequence numbers" and "Padding") -------
@@ -292,6 +324,15 @@ class Session:
                      max_age_ms=round(self.stale_after * 1000, 1),
                      queue_len=len(self.queue))
 
+    def _count_aqm(self, n: int) -> None:
+        # A router's drops on a saturated link, moved into the tunnel: normal operation,
+        # visible in ut_udp_drop_total{reason="aqm"}; the log line is for debugging.
+        self.counters.drop("aqm", n)
+        due = self._aqm_log.hit(n)
+        if due:
+            self.log("queue_drop_aqm", logging.DEBUG, dropped=due, queue_len=len(self.queue),
+                     queue_bytes=self.queue.nbytes)
+
     def _count_oldest(self, n: int) -> None:
         self.counters.drop("oldest", n)
         due = self._drop_log.hit(n)
@@ -328,6 +369,7 @@ class Session:
             self._coalescing.cancel()
             self._coalescing = None
         queue, picker, lanes, c = self.queue, self.picker, self.lanes, self.counters
+        aqm = self.aqm
         now = time.perf_counter()
         if (self.skip_slow_lanes or self.resequence) and (
                 now - self._lanes_polled_at >= LANE_POLL_SECONDS):
@@ -346,6 +388,18 @@ class Session:
                     self._count_stale(stale)
                     if not len(queue):
                         break
+            if aqm is not None:
+                dropped = 0
+                while aqm.drop_head(now, now - queue.head_stamp + self._path_delay,
+                                    queue.nbytes + self._path_bytes):
+                    queue.pop()
+                    dropped += 1
+                    if not len(queue):
+                        break
+                if dropped:
+                    self._count_aqm(dropped)
+                    if not len(queue):
+                        break
             batch_stamp = queue.head_stamp
             sent = 0
             if self._hash:
@@ -355,13 +409,18 @@ class Session:
                 # datagrams (at most tcp_buf bytes) in one write. Per-datagram rotation
                 # would cost one TLS record and one send per datagram per lane.
                 lane_id = self._least_backlog_lane() if self.skip_slow_lanes else picker.pick(0)
-                if self.lane_max_unsent and self._best_backlog > self.lane_max_unsent:
-                    # Every lane has enough waiting: keep the rest here, where its age
-                    # is known, and look again shortly.
-                    if self._retry is None:
-                        self._retry = self.loop.call_later(LANE_RETRY_SECONDS, self._retry_flush)
-                    break
-                per_lane = {lane_id: queue.pop_batch(LANE_BURST_PACKETS, chunk)}
+                if self.lane_max_unsent:
+                    if self._best_room <= 0:
+                        # Every lane has enough waiting: keep the rest here, where its
+                        # age is known, and look again shortly.
+                        if self._retry is None:
+                            self._retry = self.loop.call_later(
+                                LANE_RETRY_SECONDS, self._retry_flush)
+                        break
+                    per_lane = {lane_id: queue.pop_batch(
+                        LANE_BURST_PACKETS, min(chunk, self._best_room))}
+                else:
+                    per_lane = {lane_id: queue.pop_batch(LANE_BURST_PACKETS, chunk)}
             for lane_id, datagrams in per_lane.items():
                 n = len(datagrams)
                 lane = lanes[lane_id]
@@ -399,16 +458,20 @@ class Session:
         self._flush()
 
     def _least_backlog_lane(self) -> int:
-        """The ready lane with the fewest bytes waiting to be sent (ties: round-robin).
+        """The ready lane with the least waiting to be sent (ties: round-robin); with lane
+        caps, the least as a share of its cap (the cap is a time at the lane's rate, so
+        this is the lane whose backlog drains first). Sets ``_best_room``: the bytes that
+        lane may still take under its cap.
 
         Lanes drain at different speeds (one repairs a loss, one has a smaller window);
         plain round-robin gives each the same share, so the slow one builds a backlog and
         its datagrams arrive late, behind the others': reordering, or with resequencing,
         waits for every lane. Joining the shortest queue keeps the lanes' delays even.
         """
-        picker, lanes = self.picker, self.lanes
+        picker, lanes, caps = self.picker, self.lanes, self._lane_caps
         first = picker.pick(0)  # advances round-robin: ties go to the next lane
-        best, best_backlog = first, lanes[first].unsent_bytes()  # type: ignore[union-attr]
+        best_backlog = lanes[first].unsent_bytes()  # type: ignore[union-attr]
+        best, best_load = first, best_backlog / caps[first]
         if best_backlog:
             n = self.n_lanes
             for i in range(1, n):
@@ -416,11 +479,12 @@ class Session:
                 if not picker.is_ready(lane_id):  # open, HELLO done, writable, not skipped
                     continue
                 backlog = lanes[lane_id].unsent_bytes()  # type: ignore[union-attr]
-                if backlog < best_backlog:
-                    best, best_backlog = lane_id, backlog
+                load = backlog / caps[lane_id]
+                if load < best_load:
+                    best, best_load, best_backlog = lane_id, load, backlog
                     if not backlog:
                         break
-        self._best_backlog = best_backlog
+        self._best_room = caps[best] - best_backlog
         return best
 
     def _poll_lanes(self, now: float) -> None:
@@ -430,16 +494,45 @@ class Session:
         self._lanes_polled_at = now
         rto = rtt = 0.0
         stalled = []
+        path_delay = float("inf")
+        path_rate = retrans = segs = 0
+        lane_segs = self._lane_segs
         for lane in self.lanes:
             if lane is None or not lane.ready:
                 continue
             st = tcp_state(lane.sock)
             if st is None:
                 continue
+            if st.delivery_rate:
+                self._lane_caps[lane.lane_id] = max(
+                    LANE_MIN_UNSENT, int(st.delivery_rate * LANE_UNSENT_SECONDS))
+                if (st.notsent_bytes and st.min_rtt_seconds
+                        and st.ack_age_seconds < st.rtt_seconds + LANE_POLL_SECONDS):
+                    # The least any backlogged lane waits: the queue they all share.
+                    # Only a lane with data waiting to be sent counts: its round trip
+                    # grows with what we send. (A lane that only carries the inner TCP's
+                    # ACKs sees the queue of the other direction in its round trip,
+                    # which drops here would not shrink; one with no ACK for a round
+                    # trip has an old rtt: idle, or stalled.)
+                    path_delay = min(path_delay, max(0.0, st.rtt_seconds - st.min_rtt_seconds))
+                    path_rate += st.delivery_rate
+            if self.congestion is not None:
+                r0, s0 = lane_segs.get(lane.lane_id, (st.retrans_segs, st.segs_out))
+                retrans += max(0, st.retrans_segs - r0)
+                segs += max(0, st.segs_out - s0)
+                lane_segs[lane.lane_id] = (st.retrans_segs, st.segs_out)
             rto = max(rto, st.rto_seconds)
             rtt = max(rtt, st.rtt_seconds + 4 * st.rttvar_seconds)
             if st.in_loss:
                 stalled.append(lane.lane_id)
+        if path_rate:
+            self._path_delay = path_delay
+            self._path_bytes = int(path_delay * path_rate)
+            if self.congestion is not None and self.congestion.update(
+                    now, path_delay, retrans, segs):
+                self._switch_congestion()
+        else:
+            self._path_delay, self._path_bytes = 0.0, 0
         repair = rto + rtt
         if repair:
             self.reseq.set_rtt_hint(repair)
@@ -457,6 +550,28 @@ class Session:
             for lane_id in stalled:
                 skipped.add(lane_id)
                 self.picker.set_ready(lane_id, False)
+
+    def _set_lane_congestion(self, lane: Lane) -> str | None:
+        """Give ``lane`` the control the chooser's state calls for; return its name."""
+        if self.congestion is None or lane.sock is None:
+            return None
+        if self._host_cc is None:
+            self._host_cc = congestion_control(lane.sock)
+        names = LOSS_BASED if self.congestion.state == "queued" else (self._host_cc,)
+        for name in names:
+            if name and set_congestion_control(lane.sock, name):
+                return name
+        return None
+
+    def _switch_congestion(self) -> None:
+        used = {self._set_lane_congestion(lane) for lane in self.lanes
+                if lane is not None and lane.ready}
+        cc = self.congestion
+        assert cc is not None
+        self.log("lane_congestion", state=cc.state,
+                 congestion=",".join(sorted(n for n in used if n)) or None,
+                 path_delay_ms=round(cc.mean_delay * 1000, 1),
+                 retransmitted_pct=round(cc.loss * 100, 1))
 
     def _split_by_flow(self, batch: list) -> dict[int, list]:
         """``lane_pick: hash``: each datagram to the lane its flow key names."""
@@ -598,6 +713,10 @@ class Session:
         if old is not None and old is not lane:
             self.retire(old, goodbye_reason=GOODBYE_REPLACED, reason="replaced")
         self.lanes[lane.lane_id] = lane
+        if self.congestion is not None and self.congestion.state != "clear":
+            self._set_lane_congestion(lane)  # a lane that joins mid-transfer
+        elif self._host_cc is None and self.congestion is not None:
+            self._host_cc = congestion_control(lane.sock)
         self.counters.lanes_active += 1
         self.log("lane_open", lane_id=lane.lane_id, peer=format_addr(lane.peer),
                  **self.lane_open_fields(lane))

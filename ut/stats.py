@@ -39,7 +39,8 @@ DROP_PATH: dict[str, str] = {
     "udp_socket_full": "socket",  # the kernel dropped it at our full UDP socket (Linux)
     "oldest": "in",  # session queue full (packets or bytes): the oldest datagram made room
     "budget": "in",  # server: every session's queue together at limits.queue_budget_bytes
-    "stale": "in",  # waited in the session queue longer than queue.max_delay_ms
+    "stale": "in",  # waited in the session queue longer than queue.max_delay_ms / max_age_seconds
+    "aqm": "in",  # dropped by the session queue's CoDel (queue.aqm): a standing queue
     "oversize": "in",  # datagram larger than one PDU can carry (logged as pdu_too_large)
     "no_lane": "in",  # still queued when the session closed (idle, linger, shutdown)
     "lane_closed": "in",  # handed to a lane that closed before writing it out

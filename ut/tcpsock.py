@@ -29,6 +29,8 @@ __all__ = [
     "set_tcp_options",
     "set_sock_buf",
     "tune_connected_lane",
+    "congestion_control",
+    "set_congestion_control",
     "set_lane_liveness",
 ]
 
@@ -58,10 +60,13 @@ LANE_KEEPALIVE_COUNT = 3
 LANE_NOTSENT_LOWAT = 32 * 1024
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
-# struct tcp_info (linux/tcp.h): ca_state at byte 1; rto at 8; rtt, rttvar (microseconds)
-# at 68, 72. (Unsent bytes come from SIOCOUTQNSD, a cheaper call made per burst.)
+# struct tcp_info (linux/tcp.h): ca_state at byte 1; rto at 8; last_ack_recv
+# (milliseconds ago) at 56; rtt, rttvar (microseconds) at 68, 72; total_retrans at 100,
+# segs_out at 136, notsent_bytes at 144,
+# min_rtt (microseconds) at 148 and delivery_rate (bytes per second) at 160 (Linux 4.9+). (Unsent bytes come
+# from SIOCOUTQNSD, a cheaper call made per burst.)
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-_TCP_INFO_LEN = 104
+_TCP_INFO_LEN = 168
 _TCP_CA_LOSS = 4  # retransmission timeout: the lane sends nothing new until it recovers
 # ioctl SIOCOUTQNSD (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.
 _SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
@@ -78,6 +83,12 @@ class TcpState(NamedTuple):
     rto_seconds: float  # the retransmission timeout now
     rtt_seconds: float  # smoothed round-trip time
     rttvar_seconds: float  # its mean deviation
+    delivery_rate: int = 0  # bytes per second the lane delivered lately; 0 = unknown
+    min_rtt_seconds: float = 0.0  # the lowest round trip seen (the path without queues)
+    ack_age_seconds: float = 0.0  # since the last ACK: rtt is only as fresh as that
+    notsent_bytes: int = 0  # written and not yet sent (the kernel's part of the backlog)
+    retrans_segs: int = 0  # segments retransmitted since the connection began
+    segs_out: int = 0  # segments sent since the connection began (retransmissions too)
 
 
 def set_notsent_lowat(sock: Any, nbytes: int) -> None:
@@ -102,7 +113,15 @@ def tcp_state(sock: Any) -> TcpState | None:
         return None
     rto = struct.unpack_from("=I", raw, 8)[0]
     rtt, rttvar = struct.unpack_from("=II", raw, 68)
-    return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6)
+    rate = min_rtt = notsent = retrans = segs = 0
+    if len(raw) >= 168:
+        retrans = struct.unpack_from("=I", raw, 100)[0]
+        segs = struct.unpack_from("=I", raw, 136)[0]
+        notsent, min_rtt = struct.unpack_from("=II", raw, 144)
+        rate = struct.unpack_from("=Q", raw, 160)[0]
+    ack_age = struct.unpack_from("=I", raw, 56)[0]
+    return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6, rate,
+                    min_rtt * 1e-6, ack_age * 1e-3, notsent, retrans, segs)
 
 
 def set_tcp_options(sock: socket.socket | None, nodelay: bool) -> None:
@@ -133,13 +152,42 @@ def set_sock_buf(sock: socket.socket | None, buf_bytes: int) -> None:
         pass
 
 
+_TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", None)
+
+
+def congestion_control(sock: Any) -> str | None:
+    """The congestion control a TCP socket uses (Linux), or None where it cannot be read."""
+    if sock is None or _TCP_CONGESTION is None:
+        return None
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, 16).split(b"\0")[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def set_congestion_control(sock: Any, name: str) -> bool:
+    """Switch a TCP socket, connected or not, to congestion control ``name``; False where
+    the host refuses (not available, or not in ``tcp_allowed_congestion_control`` for a
+    process without CAP_NET_ADMIN) or has no such option."""
+    if sock is None or _TCP_CONGESTION is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, name.encode())
+    except OSError:
+        return False
+    return True
+
+
 def tune_connected_lane(sock: Any, tcp: Any) -> None:
     """What both roles apply to a lane socket once the TCP handshake is done:
-    ``tcp.sock_buf`` (after the SYN, see ``set_sock_buf``) and, with
-    ``tcp.skip_slow_lanes``, the unsent-backlog bound ``TCP_NOTSENT_LOWAT``."""
+    ``tcp.sock_buf`` (after the SYN, see ``set_sock_buf``), with ``tcp.skip_slow_lanes``
+    the unsent-backlog bound ``TCP_NOTSENT_LOWAT``, and a ``tcp.congestion`` that names a
+    control (``auto`` is the session's business, ut/lanecc.py)."""
     set_sock_buf(sock, tcp.sock_buf)
     if tcp.skip_slow_lanes:
         set_notsent_lowat(sock, LANE_NOTSENT_LOWAT)
+    if tcp.congestion not in ("auto", "system"):
+        set_congestion_control(sock, tcp.congestion)
 
 
 def set_lane_liveness(sock: socket.socket | None) -> None:

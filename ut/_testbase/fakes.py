@@ -20,6 +20,7 @@ class FakeTransport(asyncio.Transport):
         self.written: list[bytes] = []
         self.closed = self.aborted = False
         self.cn = cn
+        self.buffered = 0  # what get_write_buffer_size reports (a test sets a backlog)
 
     def write(self, data):
         self.written.append(bytes(data))
@@ -37,7 +38,7 @@ class FakeTransport(asyncio.Transport):
         pass
 
     def get_write_buffer_size(self):
-        return 0
+        return self.buffered
 
     def get_extra_info(self, name, default=None):
         if name == "peername":
