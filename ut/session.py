@@ -91,6 +91,7 @@ LANE_POLL_SECONDS = 0.02  # how often lanes' TCP_INFO is read while datagrams fl
 LANE_MAX_UNSENT = 16 * 1024
 LANE_MIN_UNSENT = 4 * 1024
 LANE_UNSENT_SECONDS = 0.004
+LANE_CAP_DECAY = 0.9  # per LANE_POLL_SECONDS: a lane's cap follows a falling rate in ~0.2 s
 LANE_RETRY_SECONDS = 0.001
 DROP_LOG_WINDOW_SECONDS = 5.0  # at most one queue_drop_oldest line per window
 TYPE_DATA = fastpath.TYPE_DATA
@@ -504,8 +505,13 @@ class Session:
             if st is None:
                 continue
             if st.delivery_rate:
-                self._lane_caps[lane.lane_id] = max(
-                    LANE_MIN_UNSENT, int(st.delivery_rate * LANE_UNSENT_SECONDS))
+                # The rate a lane showed lately, not its last sample: in loss repair
+                # the sample drops for a round trip, and a cap that followed it would
+                # push the whole backlog into the session queue until it overflows.
+                # (A stalled lane takes nothing anyway: its backlog does not drain.)
+                lane_id = lane.lane_id
+                cap = max(LANE_MIN_UNSENT, int(st.delivery_rate * LANE_UNSENT_SECONDS))
+                self._lane_caps[lane_id] = max(cap, int(self._lane_caps[lane_id] * LANE_CAP_DECAY))
                 if (st.notsent_bytes and st.min_rtt_seconds
                         and st.ack_age_seconds < st.rtt_seconds + LANE_POLL_SECONDS):
                     # The least any backlogged lane waits: the queue they all share.
