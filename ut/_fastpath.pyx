@@ -14,6 +14,7 @@ One extension module, one source file per concern (as uvloop and msgpack do):
 * ``_fp_picker.pxi``  -- ``LanePicker``, ``flow_key``
 * ``_fp_mmsg.pxi``    -- ``recv_batch``, ``recv_batch_with_drops``, ``send_batch``,
   ``HAVE_MMSG``, ``HAVE_GSO``, ``HAVE_RXQ_OVFL``
+* ``_fp_tun.pxi``     -- ``tun_read_batch``, ``tun_write_batch``, ``TUN_READ_HEADROOM``
 
 C-level declarations live in ``_fastpath.pxd`` for other Cython code to ``cimport``.
 Hot loops touch no Python object per frame beyond the returned tuple and payload bytes.
@@ -60,6 +61,9 @@ __all__ = [
     "recv_batch",
     "recv_batch_with_drops",
     "send_batch",
+    "TUN_READ_HEADROOM",
+    "tun_read_batch",
+    "tun_write_batch",
 ]
 
 MAGIC = b"UT"
@@ -83,3 +87,4 @@ include "_fp_ring.pxi"
 include "_fp_reseq.pxi"
 include "_fp_picker.pxi"
 include "_fp_mmsg.pxi"
+include "_fp_tun.pxi"

@@ -35,6 +35,7 @@ PDU v1 (docs/protocol.md, SPEC "Wire format")::
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import sys
@@ -42,6 +43,7 @@ from collections import deque
 from typing import Any
 
 from ut.errors import FrameError
+from ut.tunroute import link_local
 
 __all__ = [
     "MAGIC",
@@ -70,6 +72,9 @@ __all__ = [
     "recv_batch",
     "recv_batch_with_drops",
     "send_batch",
+    "TUN_READ_HEADROOM",
+    "tun_read_batch",
+    "tun_write_batch",
 ]
 
 MAGIC = b"UT"
@@ -1205,3 +1210,66 @@ def send_batch(sock: socket.socket, datagrams: list, addr: Any = None, gso: bool
             raise
         sent += run
     return sent
+
+
+# -- TUN device I/O -------------------------------------------------------------------
+
+#: Bytes ``tun_read_batch`` reads beyond ``mtu``: room for a packet up to that much
+#: longer (less one) than the MTU it was told (an MTU raised under it); a read that fills
+#: the buffer may be a longer packet cut short, and is dropped.
+TUN_READ_HEADROOM = 256
+_TUN_MAX_READ = 65536 + TUN_READ_HEADROOM
+
+
+def tun_read_batch(fd: int, max_packets: int, mtu: int) -> list[bytes]:
+    """Read up to ``max_packets`` packets from non-blocking TUN descriptor ``fd``
+    (``IFF_NO_PI``: one read, one IP packet); return them as a list of ``bytes`` (``[]``
+    when none is waiting).
+
+    Each read takes at most ``mtu + TUN_READ_HEADROOM`` bytes (the compiled twin reads
+    into one reused buffer and makes a ``bytes`` only for a packet it keeps). Stops,
+    without raising, at EAGAIN, at end of file and at any other error (a device that went
+    away: the caller closes it). Reads that yield nothing to carry still count against
+    ``max_packets``: packets the kernel sends to the link itself (``ut.tunroute.link_local``:
+    IPv6 neighbour discovery, MLD, IPv4 local multicast and broadcast) and reads that
+    fill the whole buffer (the kernel truncates a longer packet to it) are dropped here.
+    """
+    out: list[bytes] = []
+    if max_packets <= 0:
+        return out
+    if mtu < 0:
+        raise ValueError("mtu must not be negative")
+    size = min(mtu + TUN_READ_HEADROOM, _TUN_MAX_READ)
+    read = os.read
+    for _ in range(max_packets):
+        try:
+            packet = read(fd, size)
+        except OSError:
+            break  # EAGAIN: drained; anything else: the device went away
+        if not packet:
+            break
+        if len(packet) >= size or link_local(packet):
+            continue  # maybe cut short (the kernel truncates to the buffer); link chatter
+        out.append(packet)
+    return out
+
+
+def tun_write_batch(fd: int, packets: Any) -> tuple[int, int, int]:
+    """Write ``packets`` (bytes-like, one IP packet each) to TUN descriptor ``fd`` in
+    order, one ``write`` each, until one fails; return ``(sent, sent_bytes, errno)``:
+    how many were written (``packets[:sent]``), their bytes, and the error of the write
+    that stopped the batch (``packets[sent]``), 0 when all were written.
+
+    Never raises for a write error: EAGAIN (a full device queue), EINVAL or EMSGSIZE (a
+    packet the kernel does not take) and the rest come back as the errno, for the caller
+    to decide whether to skip that packet and go on. EINTR is retried.
+    """
+    sent = sent_bytes = 0
+    write = os.write
+    for packet in packets:
+        try:
+            sent_bytes += write(fd, packet)
+        except OSError as exc:
+            return sent, sent_bytes, exc.errno or 0
+        sent += 1
+    return sent, sent_bytes, 0

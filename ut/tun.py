@@ -29,6 +29,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
+from .fastpath import tun_read_batch, tun_write_batch
 from .logs import event
 from .tunroute import link_local
 
@@ -110,7 +111,7 @@ def open_port(loop: asyncio.AbstractEventLoop, name: str, addresses: Iterable[st
     except BaseException:
         os.close(fd)
         raise
-    port = port_class(loop, fd, on_batch)
+    port = port_class(loop, fd, on_batch, mtu=mtu)
     port.name = name
     event("tun_open", interface=name, address=addresses, mtu=mtu, routes=routes)
     return port
@@ -124,15 +125,17 @@ class TunPort:
     ``add_header`` (returns the datagram to write, or None for a packet the device
     cannot take) and ``strip_header``; on Linux both are None and cost one test."""
 
-    read_size = 65536  # an IP packet's largest size
+    read_size = 65536  # an IP packet's largest size (framed devices: _read_framed)
     add_header: Callable[[bytes], bytes | None] | None = None
     strip_header: Callable[[bytes], bytes] | None = None
     name = ""  # the interface (open_port)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
-                 on_batch: Callable[[list], None]) -> None:
+                 on_batch: Callable[[list], None], mtu: int = 65535) -> None:
         self.loop = loop
         self.fd = fd
+        #: The device's MTU: reads take packets up to ``mtu + TUN_READ_HEADROOM`` bytes.
+        self.mtu = mtu
         self.on_batch = on_batch
         self._reading = False
 
@@ -155,8 +158,20 @@ class TunPort:
             self._reading = False
 
     def _on_readable(self) -> None:
+        if self.strip_header is None:
+            # The whole loop in the fast path: one reused buffer, no exception per EAGAIN,
+            # link_local() on the buffer (issue 21).
+            batch = tun_read_batch(self.fd, READ_BATCH, self.mtu)
+        else:
+            batch = self._read_framed()
+        if batch:
+            self.on_batch(batch)
+
+    def _read_framed(self) -> list:
+        # A device whose packets carry a header (macOS utun): one os.read each.
         batch = []
         fd, size, strip = self.fd, self.read_size, self.strip_header
+        assert strip is not None
         for _ in range(READ_BATCH):
             try:
                 packet = os.read(fd, size)
@@ -166,15 +181,13 @@ class TunPort:
                 break  # the device went away: close() follows
             if not packet:
                 break
-            if strip is not None:
-                packet = strip(packet)
-                if not packet:
-                    continue  # a header and nothing behind it
+            packet = strip(packet)
+            if not packet:
+                continue  # a header and nothing behind it
             if link_local(packet):
                 continue  # the kernel talking to the link (ND, MLD): nothing to carry
             batch.append(packet)
-        if batch:
-            self.on_batch(batch)
+        return batch
 
     def send_many(self, packets: list, addr: object = None) -> tuple[int, int]:
         """Write each packet; ``(sent, failed)``. A full device queue loses the rest of
@@ -183,18 +196,37 @@ class TunPort:
         The first ``sent`` packets of ``packets`` are the ones written: a packet the
         kernel refuses is skipped and moved behind them (the caller counts the bytes of
         ``packets[:sent]``)."""
+        if self.add_header is not None:
+            return self._send_framed(packets)
+        fd, n = self.fd, len(packets)
+        sent = start = 0
+        refused: list[int] = []
+        while start < n:
+            done, _, err = tun_write_batch(fd, packets[start:] if start else packets)
+            sent += done
+            start += done
+            if err in (errno.EINVAL, errno.EMSGSIZE):
+                refused.append(start)  # not an IP packet the kernel takes: skip it, count it
+                start += 1
+                continue
+            break  # all written, a full device queue (EAGAIN) or a device gone
+        if refused:
+            _refused_last(packets, refused, start)
+        return sent, n - sent
+
+    def _send_framed(self, packets: list) -> tuple[int, int]:
+        # A device whose packets carry a header (macOS utun): one os.write each.
         sent = 0
         fd, add = self.fd, self.add_header
+        assert add is not None
         refused: list[int] = []
         for i, packet in enumerate(packets):
-            if add is not None:
-                framed = add(packet)
-                if framed is None:
-                    refused.append(i)
-                    continue
-                packet = framed
+            framed = add(packet)
+            if framed is None:
+                refused.append(i)
+                continue
             try:
-                os.write(fd, packet)
+                os.write(fd, framed)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
