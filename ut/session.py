@@ -695,11 +695,16 @@ class Session:
             # port: the vocabulary's "no_session" (not a UDP write error).
             c.drop("no_session", len(datagrams))
             return
+        offered = len(datagrams)
         sent, failed = port.send_many(datagrams, addr)
         c.udp_out_packets += sent
-        if failed:
+        if failed or sent != offered:
+            # Some did not go out: a write error, or a port that took packets out of
+            # the list itself (TUN server: spoofed ones, counted there). The list's
+            # first ``sent`` are what went out.
             c.udp_out_bytes += sum(map(len, datagrams[:sent]))
-            c.drop("udp_write_error", failed)
+            if failed:
+                c.drop("udp_write_error", failed)
         else:
             c.udp_out_bytes += nbytes
 
