@@ -97,11 +97,14 @@ def write_config(path: Path, pki: TestPki, role: str, *, server_port: int,
 class UtProcess:
     """One ``ut-tunnel`` process; ``stop()`` signals it by pid and reaps it."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
+        """``command``: what to run instead of ``python -m ut`` (e.g. ``lagserver.py``),
+        given ``-config FILE``."""
         self.config, self.log = config, log
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ut", "-config", str(config)],
+            [*(command or [sys.executable, "-m", "ut"]), "-config", str(config)],
             stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         self.pid = self.proc.pid

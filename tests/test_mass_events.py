@@ -103,3 +103,111 @@ def test_stop_does_not_wait_for_peers_that_never_answer_the_close(pki):
             echo.close()
 
     run_on("uvloop", main())
+
+
+async def _lanes(pki, server, sids, ctx) -> list:
+    """One lane per session id in ``sids`` (HELLO answered), 16 dials at a time."""
+    out: list = []
+    todo = iter(sids)
+
+    async def worker() -> None:
+        for sid in todo:
+            r, w = await asyncio.open_connection(*server.address[:2], ssl=ctx,
+                                                 server_hostname=pki.server_name)
+            w.write(control_frame(Hello(sid, 0, 1)))
+            assert await asyncio.wait_for(r.read(65536), 10)  # the server's HELLO
+            if ctx.resume_session is None:
+                ctx.resume_session = w.get_extra_info("ssl_object").session
+            out.append(w)
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    return out
+
+
+def test_lanes_reset_together_are_unregistered_in_batches(pki):
+    from ut.server import LOST_BATCH
+    from ut.tls import client_context
+
+    n = 2 * LOST_BATCH + 50
+
+    async def main():
+        echo = UdpEcho().start()
+        cfg = server_config(pki, echo.address, session_linger_seconds=30,
+                            _extra={"tls": {"client_auth": "handshake"},
+                                    "limits": {"max_sessions_per_cn": 1000}})
+        loop = asyncio.get_running_loop()
+        async with ut.Server(cfg) as server:
+            ctx = client_context(pki.ca, *pki.client("home"))
+            writers = await _lanes(pki, server, range(n), ctx)
+            assert await wait_for(lambda: server.lanes_total == n)
+            seen = [server.lanes_total]
+
+            def watch() -> None:  # lanes still counted after each loop pass
+                seen.append(server.lanes_total)
+                if seen[-1] and len(seen) < 10_000:
+                    loop.call_soon(watch)
+
+            for w in writers:  # all at once, no TLS close: a path that died
+                w.transport.abort()
+            loop.call_soon(watch)
+            assert await wait_for(lambda: server.lanes_total == 0, timeout=10)
+            steps = [a - b for a, b in zip(seen, seen[1:], strict=False)]
+            assert max(steps) <= LOST_BATCH, steps
+            assert len(server._lingering) == n  # every session lingers, none lost
+            assert all(s.active_lanes == 0 for s in server.sessions.values())
+            assert server.stats()["lanes_active"] == 0
+            # They all come back into their sessions (the same ids): counted once each.
+            writers = await _lanes(pki, server, range(n), ctx)
+            assert await wait_for(lambda: server.lanes_total == n)
+            assert not server._lingering and len(server.sessions) == n
+            assert all(s.active_lanes == 1 for s in server.sessions.values())
+            for w in writers:
+                w.transport.abort()
+        echo.close()
+
+    run_on("uvloop", main(), timeout=60)
+
+
+def test_lanes_that_end_are_freed_without_waiting_for_the_garbage_collector(pki):
+    """A lane's transport is dropped once its connection is gone (in batches), so a lane
+    refused at a bound is freed by reference counting: a flood of refused connections
+    left thousands of dead lanes with their SSL objects for Python's full collection,
+    which then held the loop ~200 ms in one go."""
+    import gc
+
+    from ut.lane import Lane
+    from ut.tls import client_context
+
+    n = 40
+
+    async def main():
+        echo = UdpEcho().start()
+        cfg = server_config(pki, echo.address,
+                            _extra={"tls": {"client_auth": "handshake"},
+                                    "limits": {"max_sessions_per_cn": 1}})
+        async with ut.Server(cfg) as server:
+            ctx = client_context(pki.ca, *pki.client("home"))
+            gc.collect()
+            gc.disable()  # what is freed from here on is freed by reference counting
+            kept = []
+            try:
+                for sid in range(n):  # the first gets its session, the others ERR limit
+                    r, w = await asyncio.open_connection(*server.address[:2], ssl=ctx,
+                                                         server_hostname=pki.server_name)
+                    kept.append(w)
+                    w.write(control_frame(Hello(sid, 0, 1)))
+                    assert await asyncio.wait_for(r.read(65536), 10)  # HELLO, or ERR limit
+                    if sid:
+                        w.transport.abort()  # refused: gone at once, as a flood does
+                assert server.stats()["limit_refusals"]["sessions_per_cn"] == n - 1
+                await asyncio.sleep(1.5)  # a refused lane's abort timer (1 s) holds it
+                alive = [o for o in gc.get_objects() if isinstance(o, Lane)]
+                server_lanes = [lane for lane in alive if lane.owner is server]
+                # The one with a session, and the last accepted (the accept loop's local).
+                assert len(server_lanes) <= 2, len(server_lanes)
+            finally:
+                gc.enable()
+                kept[0].transport.abort()
+        echo.close()
+
+    run_on("uvloop", main(), timeout=60)

@@ -485,6 +485,10 @@ class LimitsConfig:
     max_lanes: int = setting(20000, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
     # Connections not yet through TLS + HELLO; at the cap the oldest is dropped.
     max_pending: int = setting(512, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
+    # New connections accepted per second (a token bucket of accept_burst): the rest wait
+    # in the listen backlog, so a flood of handshakes takes a bounded share of the loop.
+    accept_rate: int = setting(500, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
+    accept_burst: int = setting(64, roles=_S, check=_range(1, LIMIT_COUNT_MAX))
     queue_budget_bytes: int = setting(QUEUE_BUDGET_BYTES, roles=_S,
                                       check=_range(QUEUE_MIN_BYTES, QUEUE_MAX_BYTES))
 

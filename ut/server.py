@@ -17,26 +17,34 @@ after its last lane so a returning client keeps that port.
 
 Bounds (issue 19, ``limits:``; docs/config.md): sessions per CN and in all (a lingering
 session gives way to a new one before anything is refused), lanes in all, connections
-pending TLS + HELLO (the oldest is dropped), queued bytes in all (``ut.budget``), and
+pending TLS + HELLO (the oldest is dropped), new connections accepted per second (a
+token bucket, ``accept_rate`` / ``accept_burst``: the rest wait in the listen backlog,
+so a flood of handshakes, each refused or not, gets a bounded share of the loop), at
+most ``ACCEPT_BATCH`` accepted per loop pass, queued bytes in all (``ut.budget``), and
 file descriptors: a lane or session whose descriptor would be among the top
-``FD_RESERVE`` of ``RLIMIT_NOFILE`` is refused, so metrics scrapes and established
-sessions keep working at the limit. A refusal after HELLO is ERR ``limit``; each is
-counted in ``ut_limit_refusals_total{reason}`` and logged at most once per reason and
-window (``lane_refused``).
+``FD_RESERVE`` of ``RLIMIT_NOFILE`` is refused, and the web face stops
+``WEB_FD_RESERVE`` below the limit, so metrics scrapes and established sessions keep
+working at the limit. A refusal after HELLO is ERR ``limit``; each is counted in
+``ut_limit_refusals_total{reason}`` and logged at most once per reason and window
+(``lane_refused``, ``accept_paced``, ``web_refused``).
 
 Mass events (issue 19, point 4): lingering sessions end in batches of ``LINGER_BATCH``
-per loop pass from one ordered list (one timer, not one per session); the per-lane and
-per-session log lines go through a ``LineBudget`` (a summary line once there are many);
-``close`` gives lanes ``CLOSE_GRACE_SECONDS`` to take their GOODBYE and then aborts them.
+per loop pass from one ordered list (one timer, not one per session); lanes whose
+connection is gone stop being picked at once and have the rest of their bookkeeping done
+``LOST_BATCH`` per pass; the per-lane and per-session log lines go through a
+``LineBudget`` (a summary line once there are many); ``close`` gives lanes
+``CLOSE_GRACE_SECONDS`` to take their GOODBYE and then aborts them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
 import resource
+import select
 import socket
 import ssl
 import time
@@ -69,7 +77,15 @@ from .tls import failure_reason
 from .transport import TlsTransport, server_transport
 from .udp import UdpPort, open_udp_socket
 
-LISTEN_BACKLOG = 512
+# Connections the kernel holds for us beyond what has been accepted (it caps this at
+# net.core.somaxconn, 4096 on current kernels): what limits.accept_rate leaves unaccepted
+# waits there rather than being dropped at the SYN.
+LISTEN_BACKLOG = 4096
+# New connections accepted per loop pass at most, then the loop serves everything else
+# once before accepting more: each accepted connection costs a lane, a task and, in the
+# next passes, a TLS handshake (~0.6 ms of CPU on loopback with P-256 certificates), so a
+# backlog of hundreds taken in one pass would hold the established sessions for as long.
+ACCEPT_BATCH = 8
 # Most connections allowed at once that have not yet finished TLS + HELLO
 # (hardening, issue 5). Measured cost of one such connection: ~300 KiB RSS on
 # the stock asyncio loop (its SSL protocol allocates a 256 KiB read buffer per
@@ -82,14 +98,24 @@ LISTEN_BACKLOG = 512
 # 512 idle sockets lock every client out until their timeouts. The default of
 # limits.max_pending.
 MAX_PENDING_LANES = 512
-# File descriptors kept free for what must work at the limit: metrics scrapes, the web
-# face's relays to fallback.addr, a log file. Lanes and session sockets never take one
-# numbered in the top FD_RESERVE of RLIMIT_NOFILE (the kernel hands out the lowest free
-# number, so a number that high means the ones below are all taken).
+# File descriptors kept free for what must work at the limit: metrics scrapes, a log
+# file. Lanes and session sockets never take one numbered in the top FD_RESERVE of
+# RLIMIT_NOFILE (the kernel hands out the lowest free number, so a number that high
+# means the ones below are all taken).
 FD_RESERVE = 64
+# The web face (tls.client_auth: proof: connections that are not clients, and the relays
+# of those to fallback.addr, two descriptors each) stops this far below the limit: near
+# it, visitors are turned away first, while clients' lanes (a session's lane coming back)
+# still get the FD_RESERVE descriptors above, and scrapes the top FD_RESERVE.
+WEB_FD_RESERVE = 2 * FD_RESERVE
 # Lingering sessions ended per loop pass at most: 5,000 ending in one pass stalled the
 # loop for tens of milliseconds (bench/results/issue19-abuse.md).
 LINGER_BATCH = 200
+# Lanes whose connection is gone, whose session bookkeeping (unregister, its line, the
+# linger) is done per loop pass at most, and as many whose transport (SSL object and
+# buffers) is dropped: thousands reset together are reported in a few passes, and each
+# lane's share was ~10 us of each (bench/results/issue19-bounds2.md).
+LOST_BATCH = 200
 # Server.close(): how long lanes whose GOODBYE is written may take to close cleanly
 # before they are aborted (a peer that never reads its socket would hold the exit).
 CLOSE_GRACE_SECONDS = 0.5
@@ -108,6 +134,8 @@ SERVER_IDLE_FACTOR = 2.0
 def _close_if_cancelled(conn: socket.socket, task: asyncio.Task) -> None:
     if task.cancelled():
         conn.close()
+
+
 
 
 def fd_ceiling(reserve: int = FD_RESERVE) -> int:
@@ -135,6 +163,7 @@ class ServerSession(Session):
         self.server = server
         self.key = (self.client_cn, self.session_id)
         self.active_lanes = 0
+        self._lost_lanes: list[Lane] = []  # connection gone, bookkeeping deferred
         self._udp_err_log = Debounced(5.0)
         self.udp: Any
         if sock is None:  # TUN mode: the shared device, by address (ut.tunserver)
@@ -167,7 +196,34 @@ class ServerSession(Session):
         if due:
             self.log("udp_error", logging.WARNING, err=str(exc), count=due)
 
+    def lane_closed(self, lane: Lane) -> None:
+        # The peer ended the lane (its connection lost, EOF, GOODBYE or ERR; not a close
+        # of ours: those unregister at once, before their GOODBYE): stop picking the lane
+        # now, O(1), and leave the rest to the server's batches (Server.lane_lost_later),
+        # so that thousands of lanes ending in one pass do not hold it. Nothing is written
+        # to a lane the picker skips.
+        if ((lane.lost.done() or lane.close_reason.startswith("peer_"))
+                and self.lanes[lane.lane_id] is lane and not self.closed):
+            self.picker.set_ready(lane.lane_id, False)
+            self._lost_lanes.append(lane)
+            self.server.lane_lost_later(self)
+            return
+        super().lane_closed(lane)
+
+    def end_lost(self) -> int:
+        """The deferred bookkeeping of every lane lost and not yet unregistered; returns
+        how many. Runs before anything that reads the lanes (a lane taking the same slot,
+        the session's close)."""
+        lost = self._lost_lanes
+        if not lost:
+            return 0
+        self._lost_lanes = []
+        for lane in lost:
+            super().lane_closed(lane)
+        return len(lost)
+
     def admit(self, lane: Lane) -> None:
+        self.end_lost()  # a lost lane in the slot this one takes is unregistered first
         self.active_lanes += 1
         self.server.lanes_total += 1
         self.server.stop_linger(self)
@@ -182,6 +238,7 @@ class ServerSession(Session):
     def close(self, reason: str) -> None:
         if self.closed:
             return
+        self.end_lost()
         self.closed = True
         self.server.stop_linger(self)
         self.close_lanes(GOODBYE_SHUTDOWN, reason)
@@ -238,6 +295,13 @@ class Server:
         self._lingering: dict[ServerSession, float] = {}
         self._lingering_by_cn: dict[str, dict[ServerSession, None]] = {}
         self._linger_timer: asyncio.Handle | None = None
+        # Sessions with a lane lost and not yet unregistered (ServerSession.lane_closed),
+        # once per lost lane, oldest first.
+        self._lost: collections.deque[ServerSession] = collections.deque()
+        self._lost_handle: asyncio.Handle | None = None
+        # Lanes whose connection is gone and whose transport is still to drop (_release).
+        self._releases: collections.deque[Lane] = collections.deque()
+        self._release_handle: asyncio.Handle | None = None
         self._fd_ceiling = 1 << 30  # set by start() from RLIMIT_NOFILE
         self.log_budget = LineBudget(MASS_LOG_BURST, MASS_LOG_WINDOW_SECONDS, "server")
         # Refusals are logged at most once per reason per window (with a count),
@@ -256,6 +320,10 @@ class Server:
             self.tun_hub = TunHub(self.loop, cfg)
         self.transport = server_transport(cfg, self._stats.web_answer)
         self.ssl_context = self.transport.ssl_context
+        if self.transport.gate is not None:
+            face = self.transport.gate.face
+            face.fd_ceiling = fd_ceiling(WEB_FD_RESERVE)
+            face.refused = self._web_refused
         host, port = parse_addr(cfg.tcp.listen_addr)
         infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                             flags=socket.AI_PASSIVE)
@@ -295,14 +363,45 @@ class Server:
     # -- accepting ------------------------------------------------------------
     async def _accept_loop(self) -> None:
         sock = self._listen_sock
+        assert sock is not None
         cfg = self.config
         tcp = cfg.tcp
         transport = self.transport
         assert transport is not None
         flags = hello_flags(tcp.resequence)
+        loop = self.loop
+        # limits.accept_rate: a token bucket of accept_burst connections refilled at
+        # accept_rate a second. Without a token nothing is accepted: connections wait in
+        # the listen backlog (their clients' TLS handshake timer runs meanwhile), so a
+        # flood of handshakes, even ones refused right after (a CN at its session cap),
+        # takes at most that share of the loop and of a core.
+        rate = float(self.limits.accept_rate)
+        burst = float(self.limits.accept_burst)
+        tokens, filled_at = burst, loop.time()
+        backlog = select.poll()  # is a connection waiting? (poll: no FD_SETSIZE limit)
+        backlog.register(sock.fileno(), select.POLLIN)
+        batch = 0
         while True:
+            now = loop.time()
+            tokens = min(burst, tokens + (now - filled_at) * rate)
+            filled_at = now
+            if tokens < 1.0:
+                waiting = bool(backlog.poll(0))
+                await asyncio.sleep((1.0 - tokens) / rate)
+                batch = 0
+                if waiting:  # held back (accepted late, not refused): counted, logged
+                    self._stats.limit_refused("accept_rate")
+                    self._log_refusal(
+                        "accept_paced", "accept_rate",
+                        err=f"more than {self.limits.accept_rate} new connections a second "
+                            f"(limits.accept_rate, burst {self.limits.accept_burst}): the rest "
+                            "wait in the listen backlog")
+                continue
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await asyncio.sleep(0)  # one pass for the established sessions
             try:
-                conn, peer = await self.loop.sock_accept(sock)  # type: ignore[arg-type]
+                conn, peer = await loop.sock_accept(sock)
             except asyncio.CancelledError:
                 raise
             except OSError as exc:  # EMFILE and friends: wait, do not spin
@@ -311,6 +410,8 @@ class Server:
                                   logging.ERROR, err=str(exc))
                 await asyncio.sleep(0.1)
                 continue
+            tokens -= 1.0
+            batch += 1
             if conn.fileno() >= self._fd_ceiling:
                 # Near RLIMIT_NOFILE: keep the reserve for scrapes and what is established.
                 conn.close()
@@ -327,6 +428,7 @@ class Server:
             machine = LaneMachine("server", max_lanes=tcp.lanes, flags=flags,
                                   padding=cfg.shaping.padding)
             lane = Lane(self, machine, peer=peer, read_chunk=tcp.tcp_buf)
+            lane.lost.add_done_callback(functools.partial(self._release_later, lane))
             self._pending[lane] = None
             task = self.loop.create_task(self._handshake(lane, conn, peer))
             self._pending_tasks[lane] = task
@@ -360,6 +462,13 @@ class Server:
         due = deb.hit()
         if due:
             event(name, level, role="server", reason=reason, count=due, **fields)
+
+    def _web_refused(self) -> None:
+        """The web face closed a connection (or did not open a relay) near the limit."""
+        self._stats.limit_refused("web_fds")
+        self._log_refusal("web_refused", "web_fds",
+                          err=f"file descriptors near the limit (web connections stop "
+                              f"{WEB_FD_RESERVE} below it): connection closed")
 
     def _evict_oldest_pending(self) -> None:
         """Make room under ``max_pending``: drop the connection pending longest."""
@@ -499,6 +608,45 @@ class Server:
                 self.end_session(session, "linger")
         if self._lingering:
             self._linger_timer = self.loop.call_soon(self._end_lingering)
+
+    def _release_later(self, lane: Lane, _lost: asyncio.Future) -> None:
+        """``lane``'s connection is gone: drop its transport in a later pass,
+        ``LOST_BATCH`` lanes per pass (``_release``).
+
+        uvloop's SSL protocol keeps the lane's bound get_buffer/buffer_updated and the
+        lane keeps the transport: a reference cycle that only Python's full collection
+        frees, which after a flood of refused connections (thousands of dead lanes, each
+        with its SSL object and buffers) held the loop ~200 ms in one go
+        (bench/results/issue19-bounds2.md). With the transport dropped, reference
+        counting frees each lane; in batches, so that thousands lost together are not
+        all freed in one pass. Nothing uses a lost lane's transport (every use in
+        ``ut.lane`` checks for None)."""
+        self._releases.append(lane)
+        if self._release_handle is None:
+            self._release_handle = self.loop.call_soon(self._release)
+
+    def _release(self) -> None:
+        self._release_handle = None
+        releases = self._releases
+        for _ in range(min(LOST_BATCH, len(releases))):
+            releases.popleft().transport = None
+        if releases:
+            self._release_handle = self.loop.call_soon(self._release)
+
+    def lane_lost_later(self, session: ServerSession) -> None:
+        """A lane of ``session`` lost its connection: its bookkeeping is done in a later
+        pass, ``LOST_BATCH`` lanes per pass (``_end_lost``)."""
+        self._lost.append(session)
+        if self._lost_handle is None:
+            self._lost_handle = self.loop.call_soon(self._end_lost)
+
+    def _end_lost(self) -> None:
+        self._lost_handle = None
+        lost, done = self._lost, 0
+        while lost and done < LOST_BATCH:
+            done += lost.popleft().end_lost() or 1
+        if lost:
+            self._lost_handle = self.loop.call_soon(self._end_lost)
 
     # -- LaneOwner: the server owns every lane it accepts ------------------------
     def lane_hello(self, lane: Lane, hello: Hello, flags: int) -> None:
@@ -640,6 +788,13 @@ class Server:
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
+        if self._lost_handle is not None:  # each session's close does its own
+            self._lost_handle.cancel()
+            self._lost_handle = None
+        if self._release_handle is not None:
+            self._release_handle.cancel()
+            self._release_handle = None
+        self._releases.clear()
         if self._listen_sock is not None:
             self._listen_sock.close()
         for task in list(self._handshakes):

@@ -77,6 +77,8 @@ LIMIT_REFUSAL_REASONS: tuple[str, ...] = (
     "lanes",  # limits.max_lanes lanes open in all
     "fds",  # near the file descriptor limit (RLIMIT_NOFILE less a reserve)
     "accept_error",  # accept() itself failed (EMFILE, ENFILE, ENOBUFS, ...)
+    "accept_rate",  # held in the listen backlog by limits.accept_rate (accepted late)
+    "web_fds",  # a web face connection or relay near the file descriptor limit
 )
 
 

@@ -19,13 +19,18 @@ ut-tunnel's own protocol. Three kinds of answer, counted in
   and ``KEEPALIVE_SECONDS`` between requests.
 
 Nothing in any answer names ut-tunnel. At most ``MAX_CONNECTIONS`` web connections are
-kept; a new one beyond that closes the oldest.
+kept; a new one beyond that closes the oldest. Near the file descriptor limit a web
+connection whose descriptor, or whose relay's descriptor towards the fallback, would be
+``fd_ceiling`` or above is closed at once (``refused`` is called): the server sets that
+ceiling below its lanes' (``ut.server.WEB_FD_RESERVE``), so at the limit the web face
+gives way before a client's lanes and the metrics endpoint do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -143,6 +148,10 @@ class WebFace:
         self.keepalive = KEEPALIVE_SECONDS
         self._open: dict[Any, None] = {}  # web connections, oldest first
         self._tasks: set[asyncio.Task] = set()
+        # Descriptors numbered this or above are not for the web face (set by the server
+        # from RLIMIT_NOFILE); ``refused()`` is called for each connection closed for it.
+        self.fd_ceiling = 1 << 30
+        self.refused: Callable[[], None] = lambda: None
 
     def alpn(self, configured: tuple[str, ...]) -> tuple[str, ...]:
         """The ALPN list the server offers: ``configured`` (``tls.alpn``) less ``h2``
@@ -166,6 +175,12 @@ class WebFace:
     def _forget(self, handle: Any) -> None:
         self._open.pop(handle, None)
 
+    def _over_ceiling(self, sock: socket.socket | None) -> bool:
+        if sock is None or sock.fileno() < self.fd_ceiling:
+            return False
+        self.refused()
+        return True
+
     def close(self) -> None:
         """Drop every web connection (server shutdown)."""
         for handle in list(self._open):
@@ -177,6 +192,9 @@ class WebFace:
     # -- not TLS ----------------------------------------------------------------------
     def plain(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         """Answer a connection whose first byte is not TLS (takes ``sock``)."""
+        if self._over_ceiling(sock):
+            sock.close()
+            return
         self.count("plain")
         task = loop.create_task(self._plain(loop, sock))
         self._tasks.add(task)
@@ -216,6 +234,9 @@ class WebFace:
         """Answer a TLS connection that is not a client: ``data`` is what it sent so far
         in the ``waited`` seconds since its handshake (its protocol must stop reading into
         anything else; ``take`` sets its own)."""
+        if self._over_ceiling(transport.get_extra_info("socket")):
+            transport.abort()
+            return
         proto = transport.get_extra_info("ssl_object")
         alpn = proto.selected_alpn_protocol() if proto is not None else None
         target = self.fallback_h2 if alpn == "h2" else self.fallback
@@ -394,8 +415,7 @@ class _Relay:
                     data: bytes) -> None:
         self.pending[:0] = data
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: self.back, *target),
-                                   self.face.header_timeout)
+            await asyncio.wait_for(self._connect(loop, target), self.face.header_timeout)
         except (OSError, TimeoutError, asyncio.TimeoutError):
             # No fallback to be had: answer as an nginx whose upstream is down would.
             if not self.ended and not self.front.transport.is_closing():
@@ -409,6 +429,22 @@ class _Relay:
         if self.pending:
             self.back.transport.write(bytes(self.pending))
             self.pending.clear()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, target: tuple[str, int]) -> None:
+        """The relay's connection to the fallback, on a descriptor under the face's
+        ceiling (``OSError`` otherwise: the visitor gets the 502 of an upstream down)."""
+        infos = await loop.getaddrinfo(*target, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if self.face._over_ceiling(sock):
+                raise OSError(errno.EMFILE, "file descriptors near the limit: no relay")
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            await loop.create_connection(lambda: self.back, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def end(self) -> None:
         """One side is gone: flush and close the other."""
