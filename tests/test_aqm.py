@@ -284,3 +284,40 @@ def test_config_congestion_names():
         with pytest.raises(ConfigError, match="tcp.congestion"):
             load_config({"role": "client", "tcp": {"server_addr": "h:1", "congestion": bad},
                          "tls": {"ca_cert": "a", "cert": "b", "key": "c"}}, check_files=False)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+def test_lanes_opening_restart_the_judgement(impl):
+    """Lanes open one by one after a dial, the first ones busy at once: the waits until
+    the last one opens are the tunnel starting, not a full path. Each lane that opens
+    restarts CoDel's interval, so nothing is dropped while the lanes come up (a CoDel
+    that kept its clock would drop from 50 ms on here)."""
+    async def main():
+        with use_implementation(impl):
+            stats = TunnelStats(role="client", max_lanes=2)
+            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
+                               session_id=1, n_lanes=2, max_packets=4096, max_bytes=1 << 24,
+                               skip_slow_lanes=True, aqm=True, aqm_target=0.005,
+                               aqm_interval=0.05)
+            s.port = FakePort()
+            first = open_lane(s, 0, "client")
+            first.transport.buffered = LANE_MAX_UNSENT + 1  # busy from the start
+            s.lane_up(first)
+            for _ in range(4):  # 40 ms: the first lane holds, the queue waits
+                s.push_datagrams([b"z" * 1000] * 5)
+                await asyncio.sleep(0.01)
+            second = open_lane(s, 1, "client")
+            second.transport.buffered = LANE_MAX_UNSENT + 1
+            s.lane_up(second)
+            for _ in range(3):  # 30 ms more: 70 ms since the first lane opened
+                s.push_datagrams([b"z" * 1000] * 5)
+                await asyncio.sleep(0.01)
+            assert s.counters.drops == {}
+            first.transport.buffered = second.transport.buffered = 0
+            await asyncio.sleep(0.01)
+            assert s.counters.drops == {} and len(s.queue) == 0
+            assert sum(s.counters.lane_tx_frames) == 35
+            first.connection_lost(None)
+            second.connection_lost(None)
+
+    asyncio.run(main())

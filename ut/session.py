@@ -211,6 +211,9 @@ class Session:
         # queue.aqm (ut/aqm.py): CoDel decides, as the queue's head leaves, whether to
         # drop it, so that a saturated path's inner TCP slows down instead of queueing.
         self.aqm = CoDel(aqm_target, aqm_interval) if aqm else None
+        # The AQM judges waits from here on: what waited for lanes to open (a first
+        # dial, a redial) waited for the tunnel to exist, not behind a full path.
+        self._aqm_since = 0.0
         self._aqm_log = Debounced(DROP_LOG_WINDOW_SECONDS)
         # With skip_slow_lanes, a lane takes no more while LANE_MAX_UNSENT bytes wait in
         # it: the rest waits in the session queue, where its age is known and the AQM
@@ -391,8 +394,8 @@ class Session:
                         break
             if aqm is not None:
                 dropped = 0
-                while aqm.drop_head(now, now - queue.head_stamp + self._path_delay,
-                                    queue.nbytes + self._path_bytes):
+                while aqm.drop_head(now, now - max(queue.head_stamp, self._aqm_since)
+                                    + self._path_delay, queue.nbytes + self._path_bytes):
                     queue.pop()
                     dropped += 1
                     if not len(queue):
@@ -724,6 +727,9 @@ class Session:
         if old is not None and old is not lane:
             self.retire(old, goodbye_reason=GOODBYE_REPLACED, reason="replaced")
         self.lanes[lane.lane_id] = lane
+        if self.aqm is not None:  # the lanes' capacity changed: start judging afresh
+            self.aqm.reset()
+            self._aqm_since = time.perf_counter()
         if self.congestion is not None and self.congestion.state != "clear":
             self._set_lane_congestion(lane)  # a lane that joins mid-transfer
         elif self._host_cc is None and self.congestion is not None:
