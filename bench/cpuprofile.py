@@ -164,7 +164,7 @@ def profile(args) -> dict:
         pids = {role: p.pid for role, p in procs.items()}
         cpu0 = {r: C.proc_cpu_seconds(p) for r, p in pids.items()}
         ctx0 = {r: ctx_switches(p) for r, p in pids.items()}
-        cmd = ["iperf3", "-c", bed.cloud.wg_ip, "-t", str(args.seconds), "-J",
+        cmd = ["iperf3", "-c", bench.target, "-t", str(args.seconds), "-J",
                "-P", str(args.streams)] + (["-R"] if args.direction == "down" else [])
         ip = bed.spawn(bed.home, cmd, name="iperf3-client")
         time.sleep(1.5)  # past slow start

@@ -47,13 +47,13 @@ def _udp4(src: str, dst: str, payload: bytes, dport: int = 9000) -> bytes:
     return header + udp
 
 
-def _in_own_netns(case: str, impl: str) -> dict:
+def _in_own_netns(case: str, impl: str, request: pytest.FixtureRequest) -> dict:
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.skip("needs root, unshare (util-linux) and ip (iproute2)")
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("no /dev/net/tun")
     if impl == "compiled":
-        pytest.importorskip("ut._fastpath")
+        request.getfixturevalue("fp_compiled")  # skips (or fails) as conftest says
     res = subprocess.run(["unshare", "--net", sys.executable, __file__, case, impl],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -61,11 +61,11 @@ def _in_own_netns(case: str, impl: str) -> dict:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_reads_what_the_kernel_routes_to_the_device(impl):
+def test_reads_what_the_kernel_routes_to_the_device(impl, request):
     """Datagrams routed to the TUN device come back as IP packets, in order, at most
     ``max_packets`` per call; IPv4 local multicast and broadcast are dropped; an empty
     queue gives ``[]`` without raising."""
-    got = _in_own_netns("read", impl)
+    got = _in_own_netns("read", impl, request)
     assert got["first"] == [f"p{i}" for i in range(4)]
     assert got["rest"] == [f"p{i}" for i in range(4, 10)]
     assert got["after"] == []
@@ -73,27 +73,27 @@ def test_reads_what_the_kernel_routes_to_the_device(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_drops_the_kernels_ipv6_link_chatter(impl):
+def test_drops_the_kernels_ipv6_link_chatter(impl, request):
     """With IPv6 on, the kernel sends MLD reports (and router solicitations) to the
     device: none of them is returned; a packet to a global address is."""
-    got = _in_own_netns("chatter", impl)
+    got = _in_own_netns("chatter", impl, request)
     assert got["v6_payloads"] == ["six"]
     assert got["link_local"] == 0
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_drops_a_packet_longer_than_the_buffer(impl):
+def test_drops_a_packet_longer_than_the_buffer(impl, request):
     """A packet of ``mtu + TUN_READ_HEADROOM`` bytes or more is dropped (the kernel
     truncates it to the buffer); the next one is read."""
-    got = _in_own_netns("truncated", impl)
+    got = _in_own_netns("truncated", impl, request)
     assert got["payloads"] == ["small"]
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_writes_until_the_kernel_refuses(impl):
+def test_writes_until_the_kernel_refuses(impl, request):
     """Packets reach the stack in order (bytes, bytearray, memoryview alike); a packet that
     is not IP stops the batch with EINVAL, the ones before it counted with their bytes."""
-    got = _in_own_netns("write", impl)
+    got = _in_own_netns("write", impl, request)
     assert got["result"] == [3, got["good_bytes"], errno.EINVAL]
     assert got["received"] == ["w0", "w1", "w2"]
     assert got["empty"] == [0, 0, 0]

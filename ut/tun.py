@@ -123,7 +123,10 @@ class TunPort:
 
     A subclass for a device whose packets carry a header (macOS utun) sets
     ``add_header`` (returns the datagram to write, or None for a packet the device
-    cannot take) and ``strip_header``; on Linux both are None and cost one test."""
+    cannot take) and ``strip_header``; on Linux both are None and the fast path's
+    ``tun_read_batch``/``tun_write_batch`` do the reads and writes (up to ``READ_BATCH``
+    packets per readiness callback, one call per batch); a framed device keeps one
+    ``os.read``/``os.write`` per packet here."""
 
     read_size = 65536  # an IP packet's largest size (framed devices: _read_framed)
     add_header: Callable[[bytes], bytes | None] | None = None
