@@ -120,6 +120,15 @@ class _ClientSession(Session):
         return self.port, None
 
 
+def _aqm_session(n_lanes: int, **kw) -> _ClientSession:
+    """A client session with CoDel (5 ms over 50 ms) and room for every datagram pushed."""
+    s = _ClientSession(asyncio.get_running_loop(), TunnelStats(role="client", max_lanes=n_lanes),
+                       client_cn="home", session_id=1, n_lanes=n_lanes, max_packets=4096,
+                       max_bytes=1 << 24, aqm=True, aqm_target=0.005, aqm_interval=0.05, **kw)
+    s.port = FakePort()
+    return s
+
+
 @pytest.mark.parametrize("impl", ["compiled", "pure"])
 def test_a_session_drops_a_standing_queue_and_counts_it(impl):
     """A lane that takes data only now and then (a saturated uplink): the queue's head
@@ -127,11 +136,7 @@ def test_a_session_drops_a_standing_queue_and_counts_it(impl):
     ``aqm``; everything pushed is either sent or counted."""
     async def main():
         with use_implementation(impl):
-            stats = TunnelStats(role="client", max_lanes=1)
-            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
-                               session_id=1, n_lanes=1, max_packets=4096, max_bytes=1 << 24,
-                               aqm=True, aqm_target=0.005, aqm_interval=0.05)
-            s.port = FakePort()
+            s = _aqm_session(1)
             lane = open_lane(s, 0, "client")
             s.lane_up(lane)
             pushed = 0
@@ -163,12 +168,7 @@ def test_a_session_behind_a_saturated_lane_drops_with_codel(impl):
     When the lane drains, everything left goes out: sent + dropped == pushed."""
     async def main():
         with use_implementation(impl):
-            stats = TunnelStats(role="client", max_lanes=1)
-            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
-                               session_id=1, n_lanes=1, max_packets=4096, max_bytes=1 << 24,
-                               skip_slow_lanes=True, aqm=True, aqm_target=0.005,
-                               aqm_interval=0.05)
-            s.port = FakePort()
+            s = _aqm_session(1, skip_slow_lanes=True)
             lane = open_lane(s, 0, "client")
             s.lane_up(lane)
             lane.transport.buffered = LANE_MAX_UNSENT + 1
@@ -215,8 +215,8 @@ def test_the_aqm_caps_what_a_lane_holds_unsent():
         stats = TunnelStats(role="client", max_lanes=1)
         common = dict(client_cn="home", session_id=1, n_lanes=1, max_packets=64,
                       max_bytes=1 << 20, skip_slow_lanes=True)
-        assert _ClientSession(loop, stats, aqm=True, **common).lane_max_unsent == LANE_MAX_UNSENT
-        assert _ClientSession(loop, stats, aqm=False, **common).lane_max_unsent == 0
+        assert _ClientSession(loop, stats, aqm=True, **common).cap_lanes is True
+        assert _ClientSession(loop, stats, aqm=False, **common).cap_lanes is False
     finally:
         loop.close()
 
@@ -294,12 +294,7 @@ def test_lanes_opening_restart_the_judgement(impl):
     that kept its clock would drop from 50 ms on here)."""
     async def main():
         with use_implementation(impl):
-            stats = TunnelStats(role="client", max_lanes=2)
-            s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
-                               session_id=1, n_lanes=2, max_packets=4096, max_bytes=1 << 24,
-                               skip_slow_lanes=True, aqm=True, aqm_target=0.005,
-                               aqm_interval=0.05)
-            s.port = FakePort()
+            s = _aqm_session(2, skip_slow_lanes=True)
             first = open_lane(s, 0, "client")
             first.transport.buffered = LANE_MAX_UNSENT + 1  # busy from the start
             s.lane_up(first)

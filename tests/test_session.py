@@ -102,7 +102,7 @@ def test_the_age_bound_drops_an_outage_backlog_and_caps_nothing(impl):
             s = _ClientSession(asyncio.get_running_loop(), stats, client_cn="home",
                                session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20,
                                skip_slow_lanes=True, max_queue_age=WAIT / 2)
-            assert s.stale_after == WAIT / 2 and s.lane_max_unsent == 0
+            assert s.stale_after == WAIT / 2 and s.cap_lanes is False
             s.port = FakePort()
             s.push_datagrams([b"outage" * 10] * 5)  # no lane yet: they wait
             await asyncio.sleep(WAIT)

@@ -6,7 +6,7 @@ down. Over TCP lanes nothing is dropped on the path: a saturated uplink's backlo
 up in the tunnel (the lanes' buffers, then the session queue) and every packet, a ping
 or an SSH keystroke too, waits behind it (issue 14: loaded ping 3.5-5.4 x a direct
 WireGuard's on a 20 Mbit/s uplink). The session keeps that backlog in its own queue,
-where each datagram's arrival time is known (``Session.lane_max_unsent``), and this
+where each datagram's arrival time is known (``Session.cap_lanes``), and this
 object decides, each time the queue's head is about to leave, whether to drop it.
 
 CoDel rather than a fixed age bound because a lane's loss repair stalls it for about

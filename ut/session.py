@@ -25,9 +25,9 @@ dialling and accepting):
   unsent data (``TCP_NOTSENT_LOWAT``), so a lane whose TCP slowed down pauses; a lane in
   RTO recovery is left out (Linux ``TCP_INFO``, read at most every
   ``LANE_POLL_SECONDS`` while datagrams flow, which also tells the resequencer how long
-  a lane may take to repair a loss). With ``queue.max_delay_ms`` a lane takes no more
-  while ``LANE_MAX_UNSENT`` bytes wait in it, and datagrams that aged in the session
-  queue are dropped (``stale``).
+  a lane may take to repair a loss). With ``queue.aqm`` (or ``queue.max_delay_ms``) a
+  lane takes no more than ``LANE_UNSENT_SECONDS`` of its delivery rate (``cap_lanes``),
+  so the backlog waits in the session queue where the AQM sees it.
 * Stale datagrams (issue 19, ``queue.max_age_seconds``, on by default): a datagram that
   waited longer than that in the session queue (lanes down, a dial backing off) is
   dropped as ``stale`` instead of being sent late: WireGuard resends what matters, and
@@ -215,11 +215,10 @@ class Session:
         # dial, a redial) waited for the tunnel to exist, not behind a full path.
         self._aqm_since = 0.0
         self._aqm_log = Debounced(DROP_LOG_WINDOW_SECONDS)
-        # With skip_slow_lanes, a lane takes no more while LANE_MAX_UNSENT bytes wait in
-        # it: the rest waits in the session queue, where its age is known and the AQM
-        # (or max_queue_delay) applies (a lane's kernel and TLS buffers would hide it).
-        self.lane_max_unsent = (
-            LANE_MAX_UNSENT if skip_slow_lanes and (max_queue_delay or aqm) else 0)
+        # With skip_slow_lanes, a lane takes no more than its cap (_lane_caps): the rest
+        # waits in the session queue, where its age is known and the AQM (or
+        # max_queue_delay) applies (a lane's kernel and TLS buffers would hide it).
+        self.cap_lanes = bool(skip_slow_lanes and (max_queue_delay or aqm))
         self.max_queue_delay = max_queue_delay
         # The age past which a queued datagram is dropped as stale: the stricter of the
         # AQM bound (max_queue_delay) and the staleness bound (max_queue_age); 0 = never.
@@ -413,7 +412,7 @@ class Session:
                 # datagrams (at most tcp_buf bytes) in one write. Per-datagram rotation
                 # would cost one TLS record and one send per datagram per lane.
                 lane_id = self._least_backlog_lane() if self.skip_slow_lanes else picker.pick(0)
-                if self.lane_max_unsent:
+                if self.cap_lanes:
                     if self._best_room <= 0:
                         # Every lane has enough waiting: keep the rest here, where its
                         # age is known, and look again shortly.
