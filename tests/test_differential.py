@@ -45,7 +45,8 @@ PUBLIC = [
     "HAVE_GSO", "encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
     "recv_batch", "send_batch", "encode_data_seq", "FLAG_SEQ", "SEQ_LEN", "Resequencer",
     "pad_frame", "FLAG_PAD", "KIND_PAD", "HAVE_RXQ_OVFL", "recv_batch_with_drops", "QueueBudget",
-    "TUN_READ_HEADROOM", "tun_read_batch", "tun_write_batch",
+    "TUN_READ_HEADROOM", "tun_read_batch", "tun_write_batch", "FLAG_OFFLOAD", "VNET_HDR_LEN",
+    "gso_split",
 ]
 
 
@@ -71,7 +72,7 @@ def _members(obj):
     "name",
     ["encode_frame", "encode_data", "Deframer", "RingQueue", "LanePicker", "flow_key",
      "recv_batch", "send_batch", "encode_data_seq", "Resequencer", "pad_frame",
-     "recv_batch_with_drops", "tun_read_batch", "tun_write_batch"],
+     "recv_batch_with_drops", "tun_read_batch", "tun_write_batch", "gso_split"],
 )
 def test_same_docstrings(fp_compiled, fp_pure, name):
     c, p = getattr(fp_compiled, name), getattr(fp_pure, name)

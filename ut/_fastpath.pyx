@@ -14,7 +14,8 @@ One extension module, one source file per concern (as uvloop and msgpack do):
 * ``_fp_picker.pxi``  -- ``LanePicker``, ``flow_key``
 * ``_fp_mmsg.pxi``    -- ``recv_batch``, ``recv_batch_with_drops``, ``send_batch``,
   ``HAVE_MMSG``, ``HAVE_GSO``, ``HAVE_RXQ_OVFL``
-* ``_fp_tun.pxi``     -- ``tun_read_batch``, ``tun_write_batch``, ``TUN_READ_HEADROOM``
+* ``_fp_tun.pxi``     -- ``tun_read_batch``, ``tun_write_batch``, ``gso_split``,
+  ``TUN_READ_HEADROOM``, ``VNET_HDR_LEN``
 
 C-level declarations live in ``_fastpath.pxd`` for other Cython code to ``cimport``.
 Hot loops touch no Python object per frame beyond the returned tuple and payload bytes.
@@ -26,7 +27,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndS
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
-from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 import _socket as _csocket  # the C base class: its ``family`` getter returns a plain int
@@ -61,7 +62,10 @@ __all__ = [
     "recv_batch",
     "recv_batch_with_drops",
     "send_batch",
+    "FLAG_OFFLOAD",
     "TUN_READ_HEADROOM",
+    "VNET_HDR_LEN",
+    "gso_split",
     "tun_read_batch",
     "tun_write_batch",
 ]
@@ -75,6 +79,7 @@ MAX_PAYLOAD = UT_MAX_PAYLOAD
 FLAG_SEQ = 0x01
 SEQ_LEN = 4
 FLAG_PAD = 0x02
+FLAG_OFFLOAD = 0x04
 KIND_PAD = 0x04
 
 cdef enum:

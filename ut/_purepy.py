@@ -72,7 +72,10 @@ __all__ = [
     "recv_batch",
     "recv_batch_with_drops",
     "send_batch",
+    "FLAG_OFFLOAD",
     "TUN_READ_HEADROOM",
+    "VNET_HDR_LEN",
+    "gso_split",
     "tun_read_batch",
     "tun_write_batch",
 ]
@@ -91,6 +94,10 @@ SEQ_LEN = 4
 #: HELLO frame flag: "I understand PAD frames, pad what you send me" (docs/protocol.md,
 #: "Padding").
 FLAG_PAD = 0x02
+#: HELLO frame flag: "in TUN mode my DATA payloads are a virtio_net_hdr and a packet,
+#: maybe a GSO super-packet, and I take such payloads" (docs/protocol.md, "TUN offloads");
+#: a session uses them when both HELLOs carry it.
+FLAG_OFFLOAD = 0x04
 #: The control kind of a PAD frame: its body is padding, which receivers discard.
 KIND_PAD = 0x04
 _PAD_KIND_BYTE = bytes([KIND_PAD])
@@ -1221,25 +1228,163 @@ TUN_READ_HEADROOM = 256
 _TUN_MAX_READ = 65536 + TUN_READ_HEADROOM
 
 
-def tun_read_batch(fd: int, max_packets: int, mtu: int) -> list[bytes]:
+#: Bytes of the ``virtio_net_hdr`` before each packet of a device with offloads
+#: (``tun_read_batch(..., vnet=1)`` keeps it, ``gso_split`` reads it).
+VNET_HDR_LEN = 10
+_VNET_MAX_READ = VNET_HDR_LEN + 65536 + TUN_READ_HEADROOM
+_VNET_ZERO = bytes(VNET_HDR_LEN)
+_VNET_NEEDS_CSUM = 1
+_GSO_NONE, _GSO_TCPV4, _GSO_TCPV6, _GSO_UDP_L4, _GSO_ECN = 0, 1, 4, 5, 0x80
+# A super-packet kept whole (vnet=1) must fit one numbered DATA frame with its header.
+_VNET_KEEP_MAX = MAX_PAYLOAD - SEQ_LEN
+_LITTLE = sys.byteorder == "little"
+
+
+def _csum(data: Any, start: int = 0) -> int:
+    """The Internet checksum (RFC 1071) of ``data`` with ``start`` (a sum of big-endian
+    16-bit words) added: the 16-bit value to store."""
+    if len(data) & 1:
+        data = bytes(data) + b"\0"
+    # A one's complement sum is the same in either byte order, swapped: sum the words
+    # natively, fold, and swap back on a little-endian host.
+    total = sum(memoryview(data).cast("H"))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    if _LITTLE:
+        total = ((total & 0xFF) << 8) | (total >> 8)
+    total += start
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _gso_split_into(frame: Any, out: list, header: bool) -> int:
+    """``gso_split`` appending to ``out``: how many packets (0: a header it cannot follow)."""
+    f = bytes(frame)
+    p = f[VNET_HDR_LEN:]
+    plen = len(p)
+    if plen <= 0:
+        return 0
+    flags, gtype = f[0], f[1] & ~_GSO_ECN
+    gso_size, l4, csum_off = struct.unpack_from("<HHH", f, 4)
+    lead = _VNET_ZERO if header else b""
+    if gtype == _GSO_NONE:
+        if not flags & _VNET_NEEDS_CSUM:
+            out.append(lead + p)
+            return 1
+        if l4 + csum_off + 2 > plen:
+            return 0
+        q = bytearray(p)
+        struct.pack_into("!H", q, l4 + csum_off, _csum(memoryview(q)[l4:]))
+        out.append(lead + bytes(q))
+        return 1
+    version = p[0] >> 4
+    if gtype not in (_GSO_TCPV4, _GSO_TCPV6, _GSO_UDP_L4) or version not in (4, 6):
+        return 0
+    if (gtype == _GSO_TCPV4 and version != 4) or (gtype == _GSO_TCPV6 and version != 6):
+        return 0
+    ihl = (p[0] & 15) * 4
+    if (version == 4 and (ihl < 20 or l4 < ihl)) or (version == 6 and l4 < 40):
+        return 0
+    if gtype == _GSO_UDP_L4:
+        proto, l4_end, csum_off = 17, l4 + 8, 6
+        if l4_end > plen:
+            return 0
+        seq0 = 0
+    else:
+        proto, csum_off = 6, 16
+        if l4 + 20 > plen:
+            return 0
+        l4_end = l4 + (p[l4 + 12] >> 4) * 4
+        if l4_end < l4 + 20 or l4_end > plen:
+            return 0
+        seq0 = int.from_bytes(p[l4 + 4 : l4 + 8], "big")
+    ip_id = int.from_bytes(p[4:6], "big") if version == 4 else 0
+    payload = plen - l4_end
+    if gso_size == 0 or payload <= 0:
+        return 0
+    head = p[:l4_end]
+    count = off = 0
+    while off < payload:
+        seg = min(gso_size, payload - off)
+        size = l4_end + seg
+        q = bytearray(head)
+        if version == 4:
+            struct.pack_into("!HH", q, 2, size, (ip_id + count) & 0xFFFF)
+            q[10:12] = b"\0\0"
+            struct.pack_into("!H", q, 10, _csum(memoryview(q)[:ihl]))
+            addresses = q[12:20]
+        else:
+            struct.pack_into("!H", q, 4, size - 40)
+            addresses = q[8:40]
+        if proto == 6:
+            struct.pack_into("!I", q, l4 + 4, (seq0 + off) & 0xFFFFFFFF)
+            if off + seg < payload:
+                q[l4 + 13] &= ~0x09  # FIN and PSH only on the last segment
+            if off:
+                q[l4 + 13] &= ~0x80  # CWR only on the first
+        else:
+            struct.pack_into("!H", q, l4 + 4, size - l4)
+        q[l4 + csum_off : l4 + csum_off + 2] = b"\0\0"
+        q += p[l4_end + off : l4_end + off + seg]
+        pseudo = bytes(addresses) + struct.pack("!HH", proto, size - l4)
+        field = _csum(bytes(pseudo) + bytes(q[l4:]))
+        if proto == 17 and field == 0:
+            field = 0xFFFF  # UDP: a computed 0 is sent as all ones (0 means "none")
+        struct.pack_into("!H", q, l4 + csum_off, field)
+        out.append(lead + bytes(q))
+        count += 1
+        off += seg
+    return count
+
+
+def gso_split(frame: Any, header: bool = False) -> list[bytes]:
+    """The IP packets of ``frame``, a ``virtio_net_hdr`` (``VNET_HDR_LEN`` bytes,
+    little-endian) and the packet behind it, as a device without offloads would have
+    given them: a TCP (``GSO_TCPV4``/``GSO_TCPV6``) or UDP (``GSO_UDP_L4``) super-packet
+    cut into segments of ``gso_size`` payload bytes, each with its own IP and transport
+    headers (IPv4 total length, identification + 1 per segment and header checksum; IPv6
+    payload length; TCP sequence number, FIN and PSH on the last segment only, CWR on the
+    first only; UDP length) and a full transport checksum; a packet whose checksum is
+    left to finish (``NEEDS_CSUM``) with it finished. A list of ``bytes``, each preceded
+    by a zeroed header if ``header``; ``[]`` for a header this cannot follow (an unknown
+    GSO type, offsets outside the packet).
+    """
+    out: list[bytes] = []
+    _gso_split_into(frame, out, header)
+    return out
+
+
+def tun_read_batch(fd: int, max_packets: int, mtu: int, vnet: int = 0) -> list[bytes]:
     """Read up to ``max_packets`` packets from non-blocking TUN descriptor ``fd``
     (``IFF_NO_PI``: one read, one IP packet); return them as a list of ``bytes`` (``[]``
     when none is waiting).
 
-    Each read takes at most ``mtu + TUN_READ_HEADROOM`` bytes (the compiled twin reads
-    into one reused buffer and makes a ``bytes`` only for a packet it keeps). Stops,
-    without raising, at EAGAIN, at end of file and at any other error (a device that went
-    away: the caller closes it). Reads that yield nothing to carry still count against
-    ``max_packets``: packets the kernel sends to the link itself (``ut.tunroute.link_local``:
-    IPv6 neighbour discovery, MLD, IPv4 local multicast and broadcast) and reads that
-    fill the whole buffer (the kernel truncates a longer packet to it) are dropped here.
+    ``vnet``: 0 for a device without offloads; for one opened with ``IFF_VNET_HDR``
+    (each read a ``virtio_net_hdr`` and a packet, maybe a GSO super-packet), 1 keeps the
+    header in front of each packet (for a peer that takes them: ``FLAG_OFFLOAD``; a
+    packet too long for one DATA frame with its header is split as ``gso_split(...,
+    header=True)`` does), 2 gives plain IP packets (``gso_split``).
+
+    Each read takes at most ``mtu + TUN_READ_HEADROOM`` bytes (with ``vnet``, the header
+    and 64 KiB + ``TUN_READ_HEADROOM``; the compiled twin reads into one reused buffer
+    and makes a ``bytes`` only for a packet it keeps). Stops, without raising, at EAGAIN,
+    at end of file and at any other error (a device that went away: the caller closes
+    it). Reads that yield nothing to carry still count against ``max_packets``: packets
+    the kernel sends to the link itself (``ut.tunroute.link_local``: IPv6 neighbour
+    discovery, MLD, IPv4 local multicast and broadcast), reads that fill the whole buffer
+    (the kernel truncates a longer packet to it) and headers ``gso_split`` cannot follow
+    are dropped here.
     """
     out: list[bytes] = []
     if max_packets <= 0:
         return out
     if mtu < 0:
         raise ValueError("mtu must not be negative")
-    size = min(mtu + TUN_READ_HEADROOM, _TUN_MAX_READ)
+    if vnet not in (0, 1, 2):
+        raise ValueError("vnet must be 0, 1 or 2")
+    lead = VNET_HDR_LEN if vnet else 0
+    size = _VNET_MAX_READ if vnet else min(mtu + TUN_READ_HEADROOM, _TUN_MAX_READ)
     read = os.read
     for _ in range(max_packets):
         try:
@@ -1248,17 +1393,29 @@ def tun_read_batch(fd: int, max_packets: int, mtu: int) -> list[bytes]:
             break  # EAGAIN: drained; anything else: the device went away
         if not packet:
             break
-        if len(packet) >= size or link_local(packet):
+        n = len(packet)
+        if n >= size or n <= lead or link_local(packet[lead:] if lead else packet):
             continue  # maybe cut short (the kernel truncates to the buffer); link chatter
-        out.append(packet)
+        if vnet == 0 or (vnet == 1 and n <= _VNET_KEEP_MAX):
+            out.append(packet)
+        elif vnet == 2 and packet[0] == 0 and packet[1] == _GSO_NONE:
+            out.append(packet[VNET_HDR_LEN:])
+        else:
+            _gso_split_into(packet, out, vnet == 1)
     return out
 
 
-def tun_write_batch(fd: int, packets: Any) -> tuple[int, int, int]:
+def tun_write_batch(fd: int, packets: Any, vnet: bool = False) -> tuple[int, int, int]:
     """Write ``packets`` (bytes-like, one IP packet each) to TUN descriptor ``fd`` in
     order, one ``write`` each, until one fails; return ``(sent, sent_bytes, errno)``:
     how many were written (``packets[:sent]``), their bytes, and the error of the write
     that stopped the batch (``packets[sent]``), 0 when all were written.
+
+    ``vnet``: the device takes a ``virtio_net_hdr`` before each packet. A packet that
+    starts as an IP packet does (version 4 or 6 in its first byte's high half) goes behind
+    a zeroed header (``writev``; ``sent_bytes`` counts the packet's bytes only); one that
+    starts otherwise carries its own header (its first byte is the header's flags) and is
+    written as it is.
 
     Never raises for a write error: EAGAIN (a full device queue), EINVAL or EMSGSIZE (a
     packet the kernel does not take) and the rest come back as the errno, for the caller
@@ -1268,7 +1425,10 @@ def tun_write_batch(fd: int, packets: Any) -> tuple[int, int, int]:
     write = os.write
     for packet in packets:
         try:
-            sent_bytes += write(fd, packet)
+            if vnet and packet and packet[0] >> 4 in (4, 6):
+                sent_bytes += os.writev(fd, (_VNET_ZERO, packet)) - VNET_HDR_LEN
+            else:
+                sent_bytes += write(fd, packet)
         except OSError as exc:
             return sent, sent_bytes, exc.errno or 0
         sent += 1

@@ -302,8 +302,11 @@ class ClientSession(Session):
             ack.set_result(False)
             return
         ack.set_result(True)
-        # The server asked for numbered DATA (it resequences what we send).
+        # The server asked for numbered DATA (it resequences what we send); TUN offloads
+        # on the device if the server takes super-packets, off if it does not.
         self.peer_hello(flags)
+        if self.tun:
+            self.udp.set_peer_offload(self.offload)  # type: ignore[union-attr]
         if lane.lane_id in self._lost_slots:
             self._lost_slots.discard(lane.lane_id)
             self.counters.lane_reconnects += 1
@@ -488,8 +491,9 @@ class Client:
         tun = self.config.tun
         assert self.session is not None
         port = open_port(self.loop, tun.name, tun.address, tun.mtu, tun.routes,
-                         self.session.push_datagrams)
+                         self.session.push_datagrams, offload=tun.offload)
         self.session.tun = True
+        self.session.offer_offload = port.vnet
         return port
 
     async def close(self) -> None:

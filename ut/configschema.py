@@ -532,6 +532,8 @@ class TunConfig:
     mtu: int = setting(1500, check=_range(576, 65000))
     routes: tuple[str, ...] = setting((), kind="strlist", roles=_C, check=_networks)
     clients: tuple[str, ...] = setting((), kind="strlist", roles=_S, check=_tun_clients)
+    # Linux: super-packets of up to 64 KiB between two ends that both have it (ut.tun).
+    offload: bool = setting(True)
 
 
 @dataclass(frozen=True)

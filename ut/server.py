@@ -168,6 +168,7 @@ class ServerSession(Session):
         self.udp: Any
         if sock is None:  # TUN mode: the shared device, by address (ut.tunserver)
             self.udp = server.tun_hub.port_for(self)
+            self.offer_offload = server.tun_hub.port.vnet
         else:
             self.udp = UdpPort(self.loop, sock, self.on_udp_batch, self._udp_error,
                                self.count_socket_drops)
@@ -368,7 +369,7 @@ class Server:
         tcp = cfg.tcp
         transport = self.transport
         assert transport is not None
-        flags = hello_flags(tcp.resequence)
+        flags = hello_flags(tcp.resequence, self.tun_hub is not None and self.tun_hub.port.vnet)
         loop = self.loop
         # limits.accept_rate: a token bucket of accept_burst connections refilled at
         # accept_rate a second. Without a token nothing is accepted: connections wait in

@@ -126,10 +126,12 @@ def session_options(cfg: Any) -> dict[str, Any]:
     }
 
 
-def hello_flags(resequence: bool) -> int:
+def hello_flags(resequence: bool, offload: bool = False) -> int:
     """The flags of this version's HELLO: FLAG_SEQ when it resequences (send me numbered
-    DATA), FLAG_PAD always (it understands padding)."""
-    return (fastpath.FLAG_SEQ if resequence else 0) | fastpath.FLAG_PAD
+    DATA), FLAG_PAD always (it understands padding), FLAG_OFFLOAD when its TUN device
+    gives and takes super-packets behind a virtio_net_hdr (ut.tun, tun.offload)."""
+    return ((fastpath.FLAG_SEQ if resequence else 0) | fastpath.FLAG_PAD
+            | (fastpath.FLAG_OFFLOAD if offload else 0))
 
 
 class Session:
@@ -196,6 +198,10 @@ class Session:
         self._paced: list = []  # released datagrams still to send, in order (slices)
         self._paced_stamp = 0.0
         self._pacer: asyncio.TimerHandle | None = None
+        # TUN offloads (tun.offload): we offer them (our HELLO) when our device has them,
+        # and use them once the peer's HELLO offered them too (docs/protocol.md).
+        self.offer_offload = False
+        self.offload = False
         # Sending: number our DATA frames once the peer asked for it (its HELLO).
         self.tx_numbered = False
         self.tx_seq = 0
@@ -240,13 +246,16 @@ class Session:
 
     # -- HELLO flags (docs/protocol.md, "Sequence numbers" and "Padding") -------
     def hello_flags(self) -> int:
-        """Flags for our HELLO: ask for numbered DATA if we resequence; we understand PAD."""
-        return hello_flags(self.resequence)
+        """Flags for our HELLO: ask for numbered DATA if we resequence; we understand PAD;
+        we offer TUN offloads if our device has them."""
+        return hello_flags(self.resequence, self.offer_offload)
 
     def peer_hello(self, flags: int) -> None:
-        """Apply the flags of the peer's HELLO: number what we send if it asked. (Whether
-        a lane pads is the lane's own business: ``LaneMachine.pad_writes``.)"""
+        """Apply the flags of the peer's HELLO: number what we send if it asked; use TUN
+        offloads if both ends offer them. (Whether a lane pads is the lane's own
+        business: ``LaneMachine.pad_writes``.)"""
         self.tx_numbered = bool(flags & fastpath.FLAG_SEQ)
+        self.offload = self.offer_offload and bool(flags & fastpath.FLAG_OFFLOAD)
 
     # -- log helper ---------------------------------------------------------
     def log(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -585,8 +594,14 @@ class Session:
         """``lane_pick: hash``: each datagram to the lane its flow key names."""
         picker, flow_key = self.picker, fastpath.flow_key
         per_lane: dict[int, list] = {}
+        skip = fastpath.VNET_HDR_LEN if self.offload else 0
         for d in batch:
-            lane_id = picker.pick(flow_key(d))
+            # With TUN offloads a packet may sit behind its virtio_net_hdr (a first byte
+            # that is no IP version): the flow is the packet's.
+            if skip and d and d[0] >> 4 not in (4, 6):
+                lane_id = picker.pick(flow_key(memoryview(d)[skip:]))
+            else:
+                lane_id = picker.pick(flow_key(d))
             bucket = per_lane.get(lane_id)
             if bucket is None:
                 per_lane[lane_id] = [d]

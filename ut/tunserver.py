@@ -7,6 +7,12 @@ longest prefix; the newest session of that CN if it has several); each session g
 the device after checking that their *source* belongs to the session's CN. Drops are
 counted on the session (``spoofed``) or on the hub (``no_route``: no client owns the
 destination, or its session is gone).
+
+With ``tun.offload`` the device gives packets behind a ``virtio_net_hdr``, maybe TCP or
+UDP super-packets (``ut.tun``): a session whose client offered offloads on its HELLO
+gets them as they are; any other gets them cut to plain packets (``fastpath.gso_split``).
+What a client sends may be either (the first byte tells: an IP version, or the
+header's flags), and the source checked is the one the kernel will see.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import logging
 from typing import Any
 
+from .fastpath import VNET_HDR_LEN, gso_split
 from .logs import Debounced, event
 from .tun import open_port
 from .tunroute import AddressBook, packet_addresses
@@ -55,11 +62,18 @@ class SessionTunPort:
         allowed = self._allowed
         for packet in packets:  # the client may only send from its own addresses
             version = packet[0] >> 4 if packet else 0
-            source = packet[12:16] if version == 4 else packet[8:24] if version == 6 else b""
+            at = 0
+            if version != 4 and version != 6 and len(packet) > VNET_HDR_LEN:
+                # A packet behind its virtio_net_hdr (tun.offload): the device reads the
+                # header and takes the IP packet after it.
+                at = VNET_HDR_LEN
+                version = packet[at] >> 4
+            source = (packet[at + 12:at + 16] if version == 4 else
+                      packet[at + 8:at + 24] if version == 6 else b"")
             if source in allowed:  # the common case: a source seen and allowed before
                 ok.append(packet)
                 continue
-            parsed = packet_addresses(packet)
+            parsed = packet_addresses(packet[at:at + 40])
             if parsed is not None and book.may_send_from(cn, parsed[0], parsed[1]):
                 if len(allowed) >= SOURCE_CACHE:
                     allowed.clear()
@@ -84,7 +98,11 @@ class TunHub:
         tun = config.tun
         self.book = AddressBook.from_entries(tun.clients)
         self.loop = loop
-        self.port = open_port(loop, tun.name, tun.address, tun.mtu, (), self._from_device)
+        self.port = open_port(loop, tun.name, tun.address, tun.mtu, (), self._from_device,
+                              offload=tun.offload)
+        # Offloads on for good: one device serves every client, and a client that does
+        # not take super-packets gets them cut (_from_device).
+        self.port.set_peer_offload(True)
         self.by_cn: dict[str, Any] = {}  # CN -> its newest session
         self._routes: dict[bytes, Any] = {}  # destination seen -> its session (a cache)
         self.no_route = 0
@@ -109,12 +127,14 @@ class TunHub:
         out: dict[Any, list] = {}
         book, by_cn, routes = self.book, self.by_cn, self._routes
         lost = 0
+        at = VNET_HDR_LEN if self.port.vnet else 0  # every packet behind its header
         for packet in batch:
-            version = packet[0] >> 4
-            dest = packet[16:20] if version == 4 else packet[24:40] if version == 6 else b""
+            version = packet[at] >> 4
+            dest = (packet[at + 16:at + 20] if version == 4 else
+                    packet[at + 24:at + 40] if version == 6 else b"")
             session = routes.get(dest)  # the common case: a destination seen before
             if session is None:
-                parsed = packet_addresses(packet)
+                parsed = packet_addresses(packet[at:at + 40])
                 owner = book.owner_of(parsed[0], parsed[2]) if parsed is not None else None
                 session = by_cn.get(owner) if owner is not None else None
                 if session is None:
@@ -125,6 +145,8 @@ class TunHub:
                 routes[dest] = session
             out.setdefault(session, []).append(packet)
         for session, packets in out.items():
+            if at and not session.offload:  # a client that takes no super-packets
+                packets = self._plain(packets)
             session.push_datagrams(packets)
         if lost:
             self.no_route += lost
@@ -133,6 +155,18 @@ class TunHub:
                 event("tun_no_route", logging.WARNING, role="server", count=due,
                       dropped_total=self.no_route,
                       err="packets for an address no connected client owns (tun.clients)")
+
+    @staticmethod
+    def _plain(packets: list) -> list:
+        """Packets behind a ``virtio_net_hdr`` as plain IP packets: the header dropped,
+        super-packets cut and checksums finished (``gso_split``)."""
+        plain: list = []
+        for packet in packets:
+            if packet[0] == 0 and packet[1] == 0:  # no offload at work: only the header
+                plain.append(packet[VNET_HDR_LEN:])
+            else:
+                plain += gso_split(packet)
+        return plain
 
     def spoofed(self, session: Any, n: int) -> None:
         session.counters.drop("spoofed", n)
