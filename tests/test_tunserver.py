@@ -50,6 +50,43 @@ def test_spoofed_packets_are_not_counted_as_sent():
     assert got["drops"] == {"spoofed": 2}
 
 
+def test_a_source_behind_a_virtio_header_is_checked_too():
+    """With TUN offloads a client's packet may come behind its virtio_net_hdr: its source
+    is checked where the device will read it (after the header), so a spoofed packet
+    cannot hide behind one; good ones with and without a header are written."""
+    got = _in_own_netns("spoofed_vnet")
+    assert got["offload"] is True
+    assert got["packets"] == 2
+    assert got["bytes"] == got["good_bytes"]
+    assert got["drops"] == {"spoofed": 1}
+
+
+def test_offloads_only_when_both_ends_offer_them():
+    """FLAG_OFFLOAD on our HELLO only if our device has offloads; a session uses them
+    only if the peer's HELLO offered them too (docs/protocol.md, "TUN offloads")."""
+    from ut import fastpath
+    from ut.session import Session, hello_flags
+    from ut.stats import TunnelStats
+
+    assert hello_flags(True) & fastpath.FLAG_OFFLOAD == 0
+    assert hello_flags(True, offload=True) & fastpath.FLAG_OFFLOAD
+    loop = asyncio.new_event_loop()
+    try:
+        s = Session(loop, TunnelStats(role="server", max_lanes=1), client_cn="home",
+                    session_id=1, n_lanes=1, max_packets=64, max_bytes=1 << 20)
+        assert not s.hello_flags() & fastpath.FLAG_OFFLOAD
+        s.peer_hello(fastpath.FLAG_OFFLOAD)
+        assert s.offload is False  # the peer offers, we do not
+        s.offer_offload = True
+        assert s.hello_flags() & fastpath.FLAG_OFFLOAD
+        s.peer_hello(fastpath.FLAG_SEQ)
+        assert s.offload is False  # we offer, the peer does not
+        s.peer_hello(fastpath.FLAG_OFFLOAD | fastpath.FLAG_PAD)
+        assert s.offload is True
+    finally:
+        loop.close()
+
+
 def test_packets_the_kernel_refuses_are_not_counted_as_sent():
     """Client side: a non-IP packet between two good ones is refused (EINVAL) and counted
     as a write error; the bytes counted are the two packets written."""
@@ -69,7 +106,7 @@ async def _case(case: str) -> dict:
     from ut.tunserver import TunHub
 
     loop = asyncio.get_running_loop()
-    role = "server" if case == "spoofed" else "client"
+    role = "server" if case.startswith("spoofed") else "client"
 
     class TunSession(Session):
         def udp_target(self):
@@ -87,13 +124,22 @@ async def _case(case: str) -> dict:
         s.udp = hub.port_for(s)
         batch = [good[0], _udp4(OTHER, SERVER, b"x" * 700), good[1],
                  _udp4(OTHER, SERVER, b"y" * 900)]
+    elif case == "spoofed_vnet":
+        tun = TunConfig(enabled=True, name="utspoof1", address=(f"{SERVER}/24",),
+                        clients=(f"home={CLIENT}/32", f"other={OTHER}/32"))
+        hub = TunHub(loop, SimpleNamespace(tun=tun))
+        s.udp = hub.port_for(s)
+        header = bytes(10)  # a virtio_net_hdr: no offload at work
+        good = [header + good[0], good[1]]
+        batch = [good[0], header + _udp4(OTHER, SERVER, b"x" * 700), good[1]]
     else:
         s.udp = open_port(loop, "utrefuse0", [f"{CLIENT}/24"], 1500, (), s.push_datagrams)
         batch = [good[0], b"\x00" * 500, good[1]]  # version 0: not an IP packet
     s.send_udp(batch, sum(map(len, batch)))
     c = s.counters
     return {"packets": c.udp_out_packets, "bytes": c.udp_out_bytes,
-            "good_bytes": sum(map(len, good)), "drops": c.drops}
+            "good_bytes": sum(map(len, good)), "drops": c.drops,
+            "offload": getattr(getattr(s.udp, "hub", None), "port", s.udp).vnet}
 
 
 if __name__ == "__main__":

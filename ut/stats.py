@@ -31,8 +31,9 @@ DIRECTIONS = ("up", "down")
 # Every reason a datagram can be lost, and the path it is lost on (docs/metrics.md):
 # "in"  = read from the role's UDP socket, lost before a lane carried it (dir = dir_in);
 # "out" = read from a lane, lost before it left the role's UDP socket (dir = dir_out);
-# "socket" = lost by the kernel at the role's full UDP socket, never read (dir = dir_in;
-#            outside the in/out identity, which starts at the datagrams read).
+# "socket" = lost by the kernel at the role's full UDP socket, never read, or (TUN
+#            offloads) read but not cut into packets (dir = dir_in; outside the in/out
+#            identity, which starts at the datagrams handed to the session).
 # A fixed vocabulary keeps ``ut_udp_drop_total{reason}`` bounded and lets
 # "UDP in = UDP out + drops + in flight" be checked per direction.
 DROP_PATH: dict[str, str] = {
@@ -48,6 +49,7 @@ DROP_PATH: dict[str, str] = {
     "no_peer": "out",  # client: no local WireGuard peer has sent yet, so no address to reply to
     "udp_write_error": "out",  # the UDP send failed (ECONNREFUSED, ENOBUFS, EMSGSIZE, ...)
     "spoofed": "out",  # TUN mode, server: a packet whose source the client's CN does not own
+    "offload": "socket",  # TUN mode, server: a super-packet it could not cut for its client
 }
 DROP_REASONS: tuple[str, ...] = tuple(DROP_PATH)
 

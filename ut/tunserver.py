@@ -146,7 +146,7 @@ class TunHub:
             out.setdefault(session, []).append(packet)
         for session, packets in out.items():
             if at and not session.offload:  # a client that takes no super-packets
-                packets = self._plain(packets)
+                packets = self._plain(session, packets)
             session.push_datagrams(packets)
         if lost:
             self.no_route += lost
@@ -156,16 +156,26 @@ class TunHub:
                       dropped_total=self.no_route,
                       err="packets for an address no connected client owns (tun.clients)")
 
-    @staticmethod
-    def _plain(packets: list) -> list:
-        """Packets behind a ``virtio_net_hdr`` as plain IP packets: the header dropped,
-        super-packets cut and checksums finished (``gso_split``)."""
+    def _plain(self, session: Any, packets: list) -> list:
+        """Packets behind a ``virtio_net_hdr`` as plain IP packets for ``session``: the
+        header dropped, super-packets cut and checksums finished (``gso_split``)."""
         plain: list = []
+        lost = 0
         for packet in packets:
             if packet[0] == 0 and packet[1] == 0:  # no offload at work: only the header
                 plain.append(packet[VNET_HDR_LEN:])
-            else:
-                plain += gso_split(packet)
+                continue
+            cut = gso_split(packet)
+            if not cut:
+                lost += 1
+            plain += cut
+        if lost:
+            session.counters.drop("offload", lost)
+            due = self._log.hit()
+            if due:
+                session.log("tun_offload_drop", logging.WARNING, count=due,
+                            err="a super-packet this server could not cut for a client "
+                                "without offloads")
         return plain
 
     def spoofed(self, session: Any, n: int) -> None:

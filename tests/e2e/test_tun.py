@@ -3,7 +3,9 @@
 The netns bed (UDP between the namespaces dropped by nftables) with no WireGuard in the
 path: a ut-tunnel server in the cloud with TUN ``ut0`` 10.78.0.1/24 (fd78::1/64), a
 client in each home with 10.78.0.2 / .3 (fd78::2 / ::3), each CN confined to its own
-addresses by ``tun.clients``.
+addresses by ``tun.clients``. ``home`` uses TUN offloads (the default: super-packets
+behind a virtio_net_hdr), ``home2`` has ``tun.offload: false``, so the server also cuts
+super-packets for a client that takes none.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def _server_tun() -> dict:
 
 def _client_tun(cn: str) -> dict:
     v4, v6 = CLIENTS[cn]
-    return {**FAST, "tun": {"enabled": True, "address": [f"{v4}/24", f"{v6}/64"]}}
+    return {**FAST, "tun": {"enabled": True, "address": [f"{v4}/24", f"{v6}/64"],
+                            "offload": cn == "home"}}
 
 
 @pytest.fixture
@@ -43,14 +46,39 @@ def tun_bed(tun):
     yield bed, srv, clients
 
 
+def _packet_sizes(bed, cn: str) -> tuple[float, float]:
+    """Mean bytes per packet the server read from its device for ``cn`` and wrote to it
+    from ``cn``: above the MTU only if super-packets crossed (TUN offloads)."""
+    m = bed.metrics(bed.cloud)
+    sizes = []
+    for way in ("in", "out"):
+        packets = metric_sum(m, f"ut_udp_{way}_packets_total", client_cn=cn) or 0.0
+        sizes.append((metric_sum(m, f"ut_udp_{way}_bytes_total", client_cn=cn) or 0.0)
+                     / max(packets, 1.0))
+    return sizes[0], sizes[1]
+
+
 def test_ping_and_64mib_both_ways(tun_bed, big_file):
+    """64 MiB down and up, sha256 checked, for a client with TUN offloads (home) and one
+    without (home2): home's bulk data crosses as super-packets, whole both ways; home2's
+    as plain packets, which the server cut from its device's super-packets."""
     bed, srv, _ = tun_bed
     res = bed.ping(bed.home, SERVER_V4, count=5, interval=0.1)
     assert res["received"] == 5, res
     url = bed.start_http_server(bed.wd / "www", port=HTTP_PORT, bind=SERVER_V4)
     down, up = bed.both_ways(bed.home, *big_file, url, "tun")
-    print(f"\nTUN mode: 64 MiB down {down:.0f} Mbit/s, up {up:.0f} Mbit/s")
+    print(f"\nTUN mode, offloads: 64 MiB down {down:.0f} Mbit/s, up {up:.0f} Mbit/s")
+    h2 = bed.home_nodes[1]
+    down2, up2 = bed.both_ways(h2, *big_file, url, "tun2")
+    print(f"TUN mode, tun.offload false: 64 MiB down {down2:.0f} Mbit/s, up {up2:.0f} Mbit/s")
     assert metric_sum(bed.metrics(bed.cloud), "ut_lanes_active_total") >= 2
+    to_home, from_home = _packet_sizes(bed, "home")
+    to_home2, from_home2 = _packet_sizes(bed, "home2")
+    print(f"bytes per packet, server side: home {to_home:.0f} / {from_home:.0f}, "
+          f"home2 {to_home2:.0f} / {from_home2:.0f}")
+    assert to_home > 3000 and from_home > 3000  # super-packets both ways
+    assert to_home2 <= 1500 and from_home2 <= 1500  # the MTU: cut for home2
+    assert not metric_sum(bed.metrics(bed.cloud), "ut_udp_drop_total", reason="offload")
     assert srv.poll() is None
 
 
