@@ -132,7 +132,9 @@ cdef Py_ssize_t _gso_split(const unsigned char* f, Py_ssize_t n, list out, bint 
         memcpy(q, p, plen)
         if flags & _VNET_NEEDS_CSUM:  # the field holds the pseudo-header's sum: finish it
             field = _csum_fold(_csum_add(q + l4, plen - l4, 0))
-            _put16(q + l4 + csum_off, field)
+            # A computed 0 goes out as all ones, as the kernel's skb_checksum_help does
+            # (for UDP, 0 means "no checksum": IPv6 receivers drop it)
+            _put16(q + l4 + csum_off, field if field else 0xFFFF)
         out.append(packet)
         return 1
     version = p[0] >> 4

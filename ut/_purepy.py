@@ -1275,7 +1275,9 @@ def _gso_split_into(frame: Any, out: list, header: bool) -> int:
         if l4 + csum_off + 2 > plen:
             return 0
         q = bytearray(p)
-        struct.pack_into("!H", q, l4 + csum_off, _csum(memoryview(q)[l4:]))
+        # A computed 0 goes out as all ones, as the kernel's skb_checksum_help does (for
+        # UDP, 0 means "no checksum": IPv6 receivers drop it)
+        struct.pack_into("!H", q, l4 + csum_off, _csum(memoryview(q)[l4:]) or 0xFFFF)
         out.append(lead + bytes(q))
         return 1
     version = p[0] >> 4
