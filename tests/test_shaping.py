@@ -9,6 +9,8 @@ import contextlib
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ut
 from ut import fastpath, shaping
@@ -87,7 +89,7 @@ def test_a_peer_without_padding_gets_none_after_the_hello(pki, monkeypatch):
     import ut.server
 
     monkeypatch.setattr(ut.server, "hello_flags",
-                        lambda resequence: fastpath.FLAG_SEQ if resequence else 0)
+                        lambda resequence, offload=False: fastpath.FLAG_SEQ if resequence else 0)
 
     async def main():
         async with tunnel(pki, lanes=2) as t:
@@ -213,3 +215,43 @@ def test_coalescing_puts_a_burst_of_small_datagrams_in_fewer_records(pki):
     # ... and the hold is bounded: the first datagram waits at most coalesce_ms (plus
     # the loopback round trip and scheduling).
     assert sorted(rtts)[len(rtts) // 2] < 0.015 + 0.030, rtts
+
+
+# -- padding never costs a TCP segment of its own (issue 14) -------------------------
+
+def _wire(n: int) -> int:
+    """TLS 1.3 record bytes for ``n`` bytes of plaintext (records of at most 16 KiB)."""
+    return n + -(-n // 16384) * 22
+
+
+@given(st.integers(min_value=shaping.SMALL_WRITE - shaping.PAD_FRAME_OVERHEAD,
+                   max_value=70000),
+       st.sampled_from([536, 1208, 1388, 1448, 8948]))
+def test_fitted_padding_ends_in_the_segment_the_write_ends_in(n, mss):
+    pad = shaping.pad_length(n)
+    fitted = shaping.fit_padding(n, pad, mss)
+    segments = -(-_wire(n) // mss)
+    if fitted < 0:
+        # Not even an empty PAD frame fits: the write goes unpadded.
+        assert _wire(n + shaping.PAD_FRAME_OVERHEAD) > segments * mss
+    else:
+        assert 0 <= fitted <= pad
+        assert _wire(n + shaping.PAD_FRAME_OVERHEAD + fitted) <= segments * mss
+        if _wire(n + shaping.PAD_FRAME_OVERHEAD + pad) <= segments * mss:
+            assert fitted == pad  # what fits is left alone
+
+
+def test_a_whole_wireguard_datagram_at_mtu_1380_goes_unpadded():
+    # 1380 + 32 bytes of WireGuard, a numbered frame (9 + 4): a 1,447-byte record, one
+    # byte short of a 1,448-byte segment; a PAD frame would send a second packet.
+    assert shaping.fit_padding(1412 + 13, 40, 1448) == -1
+    # At the default WireGuard MTU 1420 the record spills anyway: padding is free there.
+    assert shaping.fit_padding(1452 + 13, 40, 1448) == 40
+
+
+def test_small_writes_keep_their_padding_whatever_the_segment_size():
+    for n in range(0, shaping.SMALL_WRITE - shaping.PAD_FRAME_OVERHEAD):
+        pad = shaping.pad_length(n)
+        assert shaping.fit_padding(n, pad, 100) == pad
+    assert shaping.fit_padding(1000, 5, 0) == 5  # unknown segment size: unchanged
+    assert shaping.fit_padding(1000, -1, 1448) == -1

@@ -85,6 +85,10 @@ class Lane(asyncio.BufferedProtocol):
         self.tx_frames = 0
         self.tx_bytes = 0
         self.tx_pad_bytes = 0  # PAD frames written (shaping.padding), not in tx_bytes
+        # The TCP segment size (TCP_INFO, read with the lane's state by the session) when
+        # each write is one TLS record of its length (not a WebSocket lane): what
+        # ut.shaping.fit_padding needs; 0 = unknown.
+        self.mss = 0
         self.rx_frames = 0
         self.rx_bytes = 0
         self.rx_bytes_counted = 0  # part of rx_bytes already added to the session's counters

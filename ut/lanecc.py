@@ -26,7 +26,11 @@ from __future__ import annotations
 
 __all__ = ["CongestionChooser"]
 
-QUEUED_DELAY = 0.010  # seconds of standing queue that mean "a bottleneck queue fills"
+# Seconds of standing queue that mean "a bottleneck queue fills". Five BBR lanes keeping
+# a 50-packet queue at 20 Mbit/s overflowing (a quarter to half of their segments lost)
+# average 7-10 ms above the minimum round trip (BBR drains its queue every few round
+# trips): a 10 ms bar let them run so for two seconds (issue 14, bench/README.md).
+QUEUED_DELAY = 0.005
 QUEUED_SECONDS = 0.5  # ... sustained this long
 OVERFLOW_LOSS = 0.20  # ... with this share of the lanes' segments retransmitted
 CLEAR_DELAY = 0.002  # back to the host's control once the queue stays below this ...

@@ -56,7 +56,7 @@ from .errors import FrameError
 from .lane import Lane
 from .lanecc import LOSS_BASED, CongestionChooser
 from .logs import Debounced, event
-from .shaping import PAD_FRAME_OVERHEAD, pad_length
+from .shaping import PAD_FRAME_OVERHEAD, fit_padding, pad_length
 from .stats import Counters, TunnelStats
 from .tcpsock import congestion_control, set_congestion_control, tcp_state
 
@@ -438,8 +438,15 @@ class Session:
                 lane = lanes[lane_id]
                 pad = -1
                 if lane.pad_writes:  # type: ignore[union-attr]
-                    pad = pad_length(sum(map(len, datagrams)) + n * (
-                        HEADER_LEN + SEQ_LEN if numbered else HEADER_LEN))
+                    size = sum(map(len, datagrams)) + n * (
+                        HEADER_LEN + SEQ_LEN if numbered else HEADER_LEN)
+                    pad = pad_length(size)
+                    if lane.mss:  # type: ignore[union-attr]
+                        # Padding must not cost a segment of its own: on a lane with
+                        # nothing waiting this write goes out at once (ut.shaping).
+                        fitted = fit_padding(size, pad, lane.mss)  # type: ignore[union-attr]
+                        if fitted != pad and not lane.unsent_bytes():  # type: ignore[union-attr]
+                            pad = fitted
                 if numbered:
                     data, self.tx_seq = fastpath.encode_data_seq(datagrams, self.tx_seq, pad)
                 else:
@@ -515,6 +522,8 @@ class Session:
             st = tcp_state(lane.sock)
             if st is None:
                 continue
+            if getattr(lane.transport, "one_record_per_write", True):
+                lane.mss = st.snd_mss
             if st.delivery_rate:
                 # The rate a lane showed lately, not its last sample: in loss repair
                 # the sample drops for a round trip, and a cap that followed it would

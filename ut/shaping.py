@@ -18,7 +18,15 @@ later"). So every write ends with a PAD frame (docs/protocol.md, "Padding") whos
 
 The cost is bytes, not round trips: at most ``SMALL_WRITE + SMALL_SPREAD`` bytes for a small
 write, on average ``SPREAD / 2 + 10`` for a medium one and ``BULK_SPREAD / 2 + 10`` for a
-bulk one (``bench/`` states what that costs in throughput). Padding is only sent to a peer
+bulk one (``bench/`` states what that costs in throughput). And never a packet:
+``fit_padding`` cuts a larger write's padding to the room left in the TCP segment where
+its records end. A write on a lane with nothing waiting goes out at once (TCP_NODELAY),
+and padding that spilled over a segment boundary would send a segment of a few dozen
+bytes on its own: a whole WireGuard datagram with its frame and record is 1,447 bytes at
+WireGuard MTU 1380, one byte short of a 1,448-byte segment, so every padded one went out
+as two packets. On a 20 Mbit/s uplink whose router queue counts packets that cost 7 %
+of the goodput (issue 14, bench/README.md). Small writes keep their padding whole (it
+never comes near a segment's end). Padding is only sent to a peer
 that announced it understands PAD frames (``FLAG_PAD`` on its HELLO); the client's own first
 HELLO is padded anyway (an older server ignores the unknown control kind).
 
@@ -33,7 +41,7 @@ import os
 from ut.fastpath import HEADER_LEN
 
 __all__ = ["PAD_FRAME_OVERHEAD", "SMALL_WRITE", "SMALL_SPREAD", "SPREAD", "BULK_WRITE",
-           "BULK_SPREAD", "pad_length"]
+           "BULK_SPREAD", "TLS_RECORD_OVERHEAD", "fit_padding", "pad_length"]
 
 #: Bytes a PAD frame adds before its padding: the frame header and the control kind.
 PAD_FRAME_OVERHEAD = HEADER_LEN + 1
@@ -47,6 +55,10 @@ SPREAD = 256
 #: From this many bytes on, a write is bulk traffic: 0 .. BULK_SPREAD - 1 extra bytes.
 BULK_WRITE = 1024
 BULK_SPREAD = 64
+#: Bytes TLS 1.3 adds to each record (5-byte header, content type, 16-byte AEAD tag), and
+#: the most plaintext one record holds.
+TLS_RECORD_OVERHEAD = 22
+TLS_RECORD_MAX = 16384
 
 _BLOCK = 4096  # random bytes read at once (one read per few thousand writes)
 _pool = b""
@@ -86,3 +98,29 @@ def pad_length(n: int) -> int:
     if full < BULK_WRITE:
         return _random_below(SPREAD)
     return _random_below(BULK_SPREAD)
+
+
+def _on_the_wire(n: int) -> int:
+    """Bytes of TLS records carrying ``n`` bytes of frames."""
+    return n + -(-n // TLS_RECORD_MAX) * TLS_RECORD_OVERHEAD
+
+
+def fit_padding(n: int, pad: int, mss: int) -> int:
+    """``pad`` (``pad_length(n)``) for a write of ``n`` bytes of frames that goes out at
+    once as TCP segments of ``mss`` bytes, cut so that the padded write's records end in
+    the segment where the unpadded write's end; -1 (no PAD frame) if not even an empty
+    one fits there. Small writes (below ``SMALL_WRITE`` with their PAD frame), an
+    unknown ``mss`` (0) and ``pad`` -1 are returned as they are.
+
+    >>> fit_padding(1425, 40, 1448)  # a 1412-byte datagram, numbered: 1447 bytes of record
+    -1
+    >>> fit_padding(1485, 40, 1448)  # 1,507 bytes of record: 1,389 free in the second segment
+    40
+    """
+    if pad < 0 or mss <= 0 or n + PAD_FRAME_OVERHEAD < SMALL_WRITE:
+        return pad
+    wire = _on_the_wire(n)
+    room = -(-wire // mss) * mss - _on_the_wire(n + PAD_FRAME_OVERHEAD)
+    if room < 0:
+        return -1
+    return pad if pad <= room else pad % (room + 1)

@@ -89,6 +89,7 @@ class TcpState(NamedTuple):
     notsent_bytes: int = 0  # written and not yet sent (the kernel's part of the backlog)
     retrans_segs: int = 0  # segments retransmitted since the connection began
     segs_out: int = 0  # segments sent since the connection began (retransmissions too)
+    snd_mss: int = 0  # the payload bytes of a full segment it sends; 0 = unknown
 
 
 def set_notsent_lowat(sock: Any, nbytes: int) -> None:
@@ -120,8 +121,9 @@ def tcp_state(sock: Any) -> TcpState | None:
         notsent, min_rtt = struct.unpack_from("=II", raw, 144)
         rate = struct.unpack_from("=Q", raw, 160)[0]
     ack_age = struct.unpack_from("=I", raw, 56)[0]
+    mss = struct.unpack_from("=I", raw, 16)[0]
     return TcpState(raw[1] == _TCP_CA_LOSS, rto * 1e-6, rtt * 1e-6, rttvar * 1e-6, rate,
-                    min_rtt * 1e-6, ack_age * 1e-3, notsent, retrans, segs)
+                    min_rtt * 1e-6, ack_age * 1e-3, notsent, retrans, segs, mss)
 
 
 def set_tcp_options(sock: socket.socket | None, nodelay: bool) -> None:

@@ -40,6 +40,10 @@ MAX_MESSAGE = 1 << 20
 class WsLink(asyncio.Protocol):
     """One lane's WebSocket: protocol of the real transport, transport of the lane."""
 
+    # A lane write becomes a WebSocket header and a payload, not one TLS record of the
+    # write's length: ut.shaping.fit_padding's arithmetic does not hold (ut.session).
+    one_record_per_write = False
+
     def __init__(self, ws: ClientProtocol | ServerProtocol, transport: Any) -> None:
         self.ws = ws
         self.raw = transport  # the TLS (or TCP) transport below
