@@ -587,7 +587,11 @@ def test_flood_beyond_the_link_rss_bounded_oldest_dropped_newest_flow(pki, tmp_p
 
     async def main():
         echo = UdpEcho().start()
-        async with ut.Server(server_config(pki, echo.address, lanes=5)) as server:
+        # Staleness off on both ends, as the AQM is below: the newest markers wait
+        # behind up to 8 MiB at 2 MB/s, which is about queue.max_age_seconds' 3 s; on a
+        # busy machine the first of them crossed it and were dropped as stale.
+        no_stale = {"queue": {"max_age_seconds": 0}}
+        async with ut.Server(server_config(pki, echo.address, lanes=5, _extra=no_stale)) as server:
             async with FaultProxy(server.address[:2], rate_bps=2_000_000) as proxy:
                 cert, key = pki.client("home")
                 cfg = {
@@ -599,7 +603,7 @@ def test_flood_beyond_the_link_rss_bounded_oldest_dropped_newest_flow(pki, tmp_p
                     # stands for seconds is also dropped from at its head, the newest
                     # markers included once they get there (tests/test_aqm.py).
                     "queue": {"max_packets": 4096, "max_bytes": 8 * 1024 * 1024,
-                              "aqm": "off"},
+                              "aqm": "off", "max_age_seconds": 0},
                     "metrics": {"listen_addr": "127.0.0.1:0"},
                     "tls": {"ca_cert": str(pki.ca), "cert": str(cert), "key": str(key),
                             "server_name": pki.server_name},
@@ -663,6 +667,7 @@ def test_flood_beyond_the_link_rss_bounded_oldest_dropped_newest_flow(pki, tmp_p
     base = rss[0][1]
     udp_in = metric(m, "ut_udp_in_packets_total", dir="up")
     oldest = metric(m, "ut_udp_drop_total", dir="up", reason="oldest")
+    stale = metric(m, "ut_udp_drop_total", dir="up", reason="stale")
     socket_full = metric(m, "ut_udp_drop_total", dir="up", reason="udp_socket_full")
     drops_up = metric(m, "ut_udp_drop_total", dir="up") - socket_full  # those were never read
     lane_up = metric(m, "ut_lane_frames_total", dir="up")
@@ -670,7 +675,7 @@ def test_flood_beyond_the_link_rss_bounded_oldest_dropped_newest_flow(pki, tmp_p
     series = " ".join(f"{t:g}s:{r:.0f}" for t, r in rss[::4])
     print(f"\nflood: sent {result['sent']} datagrams, client read {udp_in:.0f}, carried "
           f"{lane_up:.0f}, dropped oldest {oldest:.0f}, by the kernel at the full socket "
-          f"{socket_full:.0f}; RSS MiB base {base:.0f} peak {peak:.0f}"
+          f"{socket_full:.0f}, stale {stale:.0f}; RSS MiB base {base:.0f} peak {peak:.0f}"
           f"\nRSS over time (MiB): {series}\nreplies {result['got']}; the {result['tail_sent']}"
           f" newest (sent after the flood): {result['tail_back']} back")
     assert peak < 512, "over the 512 MiB budget"
